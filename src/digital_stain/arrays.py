@@ -1,0 +1,121 @@
+"""Input checking and value scaling, shared by the library, the CLI and the widgets.
+
+The conventions are written down once, in ``docs/architecture.md``:
+
+* a plane is ``(Y, X)`` (gray) or ``(Y, X, C)`` with ``C`` in {1, 3, 4}
+  (RGBA: alpha is dropped); channels last;
+* a stack is ``(..., Y, X[, C])``, stained plane by plane;
+* ``uint8`` is scaled by 255, ``uint16`` by 65535; floats in [0, 1] are taken
+  as they are, other floats are stretched from their own [min, max] (and the
+  scaling is reported); values are never clipped to 8 bits on the way in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """An input the user gave cannot be stained; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ValueScaling:
+    """How raw values were mapped to [0, 1]: ``unit = (raw - offset) / scale``."""
+
+    offset: float
+    scale: float
+    source: str  # e.g. "uint8 / 255"
+
+    def as_dict(self) -> dict:
+        return {"offset": self.offset, "scale": self.scale, "source": self.source}
+
+
+MIN_SIDE = 8
+
+
+def split_planes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Split an array shape into ``(stack dims, plane dims)``.
+
+    A trailing axis of length 1, 3 or 4 is a channel axis; anything before the
+    last two spatial axes is a stack of planes.
+    """
+    if len(shape) < 2:
+        raise InputError(f"an image needs at least 2 dimensions (Y, X); got shape {shape}.")
+    if len(shape) >= 3 and shape[-1] in (1, 3, 4):
+        return tuple(shape[:-3]), tuple(shape[-3:])
+    if len(shape) >= 3 and shape[-1] in (2, 5, 6) and shape[-1] < min(shape[-3:-1]):
+        raise InputError(
+            f"an image with {shape[-1]} channels (shape {shape}) cannot be stained: dark-field input must be "
+            "gray (1 channel) or RGB (3 channels; RGBA's alpha is dropped). Pick one channel or merge them to RGB first."
+        )
+    return tuple(shape[:-2]), tuple(shape[-2:])
+
+
+def check_plane_shape(shape: tuple[int, ...]) -> None:
+    """Refuse planes too small to stain."""
+    ny, nx = shape[0], shape[1]
+    if ny == 0 or nx == 0:
+        raise InputError(f"the image is empty (shape {shape}); open an image with pixels in it.")
+    if min(ny, nx) < MIN_SIDE:
+        raise InputError(
+            f"the image is {ny} x {nx} pixels; digital staining needs at least {MIN_SIDE} x {MIN_SIDE} "
+            "(it looks at cells and their surroundings)."
+        )
+
+
+def value_scaling(image: np.ndarray) -> ValueScaling:
+    """Decide how to map ``image``'s values to [0, 1] (see module docstring)."""
+    dtype = np.dtype(image.dtype)
+    if dtype == np.bool_:
+        raise InputError("a boolean mask cannot be stained; open the dark-field image itself.")
+    if dtype.kind == "u" and dtype.itemsize <= 2:
+        top = float(np.iinfo(dtype).max)
+        return ValueScaling(0.0, top, f"{dtype.name} / {int(top)}")
+    if dtype.kind not in "uif":
+        raise InputError(f"pixel type {dtype} cannot be stained; use integers or floats.")
+    finite = np.isfinite(image) if dtype.kind == "f" else None
+    if finite is not None and not finite.all():
+        bad = int((~finite).sum())
+        raise InputError(
+            f"the image has {bad} NaN or infinite pixel(s); fill or mask them (e.g. numpy.nan_to_num) before staining."
+        )
+    lo, hi = float(image.min()), float(image.max())
+    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        return ValueScaling(0.0, 1.0, "float in [0, 1]")
+    if hi == lo:
+        return ValueScaling(lo, 1.0, f"constant image ({lo:g})")
+    return ValueScaling(lo, hi - lo, f"{dtype.name} stretched from [{lo:g}, {hi:g}]")
+
+
+def to_unit_rgb(plane: np.ndarray, scaling: ValueScaling | None = None) -> np.ndarray:
+    """One plane -> float32 RGB in [0, 1], shape ``(Y, X, 3)``.
+
+    Parameters
+    ----------
+    plane : ndarray, shape (Y, X) or (Y, X, C), C in {1, 3, 4}
+    scaling : ValueScaling, optional
+        Use this scaling (e.g. one decided for a whole stack) instead of the plane's own.
+    """
+    plane = np.asarray(plane)
+    stack, dims = split_planes(plane.shape)
+    if stack:
+        raise InputError(f"expected one plane, got shape {plane.shape}; stain stacks plane by plane.")
+    check_plane_shape(dims)
+    scaling = scaling or value_scaling(plane)
+    unit = (plane.astype(np.float32) - np.float32(scaling.offset)) / np.float32(scaling.scale)
+    unit = np.clip(unit, 0.0, 1.0)
+    if unit.ndim == 2:
+        unit = unit[..., None]
+    if unit.shape[-1] == 4:
+        unit = unit[..., :3]
+    if unit.shape[-1] == 1:
+        unit = np.repeat(unit, 3, axis=-1)
+    return np.ascontiguousarray(unit)
+
+
+def to_uint8(unit: np.ndarray) -> np.ndarray:
+    """Float in [0, 1] -> uint8 with rounding (for PNG output and display)."""
+    return (np.clip(unit, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

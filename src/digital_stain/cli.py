@@ -1,0 +1,272 @@
+"""Command line: ``digital-stain stain|train-teacher``. A thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .arrays import InputError, to_uint8
+from .devices import DEVICES, PRECISIONS
+
+EPILOG = "Docs: docs/usage.md. Models: shipped names ({models}) or a path to a .safetensors model file."
+
+
+def _models_text() -> str:
+    from .model import available_models
+
+    return ", ".join(available_models()) or "none shipped"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digital-stain",
+        description="Digitally stain dark-field microscopy as H&E (Xu et al., knowledge distillation).",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"napari-digital-stain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    stain = sub.add_parser("stain", help="stain an image or a folder of images",
+                           epilog=EPILOG.format(models=_models_text()))
+    stain.add_argument("input", type=Path, help="image file (PNG, TIFF, OME-Zarr) or a folder of them")
+    stain.add_argument("--output", "-o", type=Path, required=True,
+                       help="output folder (or an image file when staining one file to one output)")
+    stain.add_argument("--model", "-m", default="dsd-unpaired", help="shipped model name or model file path")
+    stain.add_argument("--device", default="auto", choices=DEVICES)
+    stain.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="auto: bf16 only where the hardware is fast at it (CUDA, AMX CPUs), else fp32")
+    stain.add_argument("--tile", type=int, default=512, help="tile side in pixels (memory vs speed)")
+    stain.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    stain.add_argument("--outputs", default=None,
+                       help="comma-separated: student,teacher,enhanced (default: all the model has)")
+    stain.add_argument("--format", choices=("png", "tif"), default=None, help="output format (default png)")
+    stain.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    stain.add_argument("--view", action="store_true", help="open the input and outputs in napari when a display is present")
+    stain.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    teach = sub.add_parser("train-teacher", help="train the teacher colouriser on H&E images and write a model file")
+    teach.add_argument("--stained", type=Path, required=True, help="folder of RGB H&E images")
+    teach.add_argument("--darkfield", type=Path, default=None,
+                       help="folder of dark-field images for the enhancer's CDF (default: keep --init's enhancer)")
+    teach.add_argument("--output", "-o", type=Path, required=True, help="model file to write (.safetensors)")
+    teach.add_argument("--init", default=None, help="model to start from (its teacher, enhancer and student)")
+    teach.add_argument("--steps", type=int, default=None)
+    teach.add_argument("--batch", type=int, default=None)
+    teach.add_argument("--crop", type=int, default=None)
+    teach.add_argument("--width", type=int, default=None)
+    teach.add_argument("--depth", type=int, default=None)
+    teach.add_argument("--seed", type=int, default=0)
+    teach.add_argument("--device", default="auto", choices=DEVICES)
+    teach.add_argument("--precision", default="auto", choices=PRECISIONS)
+    teach.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: OUTPUT.ckpt.safetensors)")
+    teach.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    teach.add_argument("--half", action="store_true", help="store weights as float16 (half the file size)")
+    teach.add_argument("--name", default=None, help="model name recorded in the file")
+    teach.add_argument("--overwrite", action="store_true")
+    teach.add_argument("--quiet", "-q", action="store_true")
+    return parser
+
+
+# -- stain ---------------------------------------------------------------
+def _inputs(path: Path) -> list[Path]:
+    from .io import is_image_path, list_images
+
+    if path.is_dir() and not path.name.lower().endswith(".zarr"):
+        found = list_images(path)
+        if not found:
+            raise InputError(f"{path} has no image files (PNG, TIFF, OME-Zarr).")
+        return found
+    if not path.exists():
+        raise InputError(f"{path} does not exist.")
+    if not is_image_path(path):
+        raise InputError(f"{path} is not an image file this tool reads (PNG, JPEG, TIFF, OME-Zarr).")
+    return [path]
+
+
+def _encode(name: str, array: np.ndarray) -> np.ndarray:
+    return to_uint8(array)
+
+
+def _destination(root: Path, output: str, several: bool, stem: str, suffix: str) -> Path:
+    return (root / output if several else root) / f"{stem}{suffix}"
+
+
+def cmd_stain(args) -> int:
+    from tqdm import tqdm
+
+    from .io import atomic_path, read_image, write_image
+    from .model import StainModel
+
+    inputs = _inputs(args.input)
+    model = StainModel.load(args.model)
+    wanted = model.check_outputs(args.outputs.split(",") if args.outputs else None)
+    single_file = (len(inputs) == 1 and not args.input.is_dir() and len(wanted) == 1
+                   and args.output.suffix.lower() in (".png", ".tif", ".tiff"))
+    fmt = args.format or ("tif" if single_file and args.output.suffix.lower().startswith(".tif") else "png")
+    model.to(args.device)
+    print(f"model {model.name} ({', '.join(model.outputs)}) on {model._device}; outputs: {', '.join(wanted)}",
+          file=sys.stderr)
+    failed: list[str] = []
+    shown = []
+    with atomic_path(args.output, overwrite=args.overwrite) as staging:
+        if not single_file:
+            staging.mkdir(parents=True)
+        for path in tqdm(inputs, desc="images", disable=args.quiet or len(inputs) == 1, unit="image"):
+            try:
+                image = read_image(path)
+                image = np.asarray(image)
+                bar = tqdm(total=100, desc=path.name, disable=args.quiet, unit="%", leave=False)
+                done = [0]
+
+                def progress(d, t, bar=bar, done=done):
+                    bar.update(d - done[0])
+                    done[0] = d
+
+                results = model.stain(image, wanted, tile=args.tile, overlap=args.overlap,
+                                      precision=args.precision, progress=progress)
+                bar.close()
+            except InputError as err:
+                if len(inputs) == 1:
+                    raise
+                failed.append(f"{path.name}: {err}")
+                continue
+            stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+            for name, array in results.items():
+                is_stack = array.ndim > (2 if name == "enhanced" else 3)
+                suffix = ".tif" if fmt == "tif" or is_stack else ".png"
+                if is_stack and fmt != "tif":
+                    print(f"{path.name}: a stack of {array.shape[0]} planes; {name} written as multi-page TIFF.",
+                          file=sys.stderr)
+                target = staging if single_file else _destination(staging, name, len(wanted) > 1, stem, suffix)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_image(target, _encode(name, array), overwrite=True, rgb=name != "enhanced")
+            shown.append((path.name, image, results))
+        if failed and len(failed) == len(inputs):
+            raise InputError("no image could be stained:\n  " + "\n  ".join(failed))
+    print(f"wrote {args.output}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(inputs)} file(s) were skipped:\n  " + "\n  ".join(failed), file=sys.stderr)
+    if args.view:
+        _view(shown, model)
+    return 1 if failed else 0
+
+
+def _view(shown, model) -> None:
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")):
+        print("no display: not opening napari (the outputs are on disk).", file=sys.stderr)
+        return
+    try:
+        import napari
+    except ImportError:
+        print("napari is not installed: pip install 'napari-digital-stain[napari]' to view.", file=sys.stderr)
+        return
+    viewer = napari.Viewer(title="napari-digital-stain")
+    for name, image, results in shown[:8]:
+        viewer.add_image(image, name=name, rgb=image.ndim == 3 and image.shape[-1] in (3, 4))
+        for out, array in results.items():
+            viewer.add_image(array, name=f"{name} {out}", rgb=out != "enhanced", metadata=model.describe())
+    viewer.grid.enabled = True
+    viewer.grid.shape = (-1, 1 + len(shown[0][2]) if shown else -1)
+    napari.run()
+
+
+# -- train-teacher ---------------------------------------------------------
+def cmd_train_teacher(args) -> int:
+    from .enhance import Enhancer
+    from .model import StainModel, provenance
+    from .train.teacher import TeacherConfig, train_teacher
+
+    if args.output.exists() and not args.overwrite:
+        raise InputError(f"{args.output} already exists; choose another --output or pass --overwrite.")
+    init = StainModel.load(args.init) if args.init else None
+    if args.darkfield is None and init is None:
+        raise InputError("give --darkfield (a folder of dark-field images for the enhancer) or --init MODEL.")
+    enhancer = Enhancer.from_folders(args.darkfield, args.stained) if args.darkfield else init.enhancer
+    cfg = TeacherConfig(seed=args.seed, device=args.device, precision=args.precision)
+    for key in ("steps", "batch", "crop", "width", "depth"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if init is not None and init.teacher is not None:
+        cfg.width, cfg.depth = init.teacher.config["width"], init.teacher.config["depth"]
+    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
+    stop = threading.Event()
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, disable=args.quiet, unit="step", desc="teacher")
+
+    def progress(p):
+        bar.n = p.step
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in p.losses.items()}, "img/s": f"{p.images_per_s:.1f}"})
+        if p.message:
+            bar.write(f"step {p.step}: {p.message}")
+
+    started = time.time()
+    try:
+        net, result = _run_stoppable(lambda: train_teacher(
+            args.stained, cfg, checkpoint=checkpoint, resume=args.resume, progress=progress, stop=stop,
+            init_state=init.teacher.state_dict() if init is not None and init.teacher is not None else None,
+        ), stop)
+    finally:
+        bar.close()
+    meta = {
+        "name": args.name or args.output.stem,
+        "description": "histogram-matching enhancer + colorization teacher" + (" + student" if init and init.student else ""),
+        "provenance": provenance(
+            command="digital-stain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            stained=str(args.stained), darkfield=str(args.darkfield) if args.darkfield else None,
+            init=str(args.init) if args.init else None,
+            teacher=dict(steps=result.steps_done, best_step=result.best_step,
+                         val_l1_ab=result.best_score, seconds=round(time.time() - started, 1),
+                         cancelled=result.cancelled, config=vars(cfg)),
+        ),
+    }
+    model = StainModel(enhancer, net, init.student if init is not None else None, meta)
+    model.save(args.output, half=args.half, overwrite=args.overwrite)
+    state = "stopped early; wrote the best state so far to" if result.cancelled else "wrote"
+    print(f"{state} {args.output} (step {result.steps_done}, best validation L1(ab) {result.best_score})", file=sys.stderr)
+    return 130 if result.cancelled else 0
+
+
+def _run_stoppable(work, stop: threading.Event):
+    """Run ``work`` with Ctrl-C asking it to stop cleanly (it then returns its best state); twice aborts."""
+    import signal
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping: finishing the current step and keeping the best state (Ctrl-C again aborts)...",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return work()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "stain":
+            return cmd_stain(args)
+        if args.command == "train-teacher":
+            return cmd_train_teacher(args)
+    except InputError as err:
+        print(f"digital-stain: error: {err}", file=sys.stderr)
+        return 2
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Device and precision choice: ``auto|cpu|cuda|mps`` and ``auto|fp32|bf16|fp16``."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .arrays import InputError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for a user's choice; ``auto`` prefers CUDA, then MPS, then the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU; use --device auto or cpu.")
+        return torch.device(name)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise InputError("device 'mps' was asked for, but Apple's Metal backend is not available; use auto or cpu.")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where bf16 autocast pays."""
+    probe = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    amx = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", lambda: False)()
+    return bool(amx) or "AVX512" in str(probe) and getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware does it fast (CUDA with bf16, CPUs with AMX), else fp32."""
+    precision = precision.lower()
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

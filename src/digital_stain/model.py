@@ -1,0 +1,281 @@
+"""``StainModel``: load a model file and stain images. The one way to stain, used by all.
+
+>>> model = StainModel.load("dsd-unpaired")          # doctest: +SKIP
+>>> outputs = model.stain(darkfield)                   # doctest: +SKIP
+>>> outputs["enhanced"].shape, outputs["teacher"].shape  # doctest: +SKIP
+((Y, X), (Y, X, 3))
+
+Outputs are float32 in [0, 1]: ``enhanced`` is gray ``(..., Y, X)``,
+``teacher`` and ``student`` are RGB ``(..., Y, X, 3)``; stacks keep their
+leading axes. Only outputs the model really has are offered: asking for a
+student that was never trained is refused, never faked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .arrays import InputError, check_plane_shape, split_planes, to_unit_rgb, value_scaling
+from .devices import autocast, resolve_device, resolve_precision
+from .color import luma
+from .enhance import Enhancer, on_input_grid
+from .modelfile import load_bundle, numpy_state, save_bundle, torch_state
+from .nets import ColorizationUNet, ResnetGenerator, frozen_norm_statistics
+from .nets.unet import colorize
+from .tiling import stats_sample, tiled_apply
+
+OUTPUTS = ("enhanced", "teacher", "student")
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "dsd-unpaired"
+
+
+def available_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    return sorted(p.name[: -len(".safetensors")] for p in WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A shipped model's name, or a path to a model file."""
+    text = str(name_or_path)
+    if text in available_models():
+        return WEIGHTS_DIR / f"{text}.safetensors"
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    shipped = ", ".join(available_models()) or "none"
+    raise InputError(f"no model named {text!r} and no such file. Shipped models: {shipped}; or give a path to a .safetensors model.")
+
+
+def provenance(**extra) -> dict:
+    """Who/what/when made a model: package, torch and Python versions, date, plus ``extra``."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "package": f"napari-digital-stain {__version__}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        **extra,
+    }
+
+
+class StainModel:
+    """Everything needed to stain: enhancer CDFs, teacher, optional student, and their description.
+
+    Parameters
+    ----------
+    enhancer : Enhancer
+    teacher : ColorizationUNet, optional
+    student : ResnetGenerator, optional
+    metadata : dict, optional
+        ``name``, ``description`` and ``provenance`` (data, command, date, versions).
+    """
+
+    def __init__(self, enhancer: Enhancer, teacher=None, student=None, metadata: dict | None = None):
+        self.enhancer = enhancer
+        self.teacher = teacher.eval() if teacher is not None else None
+        self.student = student.eval() if student is not None else None
+        self.metadata = dict(metadata or {})
+        self.path: Path | None = None
+        self.checksum: str | None = None
+        self._device = torch.device("cpu")
+
+    # -- what it has -----------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name") or (self.path.stem if self.path else "unsaved model")
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The outputs this model can produce, in display order."""
+        have = {"enhanced": True, "teacher": self.teacher is not None, "student": self.student is not None}
+        return tuple(o for o in OUTPUTS if have[o])
+
+    def check_outputs(self, outputs: Sequence[str] | None) -> tuple[str, ...]:
+        if outputs is None:
+            return self.outputs
+        outputs = tuple(dict.fromkeys(o.strip().lower() for o in outputs if o.strip()))
+        for out in outputs:
+            if out not in OUTPUTS:
+                raise InputError(f"unknown output {out!r}; choose from {', '.join(OUTPUTS)}.")
+            if out not in self.outputs:
+                raise InputError(
+                    f"model {self.name!r} has no {out}: it was not trained for this model file. "
+                    f"Its outputs are: {', '.join(self.outputs)}."
+                )
+        if not outputs:
+            raise InputError("no outputs asked for.")
+        return outputs
+
+    # -- files -----------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL) -> StainModel:
+        """Load a shipped model by name or a model file by path (checksum verified, no pickle)."""
+        path = resolve_model_path(name_or_path)
+        tensors, meta = load_bundle(path)
+        if meta.get("kind") == "checkpoint":
+            raise InputError(f"{path} is a training checkpoint, not a model; finish or resume the training to get a model.")
+        config = meta.get("config", {})
+        enhancer = Enhancer.from_state(numpy_state(tensors, "enhancer"))
+        teacher = student = None
+        if "teacher" in config:
+            teacher = ColorizationUNet(**config["teacher"])
+            teacher.load_state_dict(torch_state(tensors, "teacher"))
+        if "student" in config:
+            student = ResnetGenerator(**config["student"])
+            student.load_state_dict(torch_state(tensors, "student"))
+        model = cls(enhancer, teacher, student, meta)
+        model.path = path
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            model.checksum = fh.metadata()["checksum"]
+        return model
+
+    def save(self, path: str | os.PathLike, *, half: bool = False, overwrite: bool = False) -> str:
+        """Write the model file atomically. ``half`` stores network weights as float16 (half the size)."""
+        tensors: dict[str, torch.Tensor] = {
+            f"enhancer.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.enhancer.state().items()
+        }
+        config = {}
+        for role, net in (("teacher", self.teacher), ("student", self.student)):
+            if net is None:
+                continue
+            config[role] = net.config
+            for key, value in net.state_dict().items():
+                value = value.detach().cpu()
+                if half and value.is_floating_point():
+                    value = value.half()
+                tensors[f"{role}.{key}"] = value
+        meta = {**self.metadata, "config": config}
+        self.checksum = save_bundle(path, tensors, meta, overwrite=overwrite)
+        self.path = Path(path)
+        return self.checksum
+
+    def describe(self) -> dict:
+        """Model identity for layer metadata and output provenance."""
+        return {"model": self.name, "path": str(self.path) if self.path else None, "checksum": self.checksum}
+
+    # -- staining --------------------------------------------------------
+    def to(self, device: str | torch.device = "auto") -> StainModel:
+        """Move the networks to a device (``auto|cpu|cuda|mps``); returns self."""
+        self._device = resolve_device(device)
+        for net in (self.teacher, self.student):
+            if net is not None:
+                net.to(self._device)
+        return self
+
+    def stain(
+        self,
+        image,
+        outputs: Sequence[str] | None = None,
+        *,
+        tile: int = 512,
+        overlap: int = 64,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        stats_pixels: int = 2048 * 2048,
+        progress: Callable[[int, int], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Stain a dark-field plane or stack.
+
+        Parameters
+        ----------
+        image : array-like, shape (..., Y, X[, C])
+            Gray or RGB dark-field; uint8, uint16 or float (see ``docs/architecture.md``).
+        outputs : sequence of str, optional
+            Any of ``enhanced``, ``teacher``, ``student``; default all the model has.
+        tile, overlap : int
+            Tile side and overlap in pixels (memory vs. speed; the result does not depend on them).
+        device : str, optional
+            ``auto|cpu|cuda|mps``; default: where the model is.
+        precision : str
+            ``auto|fp32|bf16|fp16``; ``auto`` is bf16 only where the hardware makes it fast.
+        stats_pixels : int
+            Images up to this many pixels get exact whole-image norm statistics;
+            larger ones get statistics pooled over crops spread across the image.
+        progress : callable(done, total), optional
+            Called after every tile.
+        stop : threading.Event, optional
+            Set it to stop; :class:`digital_stain.tiling.Cancelled` is raised.
+
+        Returns
+        -------
+        dict of output name to float32 array in [0, 1].
+        """
+        wanted = self.check_outputs(outputs)
+        image = np.asarray(image)
+        stack, plane_dims = split_planes(image.shape)
+        check_plane_shape(plane_dims)
+        if device is not None:
+            self.to(device)
+        precision = resolve_precision(precision, self._device)
+        scaling = value_scaling(image)
+        planes = image.reshape((-1, *plane_dims))
+        nets = sum(o in wanted for o in ("teacher", "student"))
+        counter = _ProgressCounter(progress, planes.shape[0] * nets)
+        results: dict[str, list] = {o: [] for o in wanted}
+        for plane in planes:
+            rgb = to_unit_rgb(plane, scaling)  # (Y, X, 3)
+            gray = np.clip(on_input_grid(luma(rgb), plane.dtype), 0.0, 1.0)
+            enhanced = self.enhancer.enhance_gray(gray)
+            if "enhanced" in wanted:
+                results["enhanced"].append(enhanced)
+            kwargs = dict(tile=tile, overlap=overlap, precision=precision, stats_pixels=stats_pixels, stop=stop)
+            if "teacher" in wanted:
+                results["teacher"].append(self._run_teacher(enhanced, counter.part(), **kwargs))
+            if "student" in wanted:
+                results["student"].append(self._run_student(rgb, enhanced, counter.part(), **kwargs))
+        return {o: np.stack(v).reshape(*stack, *v[0].shape) for o, v in results.items()}
+
+    def _run_teacher(self, enhanced, progress, *, tile, overlap, precision, stats_pixels, stop) -> np.ndarray:
+        def fn(gray: torch.Tensor) -> torch.Tensor:
+            with autocast(self._device, precision):
+                return colorize(self.teacher, gray)
+
+        out = tiled_apply(fn, enhanced[None], out_channels=3, tile=tile, overlap=overlap,
+                          multiple=self.teacher.size_multiple, min_size=self.teacher.min_size,
+                          device=self._device, progress=progress, stop=stop)
+        return np.ascontiguousarray(out.transpose(1, 2, 0))
+
+    def _run_student(self, rgb, enhanced, progress, *, tile, overlap, precision, stats_pixels, stop) -> np.ndarray:
+        student_in = np.concatenate([rgb.transpose(2, 0, 1), enhanced[None]], axis=0) * 2.0 - 1.0
+        multiple = self.student.size_multiple
+        min_size = self.student.min_size
+        sample = torch.from_numpy(stats_sample(student_in, multiple, stats_pixels, tile, min_size)).to(self._device)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            with autocast(self._device, precision):
+                return (self.student(x).float() + 1.0) / 2.0
+
+        with autocast(self._device, precision), frozen_norm_statistics(self.student, sample):
+            out = tiled_apply(fn, student_in, out_channels=3, tile=tile, overlap=overlap, multiple=multiple,
+                              min_size=min_size, device=self._device, progress=progress, stop=stop)
+        return np.ascontiguousarray(np.clip(out, 0.0, 1.0).transpose(1, 2, 0))
+
+
+class _ProgressCounter:
+    """Turns per-network tile progress into one overall (done, total) in percent."""
+
+    def __init__(self, callback, parts: int):
+        self.callback, self.parts, self.finished = callback, max(parts, 1), 0
+
+    def part(self):
+        if self.callback is None:
+            return None
+        index = self.finished
+        self.finished += 1
+
+        def report(done: int, total: int) -> None:
+            self.callback(int(100 * (index + done / total) / self.parts), 100)
+
+        return report

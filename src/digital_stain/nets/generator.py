@@ -1,0 +1,70 @@
+"""ResNet generator of CycleGAN (Johnson et al.), used for the student ``G`` and reverse ``F``.
+
+Layout: 7x7 conv, two stride-2 convs, ``n_blocks`` residual blocks, two
+stride-2 transposed convs, 7x7 conv, tanh. The paper's size is width 64 and 9
+blocks (11.4 M parameters for 4 -> 3 channels). Input sides must be multiples
+of 4 (the tiler pads; it never crops).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .norm import TileStableInstanceNorm
+
+
+def _conv_norm_relu(cin: int, cout: int, **conv_kwargs) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, bias=True, **conv_kwargs), TileStableInstanceNorm(cout), nn.ReLU(True)]
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            *_conv_norm_relu(channels, channels, kernel_size=3),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, kernel_size=3),
+            TileStableInstanceNorm(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """CycleGAN ResNet generator.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        4 -> 3 for the student (dark-field RGB + enhanced gray -> stained RGB),
+        3 -> 3 for the reverse generator.
+    width : int
+        Channels of the first layer (64 in the paper).
+    n_blocks : int
+        Residual blocks (9 in the paper).
+    """
+
+    size_multiple = 4
+    min_size = 8  # reflect padding needs >= 2 px at quarter resolution
+
+    def __init__(self, in_channels: int = 4, out_channels: int = 3, width: int = 64, n_blocks: int = 9):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, width=width, n_blocks=n_blocks)
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_norm_relu(in_channels, width, kernel_size=7)]
+        layers += _conv_norm_relu(width, 2 * width, kernel_size=3, stride=2, padding=1)
+        layers += _conv_norm_relu(2 * width, 4 * width, kernel_size=3, stride=2, padding=1)
+        layers += [ResidualBlock(4 * width) for _ in range(n_blocks)]
+        for cin, cout in ((4 * width, 2 * width), (2 * width, width)):
+            layers += [
+                nn.ConvTranspose2d(cin, cout, kernel_size=3, stride=2, padding=1, output_padding=1),
+                TileStableInstanceNorm(cout),
+                nn.ReLU(True),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, kernel_size=7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)

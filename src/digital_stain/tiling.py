@@ -1,0 +1,147 @@
+"""Tiled, blended inference of fully convolutional networks on images of any size.
+
+Images are padded (reflect) to the size the network needs, never cropped;
+equal-sized tiles overlap by ``overlap`` pixels and are blended with a
+raised-cosine window, so no tile edge (where convolution padding makes
+outputs less reliable) shows. Networks with instance norm get their
+statistics recorded once for the whole image and frozen
+(:func:`digital_stain.nets.frozen_norm_statistics`), so every tile is
+normalised identically and there are no colour jumps.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+class Cancelled(RuntimeError):
+    """Raised inside long work when the caller's stop event is set."""
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of equal tiles covering ``[0, length)`` with at least ``overlap`` overlap."""
+    if tile >= length:
+        return [0]
+    step = max(tile - overlap, 1)
+    count = math.ceil((length - tile) / step) + 1
+    return sorted({min(i * step, length - tile) for i in range(count)})
+
+
+def ramp(tile: int, overlap: int, lead: bool = True, trail: bool = True) -> np.ndarray:
+    """1-D blending weights for a tile edge shared with a neighbour over ``overlap`` pixels.
+
+    The outer quarter of the overlap gets (almost) no weight, so the pixels
+    nearest a tile's edge, which saw padding instead of real neighbours, are
+    taken from the neighbouring tile; the middle half blends with a raised
+    cosine; the rest of the tile has weight 1.
+    ``lead``/``trail`` say whether the tile has a neighbour before/after it;
+    an edge on the image border keeps full weight.
+    """
+    weights = np.ones(tile, dtype=np.float32)
+    if overlap > 0:
+        d = np.arange(overlap, dtype=np.float32) + 0.5
+        lo, hi = overlap / 4.0, 3.0 * overlap / 4.0
+        edge = 0.5 - 0.5 * np.cos(np.pi * np.clip((d - lo) / (hi - lo), 0.0, 1.0))
+        n = min(overlap, tile // 2)
+        if lead:
+            weights[:n] = edge[:n]
+        if trail:
+            weights[tile - n :] = np.minimum(weights[tile - n :], edge[:n][::-1])
+    return weights
+
+
+def pad_image(image: np.ndarray, multiple: int, min_size: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """Reflect-pad ``(C, H, W)`` at the bottom/right to multiples of ``multiple`` (and at least ``min_size``).
+
+    Returns the padded image and the original ``(H, W)``.
+    """
+    _, h, w = image.shape
+    th = max(h, min_size)
+    tw = max(w, min_size)
+    th += (-th) % multiple
+    tw += (-tw) % multiple
+    if (th, tw) == (h, w):
+        return image, (h, w)
+    mode = "reflect" if th - h < h and tw - w < w else "symmetric"
+    padded = np.pad(image, ((0, 0), (0, th - h), (0, tw - w)), mode=mode)
+    if padded.shape[1:] != (th, tw):  # very small images: reflect again until big enough
+        padded = np.pad(padded, ((0, 0), (0, th - padded.shape[1]), (0, tw - padded.shape[2])), mode="wrap")
+    return padded, (h, w)
+
+
+def tiled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image: np.ndarray,
+    *,
+    out_channels: int,
+    tile: int = 512,
+    overlap: int = 64,
+    multiple: int = 8,
+    min_size: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> np.ndarray:
+    """Apply ``fn`` tile by tile and blend.
+
+    Parameters
+    ----------
+    fn : callable
+        Maps a float32 tensor ``(1, C, h, w)`` to ``(1, out_channels, h, w)``.
+    image : ndarray, shape (C, H, W), float32
+    tile, overlap : int
+        Tile side and overlap in pixels; ``tile`` is rounded down to ``multiple``.
+    multiple, min_size : int
+        The network's size multiple and smallest input side; the image is padded to both.
+
+    Returns
+    -------
+    ndarray, shape (out_channels, H, W), float32
+    """
+    tile = max(multiple, min_size + (-min_size) % multiple, tile - tile % multiple)
+    overlap = min(overlap, tile // 2)
+    padded, (h, w) = pad_image(image, multiple, min_size)
+    ph, pw = padded.shape[1:]
+    th, tw = min(tile, ph), min(tile, pw)
+    ys, xs = tile_starts(ph, th, overlap), tile_starts(pw, tw, overlap)
+    out = np.zeros((out_channels, ph, pw), dtype=np.float32)
+    norm = np.zeros((ph, pw), dtype=np.float32)
+    total, done = len(ys) * len(xs), 0
+    with torch.no_grad():
+        for y in ys:
+            for x in xs:
+                if stop is not None and stop.is_set():
+                    raise Cancelled("stopped by the user")
+                window = np.outer(ramp(th, overlap, y > 0, y + th < ph), ramp(tw, overlap, x > 0, x + tw < pw)) + 1e-6
+                crop = torch.from_numpy(np.ascontiguousarray(padded[None, :, y : y + th, x : x + tw])).to(device)
+                result = fn(crop).float().cpu().numpy()[0]
+                out[:, y : y + th, x : x + tw] += result * window
+                norm[y : y + th, x : x + tw] += window
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return out[:, :h, :w] / norm[:h, :w]
+
+
+def stats_sample(image: np.ndarray, multiple: int, max_pixels: int, crop: int, min_size: int = 0) -> np.ndarray:
+    """What to record instance-norm statistics on: ``(N, C, h, w)``.
+
+    The whole (padded) image if it has at most ``max_pixels`` pixels (the
+    statistics are then exactly those of a one-pass run); otherwise up to
+    ``max_pixels // crop**2`` crops on a regular grid spread over the image,
+    whose pooled statistics stand for the whole image.
+    """
+    padded, _ = pad_image(image, multiple, min_size)
+    _, ph, pw = padded.shape
+    if ph * pw <= max_pixels:
+        return padded[None]
+    crop = min(crop - crop % multiple, ph - ph % multiple, pw - pw % multiple)
+    per_side = max(1, int(math.sqrt(max_pixels // (crop * crop))))
+    ys = np.linspace(0, ph - crop, per_side).astype(int)
+    xs = np.linspace(0, pw - crop, per_side).astype(int)
+    return np.stack([padded[:, y : y + crop, x : x + crop] for y in ys for x in xs])

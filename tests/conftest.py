@@ -1,0 +1,83 @@
+"""Shared fixtures: the shipped sample tiles and a tiny random-weight model.
+
+The tiny model exercises the machinery (tiling, files, CLI); its weights are
+random, so its "stains" mean nothing and are never presented as such.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import digital_stain
+
+SAMPLE_DIR = Path(digital_stain.__file__).parent / "data"
+
+
+def _copy_samples(pattern: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    found = sorted(SAMPLE_DIR.glob(pattern))
+    assert found, f"no {pattern} in {SAMPLE_DIR}"
+    for path in found:
+        shutil.copy2(path, dest / path.name)
+    return dest
+
+
+@pytest.fixture
+def sample_dir() -> Path:
+    """The package's sample tiles (darkfield_*.png and stained_*.png, 256x256 RGB uint8)."""
+    return SAMPLE_DIR
+
+
+@pytest.fixture
+def darkfield_tile(sample_dir) -> np.ndarray:
+    """One dark-field sample tile, (256, 256, 3) uint8."""
+    with Image.open(sample_dir / "darkfield_0_0.png") as im:
+        tile = np.asarray(im.convert("RGB"))
+    assert tile.shape == (256, 256, 3) and tile.dtype == np.uint8
+    return tile
+
+
+@pytest.fixture
+def darkfield_dir(tmp_path) -> Path:
+    """A tmp folder with copies of the dark-field sample tiles."""
+    return _copy_samples("darkfield_*.png", tmp_path / "darkfield")
+
+
+@pytest.fixture
+def hne_dir(tmp_path) -> Path:
+    """A tmp folder with copies of the H&E (stained) sample tiles."""
+    return _copy_samples("stained_*.png", tmp_path / "stained")
+
+
+def make_tiny_model(darkfield_dir: Path, hne_dir: Path):
+    from digital_stain.enhance import Enhancer
+    from digital_stain.model import StainModel
+    from digital_stain.nets import ColorizationUNet, ResnetGenerator
+
+    enhancer = Enhancer.from_folders(darkfield_dir, hne_dir)
+    torch.manual_seed(0)
+    teacher = ColorizationUNet(width=4, depth=2)
+    student = ResnetGenerator(4, 3, width=8, n_blocks=2)
+    meta = {"name": "tiny-test", "description": "random weights, for tests only (not a stain)"}
+    return StainModel(enhancer, teacher, student, meta)
+
+
+@pytest.fixture
+def tiny_model(darkfield_dir, hne_dir):
+    """A StainModel with a fitted enhancer and tiny random-weight teacher and student."""
+    return make_tiny_model(darkfield_dir, hne_dir)
+
+
+@pytest.fixture
+def tiny_model_file(tiny_model, tmp_path) -> Path:
+    """``tiny_model`` saved to a .safetensors model file."""
+    path = tmp_path / "models" / "tiny.safetensors"
+    path.parent.mkdir()
+    tiny_model.save(path)
+    return path

@@ -1,0 +1,376 @@
+"""The ``digital-stain`` command line, run in-process through ``digital_stain.cli.main``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from digital_stain.arrays import to_uint8
+from digital_stain.cli import main
+from digital_stain.model import StainModel
+
+FAST = ["--device", "cpu", "--precision", "fp32", "-q"]
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    """Run the CLI in-process; return (exit code, stderr)."""
+    capsys.readouterr()
+    code = main(["stain", *map(str, args), *FAST])
+    return code, capsys.readouterr().err
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".partial" in p.name]
+
+
+@pytest.fixture
+def crop(darkfield_tile) -> np.ndarray:
+    return np.ascontiguousarray(darkfield_tile[64:128, 96:160])  # 64 x 64 RGB uint8
+
+
+@pytest.fixture
+def small_png(tmp_path, crop) -> Path:
+    path = tmp_path / "in" / "small tile.png"
+    path.parent.mkdir()
+    Image.fromarray(crop).save(path)
+    return path
+
+
+def expected(model_file: Path, image: np.ndarray, outputs=None) -> dict[str, np.ndarray]:
+    results = StainModel.load(model_file).stain(image, outputs, precision="fp32", device="cpu")
+    return {k: to_uint8(v) for k, v in results.items()}
+
+
+# -- help ------------------------------------------------------------------
+def test_console_script_help():
+    script = Path(sys.executable).parent / "digital-stain"
+    exe = str(script) if script.exists() else shutil.which("digital-stain")
+    assert exe, "the digital-stain console script is not installed"
+    done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "stain" in done.stdout and "train-teacher" in done.stdout
+
+
+def test_stain_help_lists_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["stain", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--outputs", "--tile", "--overlap", "--overwrite", "--precision"):
+        assert option in out
+
+
+# -- staining --------------------------------------------------------------
+def test_stain_one_sample_file(capsys, tiny_model_file, sample_dir, tmp_path):
+    source = sample_dir / "darkfield_0_0.png"
+    out = tmp_path / "out"
+    code, err = run(capsys, source, "-o", out, "--model", tiny_model_file)
+    assert code == 0, err
+    assert "wrote" in err
+    want = expected(tiny_model_file, read_png(source))
+    assert sorted(p.name for p in out.iterdir()) == ["enhanced", "student", "teacher"]
+    for name in ("enhanced", "teacher", "student"):
+        files = list((out / name).iterdir())
+        assert [f.name for f in files] == ["darkfield_0_0.png"], name
+        image = read_png(files[0])
+        assert image.dtype == np.uint8, name
+        assert image.shape == ((256, 256) if name == "enhanced" else (256, 256, 3)), name
+        np.testing.assert_array_equal(image, want[name], err_msg=name)
+    assert leftovers(tmp_path) == []
+
+
+def test_folder_input_keeps_names(capsys, tiny_model_file, tmp_path, darkfield_tile):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    Image.fromarray(darkfield_tile[:64, :80]).save(folder / "alpha.png")
+    tifffile.imwrite(folder / "beta 2.tif", darkfield_tile[100:148, 50:114], photometric="rgb")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    code, err = run(capsys, folder, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["enhanced", "teacher"]
+    for name in ("enhanced", "teacher"):
+        assert sorted(p.name for p in (out / name).iterdir()) == ["alpha.png", "beta 2.png"], name
+    assert read_png(out / "teacher" / "alpha.png").shape == (64, 80, 3)
+    assert read_png(out / "enhanced" / "beta 2.png").shape == (48, 64)
+    assert leftovers(tmp_path) == []
+
+
+def test_folder_single_output_goes_straight_into_folder(capsys, tiny_model_file, tmp_path, crop):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("one.png", "two.png"):
+        Image.fromarray(crop).save(folder / name)
+    out = tmp_path / "out"
+    code, err = run(capsys, folder, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced", "--format", "tif")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["one.tif", "two.tif"]
+    np.testing.assert_array_equal(tifffile.imread(out / "one.tif"), expected(tiny_model_file, crop, ["enhanced"])["enhanced"])
+
+
+def test_single_output_to_named_file(capsys, tiny_model_file, small_png, tmp_path, crop):
+    target = tmp_path / "result" / "x.png"
+    code, err = run(capsys, small_png, "-o", target, "--model", tiny_model_file, "--outputs", "teacher")
+    assert code == 0, err
+    assert [p.name for p in target.parent.iterdir()] == ["x.png"], "exactly that file, nothing else"
+    assert target.is_file()
+    image = read_png(target)
+    assert image.dtype == np.uint8 and image.shape == (64, 64, 3)
+    np.testing.assert_array_equal(image, expected(tiny_model_file, crop, ["teacher"])["teacher"])
+
+
+def test_single_output_to_named_tiff(capsys, tiny_model_file, small_png, tmp_path):
+    target = tmp_path / "result" / "x.tif"
+    code, err = run(capsys, small_png, "-o", target, "--model", tiny_model_file, "--outputs", "enhanced")
+    assert code == 0, err
+    assert [p.name for p in target.parent.iterdir()] == ["x.tif"]
+    image = tifffile.imread(target)
+    assert image.dtype == np.uint8 and image.shape == (64, 64)
+
+
+def test_existing_output_refused_then_overwritten(capsys, tiny_model_file, small_png, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, err = run(capsys, small_png, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher")
+    assert code == 2
+    assert "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert leftovers(tmp_path) == []
+
+    code, err = run(capsys, small_png, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher",
+                    "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["enhanced", "teacher"]
+    assert (out / "teacher" / "small tile.png").is_file()
+    assert leftovers(tmp_path) == []
+
+
+# -- refusals: exit code 2, a message, nothing left behind -------------------
+def _bad_input(kind: str, folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    if kind == "empty-png":
+        path = folder / "empty.png"
+        path.write_bytes(b"")
+    elif kind == "1x1-png":
+        path = folder / "dot.png"
+        Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(path)
+    elif kind == "nan-tiff":
+        path = folder / "nan.tif"
+        data = np.random.default_rng(0).random((32, 32), dtype=np.float32)
+        data[3, 4] = np.nan
+        tifffile.imwrite(path, data)
+    elif kind == "2-channel-tiff":
+        path = folder / "two.tif"
+        tifffile.imwrite(path, np.zeros((32, 32, 2), np.uint8), photometric="minisblack", planarconfig="contig")
+    elif kind == "text-as-png":
+        path = folder / "text.png"
+        path.write_text("this is not a PNG at all\n" * 10)
+    elif kind == "missing":
+        path = folder / "nothing-here.png"
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("empty-png", "cannot read"),
+        ("1x1-png", "1 x 1 pixels"),
+        ("nan-tiff", "NaN"),
+        ("2-channel-tiff", "2 channels"),
+        ("text-as-png", "cannot read"),
+        ("missing", "does not exist"),
+    ],
+)
+def test_bad_input_image_refused(capsys, tiny_model_file, tmp_path, kind, words):
+    source = _bad_input(kind, tmp_path / "in")
+    out = tmp_path / "out"
+    code, err = run(capsys, source, "-o", out, "--model", tiny_model_file)
+    assert code == 2
+    assert "digital-stain: error:" in err
+    assert words in err
+    if words in ("cannot read", "does not exist"):
+        assert source.name in err
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def _bad_model(kind: str, good: Path, folder: Path) -> Path:
+    data = good.read_bytes()
+    if kind == "tampered":
+        path = folder / "tampered.safetensors"
+        flipped = bytearray(data)
+        flipped[-5] ^= 0x01  # one bit of one weight
+        path.write_bytes(bytes(flipped))
+    elif kind == "truncated":
+        path = folder / "truncated.safetensors"
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "truncated-header":
+        path = folder / "stub.safetensors"
+        path.write_bytes(data[:100])
+    elif kind == "empty":
+        path = folder / "empty.safetensors"
+        path.write_bytes(b"")
+    elif kind == "pickle":
+        path = folder / "model.pth"
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif kind == "legacy-pickle":
+        path = folder / "old.pt"
+        torch.save({"weight": torch.zeros(3)}, path, _use_new_zipfile_serialization=False)
+    elif kind == "not-ours":
+        from safetensors.torch import save_file
+
+        path = folder / "other.safetensors"
+        save_file({"x": torch.zeros(2)}, str(path))
+    elif kind == "no-such-name":
+        path = Path("no-such-model-xyz")
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("tampered", "checksum"),
+        ("truncated", "truncated"),
+        ("truncated-header", "truncated"),
+        ("empty", "empty or truncated"),
+        ("pickle", "pickle"),
+        ("legacy-pickle", "pickle"),
+        ("not-ours", "not a digital-stain model"),
+        ("no-such-name", "Shipped models"),
+    ],
+)
+def test_bad_model_refused(capsys, tiny_model_file, small_png, tmp_path, kind, words):
+    model = _bad_model(kind, tiny_model_file, tmp_path / "models")
+    out = tmp_path / "out"
+    code, err = run(capsys, small_png, "-o", out, "--model", model)
+    assert code == 2
+    assert "digital-stain: error:" in err
+    assert words in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--outputs", "bogus"], "unknown output"),
+        (["--outputs", "student"], None),  # the tiny model has a student: fine
+    ],
+)
+def test_outputs_option(capsys, tiny_model_file, small_png, tmp_path, extra, words):
+    out = tmp_path / "out.png"
+    code, err = run(capsys, small_png, "-o", out, "--model", tiny_model_file, *extra)
+    if words is None:
+        assert code == 0, err
+        assert read_png(out).shape == (64, 64, 3)
+    else:
+        assert code == 2 and words in err
+        assert not out.exists()
+
+
+def test_model_without_student_refuses_student_output(capsys, tiny_model, small_png, tmp_path):
+    path = tmp_path / "teacher-only.safetensors"
+    StainModel(tiny_model.enhancer, tiny_model.teacher, None, {"name": "teacher-only"}).save(path)
+    code, err = run(capsys, small_png, "-o", tmp_path / "out", "--model", path, "--outputs", "student")
+    assert code == 2
+    assert "no student" in err and "enhanced, teacher" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_images_refused(capsys, tiny_model_file, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hi")
+    code, err = run(capsys, folder, "-o", tmp_path / "out", "--model", tiny_model_file)
+    assert code == 2 and "no image files" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_with_one_bad_file(capsys, tiny_model_file, tmp_path, crop):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(crop).save(folder / "good1.png")
+    Image.fromarray(crop[::-1]).save(folder / "good2.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    code, err = run(capsys, folder, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher")
+    assert code == 1
+    assert "broken.png" in err and "skipped" in err
+    for name in ("enhanced", "teacher"):
+        assert sorted(p.name for p in (out / name).iterdir()) == ["good1.png", "good2.png"]
+    assert leftovers(tmp_path) == []
+
+
+def test_folder_with_only_bad_files(capsys, tiny_model_file, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(folder / "b.png")
+    out = tmp_path / "out"
+    code, err = run(capsys, folder, "-o", out, "--model", tiny_model_file)
+    assert code == 2
+    assert "no image could be stained" in err and "a.png" in err and "b.png" in err
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+# -- stacks ----------------------------------------------------------------
+@pytest.fixture
+def stack_tif(tmp_path, darkfield_tile) -> tuple[Path, np.ndarray]:
+    stack = np.stack([darkfield_tile[:48, :64, c] for c in range(3)])  # (Z, Y, X) uint8
+    path = tmp_path / "in" / "stack.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, stack)
+    return path, stack
+
+
+def test_stack_stained_plane_by_plane(capsys, tiny_model_file, tmp_path, stack_tif):
+    path, stack = stack_tif
+    out = tmp_path / "out"
+    code, err = run(capsys, path, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher")
+    assert code == 0, err
+    assert "multi-page TIFF" in err
+    enhanced = tifffile.imread(out / "enhanced" / "stack.tif")
+    teacher = tifffile.imread(out / "teacher" / "stack.tif")
+    assert enhanced.shape == (3, 48, 64) and enhanced.dtype == np.uint8
+    assert teacher.shape == (3, 48, 64, 3) and teacher.dtype == np.uint8
+    for z in range(3):
+        want = expected(tiny_model_file, stack[z], ["enhanced", "teacher"])
+        np.testing.assert_array_equal(enhanced[z], want["enhanced"])
+        np.testing.assert_array_equal(teacher[z], want["teacher"])
+
+
+@pytest.mark.parametrize("planes", [2, 3])
+def test_stack_written_as_multipage_tiff(capsys, tiny_model_file, tmp_path, darkfield_tile, planes):
+    stack = np.stack([darkfield_tile[:48, :64, c] for c in range(planes)])
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack)
+    out = tmp_path / "out"
+    code, err = run(capsys, path, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher")
+    assert code == 0, err
+    with tifffile.TiffFile(out / "enhanced" / "stack.tif") as tif:
+        assert len(tif.pages) == planes
+        assert tif.pages[0].shape == (48, 64)
+    with tifffile.TiffFile(out / "teacher" / "stack.tif") as tif:
+        assert len(tif.pages) == planes
+        assert tif.pages[0].shape == (48, 64, 3)
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB

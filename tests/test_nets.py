@@ -1,0 +1,305 @@
+"""Tests of digital_stain.nets: shapes, ranges, registration warp, tile-stable instance norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from digital_stain.nets import (
+    ColorizationUNet,
+    PatchDiscriminator,
+    RegistrationNet,
+    ResnetGenerator,
+    TileStableInstanceNorm,
+    frozen_norm_statistics,
+    warp,
+)
+from digital_stain.nets.norm import set_norm_mode
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def _norm_modes(net: nn.Module) -> list[str]:
+    return [m.mode for m in net.modules() if isinstance(m, TileStableInstanceNorm)]
+
+
+# ---------------------------------------------------------------- generator
+
+
+def test_resnet_generator_default_is_paper_size():
+    net = ResnetGenerator()
+    assert net.config == dict(in_channels=4, out_channels=3, width=64, n_blocks=9)
+    assert 11.0e6 <= _n_params(net) <= 11.8e6
+    with torch.no_grad():
+        out = net(torch.rand(1, 4, 12, 16) * 2 - 1)
+    assert out.shape == (1, 3, 12, 16)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [(8, 8), (12, 20), (32, 28)])
+def test_small_generator_keeps_input_size_and_range(size):
+    net = ResnetGenerator(in_channels=4, out_channels=3, width=8, n_blocks=2)
+    x = torch.rand(2, 4, *size) * 2 - 1
+    out = net(x)
+    assert out.shape == (2, 3, *size)
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    out.mean().backward()  # trainable end to end
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_reverse_generator_three_to_three():
+    net = ResnetGenerator(in_channels=3, out_channels=3, width=8, n_blocks=1)
+    out = net(torch.rand(1, 3, 16, 16))
+    assert out.shape == (1, 3, 16, 16)
+    # large inputs saturate but never leave [-1, 1]
+    big = net(torch.randn(1, 3, 16, 16) * 1e3)
+    assert big.min() >= -1.0 and big.max() <= 1.0
+
+
+def test_generator_norm_layers_hold_only_weight_and_bias():
+    net = ResnetGenerator(width=8, n_blocks=1)
+    norm_keys = [k for k in net.state_dict() if "frozen" in k]
+    assert norm_keys == []
+
+
+# ---------------------------------------------------------------- U-Net
+
+
+@pytest.mark.parametrize("size", [(16, 24), (32, 16)])
+def test_colorization_unet_output_shape_and_range(size):
+    net = ColorizationUNet(width=8, depth=3)
+    assert net.size_multiple == 8
+    x = torch.rand(2, 1, *size) * 2 - 1
+    out = net(x)
+    assert out.shape == (2, 2, *size)
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    net.eval()
+    with torch.no_grad():
+        out_eval = net(x)
+    assert out_eval.shape == (2, 2, *size)
+    assert out_eval.min() >= -1.0 and out_eval.max() <= 1.0
+
+
+def test_colorization_unet_accepts_its_min_size_and_tiler_pads_to_it():
+    """The U-Net needs >= 2 px at its bottleneck; it says so in ``min_size`` and the tiler pads to it."""
+    from digital_stain.tiling import tiled_apply
+
+    net = ColorizationUNet(width=4, depth=3).eval()
+    assert net.min_size == 2 * net.size_multiple
+    with torch.no_grad():
+        assert net(torch.rand(1, 1, net.min_size, net.min_size) * 2 - 1).shape == (1, 2, net.min_size, net.min_size)
+    tiny = np.random.default_rng(0).random((1, 8, 20), dtype=np.float32)
+    out = tiled_apply(net, tiny, out_channels=2, tile=8, multiple=net.size_multiple, min_size=net.min_size)
+    assert out.shape == (2, 8, 20)
+
+
+# ---------------------------------------------------------------- discriminator
+
+
+def _patch_side(side: int, n_layers: int) -> int:
+    for i in range(n_layers + 1):
+        stride = 2 if i < n_layers else 1
+        side = (side + 2 - 4) // stride + 1
+    return (side + 2 - 4) + 1
+
+
+@pytest.mark.parametrize("size, expected", [((64, 64), (6, 6)), ((70, 70), (6, 6)), ((32, 48), (2, 4))])
+def test_patch_discriminator_output_shape(size, expected):
+    assert (_patch_side(size[0], 3), _patch_side(size[1], 3)) == expected
+    net = PatchDiscriminator(in_channels=3, width=8, n_layers=3)
+    out = net(torch.rand(2, 3, *size))
+    assert out.shape == (2, 1, *expected)
+
+
+def test_patch_discriminator_other_depth_and_channels():
+    net = PatchDiscriminator(in_channels=4, width=4, n_layers=2)
+    out = net(torch.rand(1, 4, 40, 40))
+    assert out.shape == (1, 1, _patch_side(40, 2), _patch_side(40, 2))
+
+
+# ---------------------------------------------------------------- registration
+
+
+def test_registration_net_is_identity_at_init():
+    net = RegistrationNet(width=8, depth=3)
+    moving, fixed = torch.rand(2, 3, 24, 32), torch.rand(2, 3, 24, 32)
+    field = net(moving, fixed)
+    assert field.shape == (2, 2, 24, 32)
+    assert torch.count_nonzero(field) == 0
+    torch.testing.assert_close(warp(moving, field), moving, atol=1e-5, rtol=0)
+
+
+def test_registration_net_gets_gradients_through_warp():
+    net = RegistrationNet(width=8, depth=2)
+    moving, fixed = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    loss = (warp(moving, net(moving, fixed)) - fixed).abs().mean()
+    loss.backward()
+    assert net.flow.weight.grad is not None and net.flow.weight.grad.abs().sum() > 0
+
+
+def test_warp_with_zero_field_is_identity():
+    image = torch.rand(2, 3, 11, 13, dtype=torch.float64)
+    torch.testing.assert_close(warp(image, torch.zeros(2, 2, 11, 13, dtype=torch.float64)), image, atol=1e-10, rtol=0)
+
+
+def test_warp_constant_x_displacement_shifts_by_three_pixels():
+    image = torch.rand(1, 2, 10, 16, dtype=torch.float64)
+    field = torch.zeros(1, 2, 10, 16, dtype=torch.float64)
+    field[:, 0] = 3.0
+    out = warp(image, field)
+    # out(x) = image(x + 3): content moves 3 px left; the right border repeats the edge column
+    torch.testing.assert_close(out[..., :-3], image[..., 3:], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out[..., -3:], image[..., -1:].expand(-1, -1, -1, 3), atol=1e-10, rtol=0)
+
+
+def test_warp_constant_y_displacement_shifts_rows_not_columns():
+    image = torch.rand(1, 1, 12, 9, dtype=torch.float64)
+    field = torch.zeros(1, 2, 12, 9, dtype=torch.float64)
+    field[:, 1] = -2.0
+    out = warp(image, field)
+    torch.testing.assert_close(out[:, :, 2:], image[:, :, :-2], atol=1e-10, rtol=0)
+
+
+def test_warp_half_pixel_is_bilinear():
+    image = torch.arange(16.0, dtype=torch.float64).view(1, 1, 1, 16).expand(1, 1, 4, 16).contiguous()
+    field = torch.zeros(1, 2, 4, 16, dtype=torch.float64)
+    field[:, 0] = 0.5
+    out = warp(image, field)
+    torch.testing.assert_close(out[..., :-1], image[..., :-1] + 0.5, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------- instance norm
+
+
+def test_tile_stable_norm_in_instance_mode_equals_torch_instance_norm():
+    channels = 5
+    ours = TileStableInstanceNorm(channels)
+    ref = nn.InstanceNorm2d(channels, affine=True)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(channels))
+        ref.bias.copy_(torch.randn(channels))
+    ours.load_state_dict(ref.state_dict())  # same state dict layout
+    assert set(ours.state_dict()) == {"weight", "bias"}
+    assert ours.mode == "instance"
+    x = torch.randn(3, channels, 9, 7) * 4 + 2
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tile_stable_norm_gradients_match_torch_instance_norm():
+    ours = TileStableInstanceNorm(3)
+    ref = nn.InstanceNorm2d(3, affine=True)
+    x1 = torch.randn(2, 3, 6, 6, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    (ours(x1) ** 2).sum().backward()
+    (ref(x2) ** 2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_tile_stable_norm_keeps_input_dtype():
+    norm = TileStableInstanceNorm(2)
+    assert norm(torch.randn(1, 2, 4, 4, dtype=torch.float64)).dtype == torch.float64
+    assert norm(torch.randn(1, 2, 4, 4).to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_set_norm_mode_counts_and_refuses_unknown():
+    net = ResnetGenerator(width=4, n_blocks=1)
+    count = set_norm_mode(net, "frozen")
+    assert count == len(_norm_modes(net)) > 0
+    assert set(_norm_modes(net)) == {"frozen"}
+    with pytest.raises(ValueError, match="unknown norm mode"):
+        set_norm_mode(net, "batch")
+
+
+def _expected_frozen(x_full, crop, norm):
+    var, mean = torch.var_mean(x_full, dim=(2, 3), keepdim=True, unbiased=False)
+    y = (crop - mean) / torch.sqrt(var + norm.eps)
+    return y * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+
+def test_frozen_statistics_normalise_a_crop_with_whole_image_statistics():
+    norm = TileStableInstanceNorm(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    image = torch.randn(1, 3, 32, 40) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 5
+    image[..., :8, :8] += 10  # a crop's own statistics differ strongly from the image's
+    crop = image[..., :16, :16]
+    with frozen_norm_statistics(norm, image) as net:
+        assert net is norm
+        assert norm.mode == "frozen"
+        frozen = norm(crop)
+    expected = _expected_frozen(image, crop, norm)
+    torch.testing.assert_close(frozen, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(norm(crop), expected, atol=1e-2)  # instance mode again: crop's own statistics
+    assert norm.mode == "instance"
+
+
+def test_frozen_statistics_tiles_of_pointwise_net_match_whole_image():
+    # with 1x1 convolutions, a crop through the frozen net equals the crop of the whole image's output
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 1), TileStableInstanceNorm(6), nn.ReLU(), nn.Conv2d(6, 4, 1), TileStableInstanceNorm(4)
+    )
+    image = torch.randn(1, 3, 24, 24) + torch.linspace(-3, 3, 24).view(1, 1, 1, 24)
+    with torch.no_grad():
+        whole = net(image)
+        with frozen_norm_statistics(net, image):
+            tiles = [net(image[..., :12, :12]), net(image[..., 12:, 5:20])]
+    torch.testing.assert_close(tiles[0], whole[..., :12, :12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tiles[1], whole[..., 12:, 5:20], atol=1e-4, rtol=1e-4)
+    assert set(_norm_modes(net)) == {"instance"}
+
+
+def test_frozen_statistics_pooled_over_a_batch_of_crops():
+    norm = TileStableInstanceNorm(2)
+    image = torch.randn(1, 2, 16, 16) * 2 + 1
+    crops = torch.cat([image[..., :8, :], image[..., 8:, :]], dim=0)  # cover the image exactly
+    with frozen_norm_statistics(norm, crops):
+        torch.testing.assert_close(norm.frozen_mean, image.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm.frozen_var, image.var(dim=(0, 2, 3), unbiased=False), atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_statistics_generator_output_of_whole_image_is_unchanged():
+    net = ResnetGenerator(width=4, n_blocks=1).eval()
+    image = torch.rand(1, 4, 16, 16) * 2 - 1
+    with torch.no_grad():
+        plain = net(image)
+        with frozen_norm_statistics(net, image):
+            frozen = net(image)
+    torch.testing.assert_close(frozen, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_modes_restored_after_block_raises():
+    net = ResnetGenerator(width=4, n_blocks=1)
+    with pytest.raises(KeyError):
+        with frozen_norm_statistics(net, torch.rand(1, 4, 8, 8)):
+            assert set(_norm_modes(net)) == {"frozen"}
+            raise KeyError("boom")
+    assert set(_norm_modes(net)) == {"instance"}
+
+
+def test_modes_restored_when_recording_fails():
+    net = ResnetGenerator(width=4, n_blocks=1)
+    with pytest.raises(RuntimeError):
+        with frozen_norm_statistics(net, torch.rand(1, 2, 8, 8)):  # wrong channel count
+            pass  # pragma: no cover
+    assert set(_norm_modes(net)) == {"instance"}
+
+
+def test_frozen_statistics_on_net_without_our_norm_is_a_no_op():
+    net = ColorizationUNet(width=4, depth=1).eval()
+    x = torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        before = net(x)
+        with frozen_norm_statistics(net, x) as same:
+            assert same is net
+            inside = net(x)
+    torch.testing.assert_close(inside, before)

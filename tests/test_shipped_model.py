@@ -1,0 +1,64 @@
+"""The default model shipped in the package: loads, is what its card says, and stains like H&E."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digital_stain._sample_data import sample_paths
+from digital_stain.arrays import InputError
+from digital_stain.color import rgb_to_lab
+from digital_stain.model import DEFAULT_MODEL, StainModel, available_models
+
+
+@pytest.fixture(scope="module")
+def model():
+    return StainModel.load(DEFAULT_MODEL)
+
+
+def _lab(rgb01: np.ndarray) -> np.ndarray:
+    return rgb_to_lab(torch.from_numpy(np.ascontiguousarray(rgb01.transpose(2, 0, 1)))[None].float())[0].numpy()
+
+
+def _read(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_default_model_is_shipped_with_provenance(model):
+    assert DEFAULT_MODEL in available_models()
+    assert model.outputs == ("enhanced", "teacher")
+    prov = model.metadata["provenance"]
+    assert prov["command"].startswith("digital-stain train-teacher")
+    assert "DSD_U/train/stained" in prov["stained"]
+    assert prov["teacher"]["steps"] > 0 and prov["teacher"]["val_l1_ab"] > 0
+    assert len(model.checksum) == 64
+
+
+def test_student_is_refused_not_faked(model):
+    with pytest.raises(InputError, match="no student"):
+        model.stain(_read(sample_paths("darkfield")[0]), ["student"])
+
+
+def test_enhanced_reverses_darkfield_contrast(model):
+    darkfield = _read(sample_paths("darkfield")[0])
+    enhanced = model.stain(darkfield, ["enhanced"])["enhanced"]
+    luma = darkfield.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    bright = luma > np.quantile(luma, 0.9)
+    dark = luma < np.quantile(luma, 0.1)
+    assert enhanced[bright].mean() < enhanced[dark].mean() - 0.2
+
+
+def test_teacher_colours_like_real_hne(model):
+    """The teacher's chroma is close to real H&E's (pink/purple: a > 0, b < 0) and far from gray."""
+    real = np.concatenate([_lab(_read(p) / 255.0).reshape(3, -1) for p in sample_paths("stained")], axis=1)
+    stained = [model.stain(_read(p), ["teacher", "enhanced"]) for p in sample_paths("darkfield")]
+    teacher = np.concatenate([_lab(s["teacher"]).reshape(3, -1) for s in stained], axis=1)
+    real_ab, teacher_ab = real[1:].mean(axis=1), teacher[1:].mean(axis=1)
+    assert real_ab[0] > 10 and real_ab[1] < 0  # sanity: H&E is pink-purple
+    assert teacher_ab[0] > 5, teacher_ab  # magenta-leaning like H&E, not gray
+    assert np.linalg.norm(teacher_ab - real_ab) < np.linalg.norm(real_ab) * 0.6
+    # the teacher keeps the enhanced lightness: structure stays where it was
+    for s in stained:
+        lightness = _lab(s["teacher"])[0]
+        gray_l = _lab(np.repeat(s["enhanced"][..., None], 3, -1))[0]
+        assert np.corrcoef(lightness.ravel(), gray_l.ravel())[0, 1] > 0.95

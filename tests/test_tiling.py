@@ -1,0 +1,242 @@
+"""Tiled, blended inference: tile layout, blending weights, padding, and seam-free results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from digital_stain.arrays import to_unit_rgb
+from digital_stain.color import luma
+from digital_stain.enhance import on_input_grid
+from digital_stain.tiling import pad_image, ramp, stats_sample, tile_starts, tiled_apply
+
+
+# -- tile_starts ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "length, tile, overlap",
+    [(768, 256, 96), (1000, 256, 64), (257, 256, 0), (300, 128, 127), (513, 512, 64), (4096, 512, 64), (50, 16, 8)],
+)
+def test_tile_starts_cover_with_equal_tiles_and_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    assert starts == sorted(set(starts)), "starts are sorted and distinct"
+    assert starts[0] == 0
+    assert starts[-1] + tile == length, "last tile ends exactly at the end (equal tiles, no overhang)"
+    assert all(0 <= s <= length - tile for s in starts), "every tile lies inside [0, length)"
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered.all()
+    for a, b in zip(starts, starts[1:]):
+        assert a + tile - b >= overlap, f"neighbours {a}, {b} overlap by less than {overlap}"
+
+
+@pytest.mark.parametrize("length", [1, 100, 256])
+def test_tile_starts_single_tile_when_tile_covers_length(length):
+    assert tile_starts(length, 256, 64) == [0]
+
+
+def test_tile_starts_known_layout():
+    assert tile_starts(768, 256, 96) == [0, 160, 320, 480, 512]
+
+
+# -- ramp ----------------------------------------------------------------
+def test_ramp_interior_tile_fades_at_both_edges():
+    w = ramp(256, 96)
+    assert w.shape == (256,) and w.dtype == np.float32
+    assert np.all((w >= 0) & (w <= 1))
+    np.testing.assert_allclose(w, w[::-1], atol=1e-6)  # symmetric
+    assert np.all(w[96:160] == 1.0), "full weight away from the overlaps"
+    assert np.all(w[:24] < 1e-6), "outer quarter of the overlap gets (almost) no weight"
+    assert np.all(np.diff(w[:96]) >= 0), "weights rise monotonically into the tile"
+
+
+def test_ramp_complementary_over_overlap():
+    # Two neighbours overlapping by exactly `overlap`: weights sum to 1 in the shared strip.
+    overlap = 64
+    w = ramp(192, overlap)
+    np.testing.assert_allclose(w[-overlap:] + w[:overlap], 1.0, atol=1e-6)
+
+
+def test_ramp_border_edges_keep_full_weight():
+    assert np.all(ramp(128, 32, lead=False, trail=False) == 1.0)
+    w = ramp(128, 32, lead=False, trail=True)
+    assert np.all(w[:96] == 1.0) and w[-1] < 1e-6
+    w = ramp(128, 32, lead=True, trail=False)
+    assert w[0] < 1e-6 and np.all(w[32:] == 1.0)
+    assert np.all(ramp(64, 0) == 1.0)
+
+
+# -- pad_image -----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 250, 301), (1, 8, 8), (4, 17, 5), (2, 1, 1), (3, 3, 40), (1, 64, 64)])
+@pytest.mark.parametrize("multiple, min_size", [(4, 0), (8, 0), (16, 32)])
+def test_pad_image_pads_to_multiples_and_never_crops(shape, multiple, min_size):
+    rng = np.random.default_rng(0)
+    image = rng.random(shape, dtype=np.float32)
+    padded, (h, w) = pad_image(image, multiple, min_size)
+    assert (h, w) == shape[1:]
+    ph, pw = padded.shape[1:]
+    assert padded.shape[0] == shape[0]
+    assert ph % multiple == 0 and pw % multiple == 0
+    assert ph >= max(h, min_size) and pw >= max(w, min_size)
+    assert ph - max(h, min_size) < multiple and pw - max(w, min_size) < multiple, "pads no more than needed"
+    np.testing.assert_array_equal(padded[:, :h, :w], image)  # original kept, top-left
+
+
+def test_pad_image_reflects():
+    image = np.arange(6 * 7, dtype=np.float32).reshape(1, 6, 7)
+    padded, _ = pad_image(image, 4)
+    assert padded.shape == (1, 8, 8)
+    np.testing.assert_array_equal(padded[0, 6], image[0, 4, list(range(7)) + [5]])  # row 6 mirrors row 4
+    np.testing.assert_array_equal(padded[0, :6, 7], image[0, :, 5])
+
+
+def test_pad_image_noop_on_multiples():
+    image = np.zeros((3, 32, 48), np.float32)
+    padded, size = pad_image(image, 16)
+    assert padded is image and size == (32, 48)
+
+
+# -- tiled_apply on a plain function --------------------------------------
+def test_tiled_apply_pointwise_fn_is_exact():
+    """A per-pixel function is reproduced exactly by any tiling (weights are normalised)."""
+    rng = np.random.default_rng(1)
+    image = rng.random((2, 203, 157), dtype=np.float32)
+    calls = []
+
+    def fn(x):
+        calls.append(tuple(x.shape))
+        return torch.cat([x[:, :1] * 2.0 + x[:, 1:], x[:, 1:] ** 2], dim=1)
+
+    out = tiled_apply(fn, image, out_channels=2, tile=64, overlap=16, multiple=8)
+    assert out.shape == (2, 203, 157) and out.dtype == np.float32
+    expected = np.stack([image[0] * 2 + image[1], image[1] ** 2])
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert len(set(calls)) == 1 and calls[0] == (1, 2, 64, 64), "equal tiles of the rounded tile size"
+    assert len(calls) == len(tile_starts(208, 64, 16)) * len(tile_starts(160, 64, 16))
+
+
+# -- stats_sample ----------------------------------------------------------
+def test_stats_sample_whole_image_when_small():
+    rng = np.random.default_rng(2)
+    image = rng.random((4, 250, 301), dtype=np.float32)
+    sample = stats_sample(image, 4, max_pixels=252 * 304, crop=128)
+    padded, _ = pad_image(image, 4)
+    assert sample.shape == (1, 4, 252, 304)
+    np.testing.assert_array_equal(sample[0], padded)
+
+
+def test_stats_sample_grid_crops_when_large():
+    rng = np.random.default_rng(3)
+    image = rng.random((4, 300, 400), dtype=np.float32)
+    crop, max_pixels = 64, 9 * 64 * 64
+    sample = stats_sample(image, 4, max_pixels=max_pixels, crop=crop)
+    assert sample.shape == (9, 4, crop, crop)
+    assert sample.shape[0] * crop * crop <= max_pixels
+    # crops are on a regular 3x3 grid from the top-left to the bottom-right corner
+    ys = np.linspace(0, 300 - crop, 3).astype(int)
+    xs = np.linspace(0, 400 - crop, 3).astype(int)
+    for i, (y, x) in enumerate((y, x) for y in ys for x in xs):
+        np.testing.assert_array_equal(sample[i], image[:, y : y + crop, x : x + crop])
+
+
+# -- the key test: tiled student == one pass, no seams --------------------
+def _border_mask(length: int, starts: list[int], tile: int, width: int = 2) -> np.ndarray:
+    """Mask over the ``length - 1`` pixel-to-pixel steps that lie at (or next to) a tile edge."""
+    mask = np.zeros(length - 1, bool)
+    for edge in {e for s in starts for e in (s, s + tile) if 0 < e < length}:
+        mask[max(edge - width, 0) : edge + width - 1] = True  # steps edge-w .. edge+w-2 (straddling the edge)
+    return mask
+
+
+def _step_energy(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean |d/dy| per row step and mean |d/dx| per column step of a (Y, X, C) image."""
+    gy = np.abs(np.diff(image, axis=0)).mean(axis=(1, 2))
+    gx = np.abs(np.diff(image, axis=1)).mean(axis=(0, 2))
+    return gy, gx
+
+
+def seam_ratio(difference: np.ndarray, starts: list[int], tile: int) -> float:
+    """Gradient energy of a difference image at tile edges relative to elsewhere (max of y and x)."""
+    ratios = []
+    for g in _step_energy(difference):
+        mask = _border_mask(g.size + 1, starts, tile)
+        ratios.append(g[mask].mean() / max(g[~mask].mean(), 1e-12))
+    return max(ratios)
+
+
+def border_gradient_change(tiled: np.ndarray, one_pass: np.ndarray, starts: list[int], tile: int) -> float:
+    """Largest relative change of the output's gradient at any tile edge, tiled vs one pass."""
+    change = 0.0
+    for gt, go in zip(_step_energy(tiled), _step_energy(one_pass)):
+        mask = _border_mask(gt.size + 1, starts, tile)
+        change = max(change, float(np.max(np.abs(gt[mask] / go[mask] - 1.0))))
+    return change
+
+
+def test_seam_detector_sees_a_seam():
+    """Sanity of the detector itself: a 0.01 colour step at a tile edge is flagged."""
+    rng = np.random.default_rng(4)
+    reference = rng.random((768, 768, 3), dtype=np.float32) * 0.5
+    starts = tile_starts(768, 256, 96)
+    noisy = reference + rng.normal(0, 1e-6, reference.shape).astype(np.float32)
+    assert seam_ratio(noisy - reference, starts, 256) < 1.5
+    seamed = reference.copy()
+    seamed[:, 256:] += 0.01
+    assert seam_ratio(seamed - reference, starts, 256) > 10
+
+
+def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile):
+    image = np.tile(darkfield_tile, (3, 3, 1))  # 768 x 768, a 3 x 3 tiling of the sample
+    assert image.shape == (768, 768, 3)
+    tile, overlap = 256, 96
+
+    one_pass = tiny_model.stain(image, ["student"], tile=1024, overlap=overlap, precision="fp32")["student"]
+    tiled = tiny_model.stain(image, ["student"], tile=tile, overlap=overlap, precision="fp32")["student"]
+    assert tiled.shape == one_pass.shape == (768, 768, 3)
+    assert tiled.dtype == np.float32
+    assert one_pass.std() > 0.01, "the random student must produce structure for the comparison to mean anything"
+
+    frozen_diff = float(np.abs(tiled - one_pass).max())
+    assert frozen_diff < 2e-3, f"tiled result differs from one pass by {frozen_diff}"
+
+    starts = tile_starts(768, tile, overlap)
+    assert len(starts) == 5  # really tiled: 5 x 5 tiles
+    ratio = seam_ratio(tiled - one_pass, starts, tile)
+    assert ratio < 1.5, f"difference image has {ratio:.2f}x more gradient at tile edges than elsewhere"
+    change = border_gradient_change(tiled, one_pass, starts, tile)
+    assert change < 0.10, f"output gradient at a tile edge changed by {100 * change:.1f}% vs one pass"
+
+    # Would the comparison catch un-normalised tiles? Run the same tiling with the
+    # student's instance norm NOT frozen (each tile normalised by its own statistics).
+    model = tiny_model
+    rgb = to_unit_rgb(image)
+    gray = np.clip(on_input_grid(luma(rgb), image.dtype), 0.0, 1.0)
+    student_in = np.concatenate([rgb.transpose(2, 0, 1), model.enhancer.enhance_gray(gray)[None]], axis=0) * 2 - 1
+
+    def instance_mode(x: torch.Tensor) -> torch.Tensor:
+        for module in model.student.modules():  # the default mode outside frozen_norm_statistics
+            if hasattr(module, "mode"):
+                assert module.mode == "instance"
+        return (model.student(x) + 1.0) / 2.0
+
+    def run(tile_size):
+        out = tiled_apply(instance_mode, student_in, out_channels=3, tile=tile_size, overlap=overlap, multiple=4)
+        return np.clip(out, 0.0, 1.0).transpose(1, 2, 0)
+
+    # one pass in instance mode is the one-pass stain (the whole image is one "tile")
+    np.testing.assert_allclose(run(1024), one_pass, atol=1e-5)
+    unfrozen_diff = float(np.abs(run(tile) - one_pass).max())
+    assert unfrozen_diff > 10 * max(frozen_diff, 1e-6), (
+        f"unfrozen tiling differs by {unfrozen_diff}, frozen by {frozen_diff}: the check could not tell them apart"
+    )
+    assert unfrozen_diff > 2e-3, "the max-difference test above would have failed for unfrozen statistics"
+
+
+def test_tiled_teacher_equals_one_pass(tiny_model, darkfield_tile):
+    """The teacher (batch norm, eval mode) needs no statistics; tiling still must not change it."""
+    image = np.tile(darkfield_tile, (2, 2, 1))[:300, :200]
+    one_pass = tiny_model.stain(image, ["teacher"], tile=512, precision="fp32")["teacher"]
+    tiled = tiny_model.stain(image, ["teacher"], tile=128, overlap=32, precision="fp32")["teacher"]
+    assert tiled.shape == (300, 200, 3)
+    assert float(np.abs(tiled - one_pass).max()) < 2e-3
