@@ -23,11 +23,21 @@ tile=..., overlap=...)``, so the enhancer, the instance-norm statistics pass
 
 Timing: the best of N calls (N=3 for sides < 4096, 1 for 4096 and larger;
 ``--repeats`` overrides). For torch.compile, dynamo is reset, the network is
-compiled afresh, and the first call of that size (which compiles, including
+compiled afresh (``dynamic=False`` unless ``--compile-dynamic``), and the first call of that size (which compiles, including
 the recompiles the norm-statistics pass and the tile shapes cause) is timed
 separately and excluded; ``compile s`` is that first call minus the best
 timed call. If dynamo compiled anything during the timed calls the row is
-flagged.
+flagged. The last column is the largest absolute difference of the output
+([0, 1]) from the fp32-eager output of the same run.
+
+Slow configurations are bounded: repeats stop once a configuration's timed
+calls have used ``--repeat-budget-s`` (default 600 s; the ``calls`` column
+says how many were made), and a configuration whose call is predicted from
+the previous size (same path and configuration, scaled by pixels) to take
+longer than ``--max-call-s`` (default 1800 s) is skipped with a note. Set
+either to 0 to disable. This matters on CPUs without native bf16 (AVX2
+only): there bf16 convolutions run on ``aten::_slow_conv2d_forward`` instead
+of oneDNN, and bf16 autocast is many times slower than fp32.
 
 Progress goes to stderr; the markdown table to stdout.
 
@@ -146,9 +156,9 @@ def load_teacher_model(args) -> tuple[StainModel | None, str]:
             return None, f"--model-file {args.model_file} cannot be loaded: {err}"
     if args.random_teacher:
         model = StainModel(uniform_enhancer(), teacher=ColorizationUNet())
-        return model, f"ColorizationUNet{tuple(model.teacher.config.values())} random weights (speed only)"
+        return model, f"teacher: ColorizationUNet{tuple(model.teacher.config.values())}, random weights (speed only)"
     shipped = ", ".join(available_models()) or "none"
-    return None, (f"teacher path skipped: model {args.model!r} is not shipped ({first}; shipped: {shipped}). "
+    return None, (f"teacher path skipped: cannot load model {args.model!r} ({first}). Shipped models: {shipped}. "
                   "Give a model file with --model-file PATH, or --random-teacher to time an untrained teacher.")
 
 
@@ -195,19 +205,19 @@ def bench_path(path_label: str, model: StainModel, output: str, args, sizes, dat
         for config in args.configs:
             precision, use_compile = CONFIGS[config]
             row = {"path": path_label, "size": size, "config": CONFIG_LABELS[config], "seconds": None,
-                   "mps": None, "ratio": None, "first": None, "compile": None, "diff": None, "note": ""}
+                   "mps": None, "ratio": None, "calls": 0, "first": None, "compile": None, "diff": None, "note": ""}
             rows.append(row)
             if args.max_call_s and config in per_mp:
                 predicted = per_mp[config] * mp * (2 if use_compile else 1)
                 if predicted > args.max_call_s:
-                    row["note"] = f"skipped: predicted {predicted:.0f} s > --max-call-s {args.max_call_s:.0f}"
+                    row["note"] = f"skipped: predicted {predicted:.0f} s > --max-call-s {args.max_call_s:g}"
                     log(f"{path_label} {size}^2 {config}: {row['note']}")
                     continue
             big = size >= 2048
             try:
                 if use_compile:
                     torch._dynamo.reset()
-                    setattr(model, attr, torch.compile(net))
+                    setattr(model, attr, torch.compile(net, dynamic=None if args.compile_dynamic else False))
                     log(f"{path_label} {size}^2 {config}: first call (compiles) ...")
                     first, _ = one_call(model, output, image, precision, args, big)
                     row["first"] = first
@@ -219,6 +229,10 @@ def bench_path(path_label: str, model: StainModel, output: str, args, sizes, dat
                     seconds, out = one_call(model, output, image, precision, args, big)
                     times.append(seconds)
                     log(f"    {seconds:.2f} s")
+                    if args.repeat_budget_s and sum(times) >= args.repeat_budget_s and i + 1 < repeats:
+                        log(f"    stopping after {i + 1} calls: --repeat-budget-s {args.repeat_budget_s:g} used")
+                        break
+                row["calls"] = len(times)
                 if use_compile and compile_counter() != before:
                     row["note"] = "dynamo compiled during the timed calls (time includes compiling)"
             except Exception as err:  # report and go on: one failing configuration must not lose the rest
@@ -263,10 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per configuration (default 3, 1 for sides >= 4096)")
     parser.add_argument("--tile", type=int, default=512, help="tile side (default 512, as StainModel.stain)")
     parser.add_argument("--overlap", type=int, default=64, help="tile overlap (default 64, as StainModel.stain)")
+    parser.add_argument("--compile-dynamic", action="store_true",
+                        help="torch.compile(dynamic=None) (torch's automatic dynamic shapes) instead of the default "
+                             "dynamic=False (static shapes: one graph per tile/statistics shape)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--max-call-s", type=float, default=1800.0,
                         help="skip a configuration whose call is predicted (from the previous size) to take longer "
                              "than this many seconds; 0 = never skip (default 1800)")
+    parser.add_argument("--repeat-budget-s", type=float, default=600.0,
+                        help="stop repeating a configuration once its timed calls have used this many seconds "
+                             "(the table says how many calls were made); 0 = always --repeats (default 600)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DSD data root, for a realistic input tile")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -306,28 +326,29 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"teacher path skipped: {label} has no teacher.")
             log(notes[-1])
         else:
-            bench_path(f"teacher ({label})", teacher_model, "teacher", args, sizes, data, rows)
+            bench_path(label, teacher_model, "teacher", args, sizes, data, rows)
     if "student" in paths:
         enhancer = teacher_model.enhancer if teacher_model is not None else uniform_enhancer()
         student = StainModel(enhancer, student=ResnetGenerator(4, 3, 64, 9))
         params = sum(p.numel() for p in student.student.parameters()) / 1e6
-        bench_path(f"student ({STUDENT_LABEL}, {params:.1f} M params)", student, "student", args, sizes, data, rows)
+        bench_path(f"student: {STUDENT_LABEL}, {params:.1f} M params", student, "student", args, sizes, data, rows)
 
     print("## Staining speed (CPU)")
     print()
     print("\n".join(info))
     print(f"- input: {image_source}; tile {args.tile}, overlap {args.overlap}; "
-          f"best of {args.repeats or '3 (1 for sides >= 4096)'} calls")
+          f"torch.compile(dynamic={None if args.compile_dynamic else False}); "
+          f"best of {args.repeats or '3 (1 for sides >= 4096)'} calls, fewer past --repeat-budget-s {args.repeat_budget_s:g}")
     print()
-    print("| path | size | precision/compile | seconds | MP/s | vs fp32 eager | first call s | compile s | max abs diff vs fp32 | note |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| path | size | precision/compile | seconds | MP/s | vs fp32 eager | calls | first call s | compile s | max abs diff vs fp32 | note |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['size']}² | {r['config']} | {fmt(r['seconds'], '.2f')} | {fmt(r['mps'], '.3f')} | "
-              f"{fmt(r['ratio'], '.2f', '—')}{'x' if r['ratio'] else ''} | {fmt(r['first'], '.1f')} | "
+        print(f"| {r['path']} | {r['size']}² | {r['config']} | {fmt(r['seconds'], '.2f')} | {fmt(r['mps'], '.3g')} | "
+              f"{fmt(r['ratio'], '.2f', '—')}{'x' if r['ratio'] else ''} | {r['calls'] or '—'} | {fmt(r['first'], '.1f')} | "
               f"{fmt(r['compile'], '.1f')} | {fmt(r['diff'], '.2g')} | {r['note']} |")
     print()
     print("vs fp32 eager: fp32-eager seconds / this row's seconds, same path and size, same run (>1 = faster). "
-          "compile s: first call minus best timed call. max abs diff: on the [0, 1] output.")
+          "seconds: best of `calls` timed calls. compile s: first call minus best timed call. max abs diff: on the [0, 1] output.")
     for note in notes:
         print(f"\n{note}")
     print()

@@ -58,9 +58,11 @@ def test_non_multiple_size_comes_back_same_size(tiny_model, darkfield_tile):
     np.testing.assert_array_equal(bigger["enhanced"][:250, :301], out["enhanced"])
 
 
-def test_odd_tiny_sizes(tiny_model, small):
-    out = tiny_model.stain(small[:9, :13], **FAST)
-    _check_outputs(out, (9, 13))
+@pytest.mark.parametrize("shape", [(8, 8), (9, 13), (8, 70), (70, 11)])
+def test_smallest_and_odd_sizes(tiny_model, darkfield_tile, shape):
+    """Down to the 8 x 8 minimum, every output comes back at the input's size (padding, never cropping)."""
+    out = tiny_model.stain(darkfield_tile[: shape[0], : shape[1]], tile=32, overlap=8, **FAST)
+    _check_outputs(out, shape)
 
 
 def test_uint16_and_float_inputs(tiny_model, small):

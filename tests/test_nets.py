@@ -90,6 +90,8 @@ def test_colorization_unet_output_shape_and_range(size):
 
 def test_colorization_unet_accepts_its_min_size_and_tiler_pads_to_it():
     """The U-Net needs >= 2 px at its bottleneck; it says so in ``min_size`` and the tiler pads to it."""
+    import numpy as np
+
     from digital_stain.tiling import tiled_apply
 
     net = ColorizationUNet(width=4, depth=3).eval()

@@ -116,6 +116,20 @@ def test_tiled_apply_pointwise_fn_is_exact():
     assert len(calls) == len(tile_starts(208, 64, 16)) * len(tile_starts(160, 64, 16))
 
 
+def test_tiled_apply_min_size_pads_small_images():
+    image = np.random.default_rng(5).random((1, 9, 13), dtype=np.float32)
+    shapes = []
+
+    def fn(x):
+        shapes.append(tuple(x.shape[-2:]))
+        return x * 3.0
+
+    out = tiled_apply(fn, image, out_channels=1, tile=8, overlap=4, multiple=4, min_size=16)
+    assert out.shape == (1, 9, 13)
+    np.testing.assert_allclose(out, image * 3.0, rtol=1e-6)
+    assert shapes and all(h >= 16 and w >= 16 and h % 4 == 0 and w % 4 == 0 for h, w in shapes)
+
+
 # -- stats_sample ----------------------------------------------------------
 def test_stats_sample_whole_image_when_small():
     rng = np.random.default_rng(2)
@@ -133,11 +147,20 @@ def test_stats_sample_grid_crops_when_large():
     sample = stats_sample(image, 4, max_pixels=max_pixels, crop=crop)
     assert sample.shape == (9, 4, crop, crop)
     assert sample.shape[0] * crop * crop <= max_pixels
-    # crops are on a regular 3x3 grid from the top-left to the bottom-right corner
-    ys = np.linspace(0, 300 - crop, 3).astype(int)
-    xs = np.linspace(0, 400 - crop, 3).astype(int)
+    # crops are centred in a regular 3x3 grid of equal bands spread over the whole image
+    ys = [int((i + 0.5) * 300 / 3 - crop / 2) for i in range(3)]
+    xs = [int((i + 0.5) * 400 / 3 - crop / 2) for i in range(3)]
     for i, (y, x) in enumerate((y, x) for y in ys for x in xs):
         np.testing.assert_array_equal(sample[i], image[:, y : y + crop, x : x + crop])
+
+
+def test_stats_sample_single_crop_is_centred_not_top_left():
+    """With room for one crop only, it must stand for the image: centred, not the top-left corner."""
+    image = np.zeros((1, 3000, 3000), np.float32)
+    image[:, 1500:, 1500:] = 1.0  # bottom-right quarter bright: the true mean is 0.25
+    sample = stats_sample(image, 4, max_pixels=2048 * 2048, crop=2048)
+    assert sample.shape == (1, 1, 2048, 2048)
+    assert abs(float(sample.mean()) - 0.25) < 0.05
 
 
 # -- the key test: tiled student == one pass, no seams --------------------
@@ -221,7 +244,8 @@ def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile)
         return (model.student(x) + 1.0) / 2.0
 
     def run(tile_size):
-        out = tiled_apply(instance_mode, student_in, out_channels=3, tile=tile_size, overlap=overlap, multiple=4)
+        out = tiled_apply(instance_mode, student_in, out_channels=3, tile=tile_size, overlap=overlap,
+                          multiple=model.student.size_multiple, min_size=model.student.min_size)
         return np.clip(out, 0.0, 1.0).transpose(1, 2, 0)
 
     # one pass in instance mode is the one-pass stain (the whole image is one "tile")

@@ -110,9 +110,8 @@ def test_same_seed_same_weights(straight, module_hne):
     again, again_result = train_teacher(module_hne, config())
     assert same_weights(net, again)
     assert again_result.history == result.history
-    other, _ = train_teacher(module_hne, config(seed=1, steps=3, val_every=3))
-    shorter, _ = train_teacher(module_hne, config(steps=3, val_every=3))
-    assert not same_weights(other, shorter), "the seed must matter"
+    other, _ = train_teacher(module_hne, config(seed=1))
+    assert not same_weights(other, net), "the seed must matter"
 
 
 @pytest.mark.slow
@@ -258,7 +257,6 @@ def test_cli_train_teacher_writes_model(capsys, monkeypatch, hne_dir, darkfield_
     assert sorted(out) == ["enhanced", "teacher"]
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: cli.cmd_train_teacher records sys.argv, not the argv given to main()")
 @pytest.mark.slow
 def test_cli_provenance_records_given_argv(capsys, monkeypatch, hne_dir, darkfield_dir, tmp_path):
     output = tmp_path / "m.safetensors"

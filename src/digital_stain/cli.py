@@ -220,7 +220,7 @@ def cmd_train_teacher(args) -> int:
         "name": args.name or args.output.stem,
         "description": "histogram-matching enhancer + colorization teacher" + (" + student" if init and init.student else ""),
         "provenance": provenance(
-            command="digital-stain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            command="digital-stain " + " ".join(shlex.quote(a) for a in args.argv),
             stained=str(args.stained), darkfield=str(args.darkfield) if args.darkfield else None,
             init=str(args.init) if args.init else None,
             teacher=dict(steps=result.steps_done, best_step=result.best_step,
@@ -257,6 +257,7 @@ def _run_stoppable(work, stop: threading.Event):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model provenance
     try:
         if args.command == "stain":
             return cmd_stain(args)

@@ -142,6 +142,7 @@ def stats_sample(image: np.ndarray, multiple: int, max_pixels: int, crop: int, m
         return padded[None]
     crop = min(crop - crop % multiple, ph - ph % multiple, pw - pw % multiple)
     per_side = max(1, int(math.sqrt(max_pixels // (crop * crop))))
-    ys = np.linspace(0, ph - crop, per_side).astype(int)
-    xs = np.linspace(0, pw - crop, per_side).astype(int)
+    # crops centred in per_side equal bands: spread over the image, centred when there is one
+    ys = [int(np.clip((i + 0.5) * ph / per_side - crop / 2, 0, ph - crop)) for i in range(per_side)]
+    xs = [int(np.clip((i + 0.5) * pw / per_side - crop / 2, 0, pw - crop)) for i in range(per_side)]
     return np.stack([padded[:, y : y + crop, x : x + crop] for y in ys for x in xs])

@@ -74,5 +74,8 @@ def colorize(net: ColorizationUNet, gray: torch.Tensor) -> torch.Tensor:
     """
     from ..color import gray_to_lightness, lab_to_rgb
 
+    gray = gray.float()
     ab = net(lightness_input(gray)).float() * AB_SCALE
-    return lab_to_rgb(torch.cat([gray_to_lightness(gray.float()), ab], dim=1))
+    # the colour conversion stays in fp32 even under autocast: in bf16 it is off by up to 23 gray levels
+    with torch.autocast(device_type=gray.device.type, enabled=False):
+        return lab_to_rgb(torch.cat([gray_to_lightness(gray), ab], dim=1))
