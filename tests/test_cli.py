@@ -374,3 +374,13 @@ def test_stack_written_as_multipage_tiff(capsys, tiny_model_file, tmp_path, dark
         assert len(tif.pages) == planes
         assert tif.pages[0].shape == (48, 64, 3)
         assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+
+
+def test_view_without_display_writes_outputs_and_says_so(capsys, monkeypatch, tiny_model_file, sample_dir, tmp_path):
+    for name in ("DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "out"
+    code, err = run(capsys, sample_dir / "darkfield_0_0.png", "-o", out, "--model", tiny_model_file, "--view")
+    assert code == 0, err
+    assert "no display" in err
+    assert (out / "teacher" / "darkfield_0_0.png").is_file()

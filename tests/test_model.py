@@ -284,3 +284,25 @@ def test_load_refuses_checkpoint(tiny_model, tmp_path):
     save_checkpoint(path, {"net": tiny_model.teacher}, {}, {"step": 1})
     with pytest.raises(InputError, match="checkpoint"):
         StainModel.load(path)
+
+
+@pytest.mark.slow
+def test_compiled_staining_equals_eager_and_compiles_once(tiny_model):
+    """torch.compile path: same result as eager, and a second image (new statistics) does not recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(2))
+    kwargs = dict(tile=64, overlap=16, precision="fp32", device="cpu")
+    eager = tiny_model.stain(first, **kwargs)
+    compiled = tiny_model.stain(first, compile=True, **kwargs)
+    for name in eager:
+        np.testing.assert_allclose(compiled[name], eager[name], atol=2e-4)
+    from torch._dynamo.utils import counters
+
+    frames = counters["stats"]["unique_graphs"]
+    assert frames > 0  # the counter really counts compiled graphs
+    again = tiny_model.stain(second, compile=True, **kwargs)
+    assert counters["stats"]["unique_graphs"] == frames, "a new image must not recompile"
+    np.testing.assert_allclose(again["student"], tiny_model.stain(second, **kwargs)["student"], atol=2e-4)

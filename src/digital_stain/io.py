@@ -157,6 +157,7 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         yield staged
         if not staged.exists():
             raise RuntimeError(f"nothing was written for {target}")
+        _default_permissions(staged)
         if target.exists():
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
@@ -165,6 +166,14 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_permissions(path: Path) -> None:
+    """Give a staged result the permissions a plain new file/folder would have (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False, rgb: bool | None = None) -> Path:

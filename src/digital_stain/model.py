@@ -87,6 +87,7 @@ class StainModel:
         self.path: Path | None = None
         self.checksum: str | None = None
         self._device = torch.device("cpu")
+        self._compiled: dict[tuple[str, str], torch.nn.Module] = {}
 
     # -- what it has -----------------------------------------------------
     @property
@@ -165,6 +166,16 @@ class StainModel:
         return {"model": self.name, "path": str(self.path) if self.path else None, "checksum": self.checksum}
 
     # -- staining --------------------------------------------------------
+    def _network(self, role: str, compile: bool) -> torch.nn.Module:
+        """The teacher or student, compiled once per device when asked (one tile shape, one compile)."""
+        net = getattr(self, role)
+        if not compile:
+            return net
+        key = (role, str(self._device))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(net, dynamic=False)
+        return self._compiled[key]
+
     def to(self, device: str | torch.device = "auto") -> StainModel:
         """Move the networks to a device (``auto|cpu|cuda|mps``); returns self."""
         self._device = resolve_device(device)
@@ -183,6 +194,7 @@ class StainModel:
         device: str | torch.device | None = None,
         precision: str = "auto",
         stats_pixels: int = 2048 * 2048,
+        compile: bool = False,
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
     ) -> dict[str, np.ndarray]:
@@ -203,6 +215,9 @@ class StainModel:
         stats_pixels : int
             Images up to this many pixels get exact whole-image norm statistics;
             larger ones get statistics pooled over crops spread across the image.
+        compile : bool
+            Run the networks through ``torch.compile`` (compiled once per device and
+            tile shape, which takes 15-60 s; pays on large images). Default: eager.
         progress : callable(done, total), optional
             Called after every tile.
         stop : threading.Event, optional
@@ -230,32 +245,37 @@ class StainModel:
             enhanced = self.enhancer.enhance_gray(gray)
             if "enhanced" in wanted:
                 results["enhanced"].append(enhanced)
-            kwargs = dict(tile=tile, overlap=overlap, precision=precision, stats_pixels=stats_pixels, stop=stop)
+            kwargs = dict(tile=tile, overlap=overlap, precision=precision, stats_pixels=stats_pixels,
+                          compile=compile, stop=stop)
             if "teacher" in wanted:
                 results["teacher"].append(self._run_teacher(enhanced, counter.part(), **kwargs))
             if "student" in wanted:
                 results["student"].append(self._run_student(rgb, enhanced, counter.part(), **kwargs))
         return {o: np.stack(v).reshape(*stack, *v[0].shape) for o, v in results.items()}
 
-    def _run_teacher(self, enhanced, progress, *, tile, overlap, precision, stats_pixels, stop) -> np.ndarray:
+    def _run_teacher(self, enhanced, progress, *, tile, overlap, precision, stats_pixels, compile, stop) -> np.ndarray:
+        teacher = self._network("teacher", compile)
+
         def fn(gray: torch.Tensor) -> torch.Tensor:
             with autocast(self._device, precision):
-                return colorize(self.teacher, gray)
+                return colorize(teacher, gray)
 
         out = tiled_apply(fn, enhanced[None], out_channels=3, tile=tile, overlap=overlap,
                           multiple=self.teacher.size_multiple, min_size=self.teacher.min_size,
                           device=self._device, progress=progress, stop=stop)
         return np.ascontiguousarray(out.transpose(1, 2, 0))
 
-    def _run_student(self, rgb, enhanced, progress, *, tile, overlap, precision, stats_pixels, stop) -> np.ndarray:
+    def _run_student(self, rgb, enhanced, progress, *, tile, overlap, precision, stats_pixels, compile, stop) -> np.ndarray:
         student_in = np.concatenate([rgb.transpose(2, 0, 1), enhanced[None]], axis=0) * 2.0 - 1.0
         multiple = self.student.size_multiple
         min_size = self.student.min_size
         sample = torch.from_numpy(stats_sample(student_in, multiple, stats_pixels, tile, min_size)).to(self._device)
 
+        student = self._network("student", compile)  # statistics are recorded on the eager module
+
         def fn(x: torch.Tensor) -> torch.Tensor:
             with autocast(self._device, precision):
-                return (self.student(x).float() + 1.0) / 2.0
+                return (student(x).float() + 1.0) / 2.0
 
         with autocast(self._device, precision), frozen_norm_statistics(self.student, sample):
             out = tiled_apply(fn, student_in, out_channels=3, tile=tile, overlap=overlap, multiple=multiple,

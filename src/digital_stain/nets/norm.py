@@ -47,8 +47,9 @@ class TileStableInstanceNorm(nn.Module):
             var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, unbiased=False)
         elif self.mode == "record":
             var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), keepdim=True, unbiased=False)
-            self.frozen_mean = mean.flatten().detach()
-            self.frozen_var = var.flatten().detach()
+            # in place: the buffers keep their identity, so a compiled network need not recompile
+            self.frozen_mean.copy_(mean.flatten().detach())
+            self.frozen_var.copy_(var.flatten().detach())
         elif self.mode == "frozen":
             mean = self.frozen_mean.view(1, -1, 1, 1)
             var = self.frozen_var.view(1, -1, 1, 1)
