@@ -95,10 +95,6 @@ def _inputs(path: Path) -> list[Path]:
     return [path]
 
 
-def _encode(name: str, array: np.ndarray) -> np.ndarray:
-    return to_uint8(array)
-
-
 def _destination(root: Path, output: str, several: bool, stem: str, suffix: str) -> Path:
     return (root / output if several else root) / f"{stem}{suffix}"
 
@@ -151,7 +147,7 @@ def cmd_stain(args) -> int:
                           file=sys.stderr)
                 target = staging if single_file else _destination(staging, name, len(wanted) > 1, stem, suffix)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                write_image(target, _encode(name, array), overwrite=True, rgb=name != "enhanced")
+                write_image(target, to_uint8(array), overwrite=True, rgb=name != "enhanced")
             shown.append((path.name, image, results))
         if failed and len(failed) == len(inputs):
             raise InputError("no image could be stained:\n  " + "\n  ".join(failed))

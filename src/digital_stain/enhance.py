@@ -61,7 +61,7 @@ def histogram(gray: np.ndarray) -> np.ndarray:
     return np.bincount(bin_index(gray).ravel(), minlength=BINS).astype(np.int64)
 
 
-def folder_histogram(folder: str | os.PathLike, *, transform=None) -> tuple[np.ndarray, int]:
+def folder_histogram(folder: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Histogram of the luma of every readable image in ``folder``.
 
     Returns ``(counts, n_images)``. Unreadable files are skipped; a folder
@@ -76,8 +76,7 @@ def folder_histogram(folder: str | os.PathLike, *, transform=None) -> tuple[np.n
             image = read_image(path)
         except InputError:
             continue
-        gray = luma_unit(image)
-        counts += histogram(transform(gray) if transform else gray)
+        counts += histogram(luma_unit(image))
         n += 1
     if n == 0:
         raise InputError(f"no readable image in {folder}; point at a folder of PNG or TIFF images.")
