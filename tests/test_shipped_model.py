@@ -62,3 +62,11 @@ def test_teacher_colours_like_real_hne(model):
         lightness = _lab(s["teacher"])[0]
         gray_l = _lab(np.repeat(s["enhanced"][..., None], 3, -1))[0]
         assert np.corrcoef(lightness.ravel(), gray_l.ravel())[0, 1] > 0.95
+
+
+def test_shipped_teacher_tiled_with_defaults_equals_one_pass(model):
+    """With the default tile overlap the shipped teacher's tiles agree with one pass to under one gray level."""
+    mosaic = np.tile(_read(sample_paths("darkfield")[0]), (3, 3, 1))
+    one_pass = model.stain(mosaic, ["teacher"], tile=1024, precision="fp32")["teacher"]
+    tiled = model.stain(mosaic, ["teacher"], tile=256, precision="fp32")["teacher"]
+    assert np.abs(tiled - one_pass).max() < 1 / 255

@@ -264,3 +264,12 @@ def test_tiled_teacher_equals_one_pass(tiny_model, darkfield_tile):
     tiled = tiny_model.stain(image, ["teacher"], tile=128, overlap=32, precision="fp32")["teacher"]
     assert tiled.shape == (300, 200, 3)
     assert float(np.abs(tiled - one_pass).max()) < 2e-3
+
+
+@pytest.mark.parametrize("overlap", [50, 100, 128])
+def test_tile_starts_stay_on_the_network_grid(overlap):
+    """Offsets are multiples of the network's size multiple, whatever the overlap (pooling grids align)."""
+    starts = tile_starts(1008, 256, overlap, multiple=16)
+    assert all(s % 16 == 0 for s in starts)
+    assert starts[-1] + 256 == 1008
+    assert all(b - a <= 256 - overlap for a, b in zip(starts, starts[1:]))

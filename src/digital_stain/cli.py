@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="auto: bf16 only where the hardware is fast at it (CUDA, AMX CPUs), else fp32")
     stain.add_argument("--tile", type=int, default=512, help="tile side in pixels (memory vs speed)")
-    stain.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels")
+    stain.add_argument("--overlap", type=int, default=128,
+                       help="tile overlap in pixels (smaller is faster, less exact at tile borders)")
     stain.add_argument("--outputs", default=None,
                        help="comma-separated: student,teacher,enhanced (default: all the model has)")
     stain.add_argument("--format", choices=("png", "tif"), default=None, help="output format (default png)")

@@ -23,11 +23,15 @@ class Cancelled(RuntimeError):
     """Raised inside long work when the caller's stop event is set."""
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of equal tiles covering ``[0, length)`` with at least ``overlap`` overlap."""
+def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
+    """Start offsets of equal tiles covering ``[0, length)`` with at least ``overlap`` overlap.
+
+    Offsets are multiples of ``multiple`` (``length`` and ``tile`` must be too),
+    so a network's pooling/striding grid is the same in every tile as in one pass.
+    """
     if tile >= length:
         return [0]
-    step = max(tile - overlap, 1)
+    step = max((tile - overlap) // multiple * multiple, multiple)
     count = math.ceil((length - tile) / step) + 1
     return sorted({min(i * step, length - tile) for i in range(count)})
 
@@ -108,7 +112,7 @@ def tiled_apply(
     padded, (h, w) = pad_image(image, multiple, min_size)
     ph, pw = padded.shape[1:]
     th, tw = min(tile, ph), min(tile, pw)
-    ys, xs = tile_starts(ph, th, overlap), tile_starts(pw, tw, overlap)
+    ys, xs = tile_starts(ph, th, overlap, multiple), tile_starts(pw, tw, overlap, multiple)
     out = np.zeros((out_channels, ph, pw), dtype=np.float32)
     norm = np.zeros((ph, pw), dtype=np.float32)
     total, done = len(ys) * len(xs), 0
