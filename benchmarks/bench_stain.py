@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(CONFIGS)} (default all; fp32 is the ratio baseline)")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per configuration (default 3, 1 for sides >= 4096)")
     parser.add_argument("--tile", type=int, default=512, help="tile side (default 512, as StainModel.stain)")
-    parser.add_argument("--overlap", type=int, default=64, help="tile overlap (default 64, as StainModel.stain)")
+    parser.add_argument("--overlap", type=int, default=128, help="tile overlap (default 128, as StainModel.stain)")
     parser.add_argument("--compile-dynamic", action="store_true",
                         help="torch.compile(dynamic=None) (torch's automatic dynamic shapes) instead of the default "
                              "dynamic=False (static shapes: one graph per tile/statistics shape)")

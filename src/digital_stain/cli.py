@@ -77,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--name", default=None, help="model name recorded in the file")
     teach.add_argument("--overwrite", action="store_true")
     teach.add_argument("--quiet", "-q", action="store_true")
+    train = sub.add_parser("train", help="train (or fine-tune) the student by knowledge distillation, unpaired")
+    train.add_argument("--darkfield", type=Path, required=True, help="folder of dark-field images")
+    train.add_argument("--stained", type=Path, required=True, help="folder of (unpaired) RGB H&E images")
+    train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (.safetensors)")
+    train.add_argument("--init", default="dsd-unpaired", help="model whose enhancer and teacher are used "
+                       "(and whose student is fine-tuned if it has one); default dsd-unpaired")
+    train.add_argument("--size", choices=("full", "small", "tiny"), default="small",
+                       help="student size: full = the paper's (GPU), small = CPU-friendly (default)")
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--crop", type=int, default=None)
+    train.add_argument("--batch", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", choices=DEVICES)
+    train.add_argument("--precision", default="auto", choices=PRECISIONS)
+    train.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: OUTPUT.ckpt.safetensors)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument("--half", action="store_true", help="store weights as float16")
+    train.add_argument("--name", default=None, help="model name recorded in the file")
+    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--quiet", "-q", action="store_true")
     return parser
 
 
@@ -236,6 +256,60 @@ def cmd_train_teacher(args) -> int:
     return 130 if result.cancelled else 0
 
 
+def cmd_train(args) -> int:
+    from .model import StainModel, provenance
+    from .train.student import StudentConfig, train_student
+
+    if args.output.exists() and not args.overwrite:
+        raise InputError(f"{args.output} already exists; choose another --output or pass --overwrite.")
+    init = StainModel.load(args.init)
+    overrides = {k: getattr(args, k) for k in ("steps", "crop", "batch") if getattr(args, k) is not None}
+    cfg = StudentConfig.preset(args.size, seed=args.seed, device=args.device, precision=args.precision, **overrides)
+    init_state = None
+    if init.student is not None:
+        cfg.width, cfg.blocks = init.student.config["width"], init.student.config["n_blocks"]
+        init_state = init.student.state_dict()
+    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
+    stop = threading.Event()
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, disable=args.quiet, unit="step", desc="student")
+
+    def progress(p):
+        if p.total:
+            bar.n = p.step
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in p.losses.items()}, "img/s": f"{p.images_per_s:.1f}"})
+        if p.message:
+            bar.write(p.message)
+
+    started = time.time()
+    try:
+        student, result = _run_stoppable(lambda: train_student(
+            init, args.darkfield, args.stained, cfg, checkpoint=checkpoint, resume=args.resume,
+            init_state=init_state, progress=progress, stop=stop), stop)
+    finally:
+        bar.close()
+    meta = {
+        "name": args.name or args.output.stem,
+        "description": "histogram-matching enhancer + colorization teacher + distilled student",
+        "provenance": {
+            **init.metadata.get("provenance", {}),
+            **provenance(
+                command="digital-stain " + " ".join(shlex.quote(a) for a in args.argv),
+                student=dict(darkfield=str(args.darkfield), stained=str(args.stained), init=str(args.init),
+                             steps=result.steps_done, best_step=result.best_step, best_structure=result.best_score,
+                             seconds=round(time.time() - started, 1), cancelled=result.cancelled,
+                             config=vars(cfg), history=result.history),
+            ),
+        },
+    }
+    model = StainModel(init.enhancer, init.teacher, student, meta)
+    model.save(args.output, half=args.half, overwrite=args.overwrite)
+    state = "stopped early; wrote the best state so far to" if result.cancelled else "wrote"
+    print(f"{state} {args.output} (step {result.steps_done})", file=sys.stderr)
+    return 130 if result.cancelled else 0
+
+
 def _run_stoppable(work, stop: threading.Event):
     """Run ``work`` with Ctrl-C asking it to stop cleanly (it then returns its best state); twice aborts."""
     import signal
@@ -264,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_stain(args)
         if args.command == "train-teacher":
             return cmd_train_teacher(args)
+        if args.command == "train":
+            return cmd_train(args)
     except InputError as err:
         print(f"digital-stain: error: {err}", file=sys.stderr)
         return 2

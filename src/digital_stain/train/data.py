@@ -53,8 +53,10 @@ def load_rgb_folder(folder: str | os.PathLike, *, min_side: int, kind: str = "H&
             continue
         if image.ndim == 3 and image.shape[-1] == 4:
             image = image[..., :3]
+        if kind != "H&E" and (image.ndim == 2 or image.ndim == 3 and image.shape[-1] == 1):
+            image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)  # gray dark-field is fine
         if image.ndim != 3 or image.shape[-1] != 3:
-            found.skip("not RGB" if kind == "H&E" else "not RGB", path.name)
+            found.skip("not RGB" if kind == "H&E" else "not gray or RGB", path.name)
             continue
         if min(image.shape[:2]) < min_side:
             found.skip(f"smaller than {min_side} px", path.name)

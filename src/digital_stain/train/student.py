@@ -1,0 +1,266 @@
+"""Training the student ``G`` (unpaired setting, paper section IV-B).
+
+``G(x ‖ z)`` (dark-field RGB + enhanced gray -> stained RGB) is trained with
+``L_adv + λ1 L_kd + λ2 L_cyc``: LSGAN against a PatchGAN ``D`` whose patch map
+is averaged to one score per image (as in the authors' code), L1 to the
+frozen teacher's stain ``G_t(z)``, and the cycle ``F(G(x ‖ z)) ≈ x`` through a
+reverse generator ``F`` trained on that cycle only. An image pool of 50 fakes
+feeds ``D``. The teacher is frozen, so its outputs (and the enhanced images)
+are computed once per dark-field image, through ``StainModel.stain``, and
+cropped together with the dark-field.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..arrays import InputError, to_uint8
+from ..devices import autocast, resolve_device, resolve_precision
+from ..nets import PatchDiscriminator, ResnetGenerator
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import load_rgb_folder, random_crops, validation_split
+from .events import Meter, Progress, TrainResult, stop_requested
+
+PRESETS = {
+    "full": dict(width=64, blocks=9),  # the paper's generator, 11.4 M parameters: GPU work
+    "small": dict(width=32, blocks=6),  # about 4x cheaper: trains usefully on a laptop CPU
+    "tiny": dict(width=8, blocks=2),  # tests and smoke runs only
+}
+
+
+@dataclass
+class StudentConfig:
+    """Student training settings; defaults are the paper's losses and optimiser."""
+
+    width: int = 32
+    blocks: int = 6
+    disc_width: int = 64
+    steps: int = 20000
+    batch: int = 1
+    crop: int = 128
+    lr: float = 1e-4
+    lambda_kd: float = 5.0
+    lambda_cyc: float = 80.0
+    pool_size: int = 50
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    val_fraction: float = 0.1
+    val_every: int = 500
+    report_every: int = 10
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> StudentConfig:
+        if name not in PRESETS:
+            raise InputError(f"unknown size preset {name!r}; choose from {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class ImagePool:
+    """History of generated images for the discriminator (Shrivastava et al.), deterministic given ``rng``."""
+
+    size: int
+    images: list = field(default_factory=list)
+
+    def query(self, fakes: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if self.size == 0:
+            return fakes
+        out = []
+        for fake in fakes.detach():
+            if len(self.images) < self.size:
+                self.images.append(fake.clone())
+                out.append(fake)
+            elif rng.random() < 0.5:
+                index = int(rng.integers(len(self.images)))
+                out.append(self.images[index])
+                self.images[index] = fake.clone()
+            else:
+                out.append(fake)
+        return torch.stack(out)
+
+
+def cache_teacher(model, darkfield: list, progress=None) -> list:
+    """Dark-field, enhanced and teacher stacked per image: uint8 ``(Y, X, 7)`` (computed once: the teacher is frozen)."""
+    cached = []
+    for i, image in enumerate(darkfield):
+        outs = model.stain(image, ["enhanced", "teacher"])
+        cached.append(np.concatenate([image, to_uint8(outs["enhanced"])[..., None], to_uint8(outs["teacher"])], -1))
+        if progress:
+            progress(Progress(0, 0, message=f"teacher outputs cached: {i + 1}/{len(darkfield)}"))
+    return cached
+
+
+def _signed(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``(N, Y, X, C)`` -> float ``(N, C, Y, X)`` in [-1, 1]."""
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _split(batch: np.ndarray, device: torch.device):
+    """Cached crops -> (dark-field RGB, enhanced gray, teacher RGB), each in [-1, 1]."""
+    t = _signed(batch, device)
+    return t[:, :3], t[:, 3:4], t[:, 4:7]
+
+
+def _score(d: PatchDiscriminator, images: torch.Tensor) -> torch.Tensor:
+    return d(images).float().mean(dim=(1, 2, 3))  # one score per image
+
+
+def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.device) -> dict:
+    """KD distance to the teacher and structure kept, on centre crops of held-out dark-field images.
+
+    ``structure``: correlation between the gray of the student's output and the enhanced image.
+    """
+    from ..color import luma_torch
+
+    student.eval()
+    kd, corr = [], []
+    with torch.no_grad():
+        for item in cached_val:
+            side = min(item.shape[:2]) // 4 * 4
+            x, z, teacher = _split(item[None, :side, :side], device)
+            out = student(torch.cat([x, z], 1)).float()
+            kd.append(F.l1_loss(out, teacher).item())
+            gray = luma_torch((out + 1) / 2).flatten()
+            corr.append(torch.corrcoef(torch.stack([gray, z.flatten()]))[0, 1].item())
+    student.train()
+    return {"kd_l1": float(np.mean(kd)), "structure": float(np.nanmean(corr))}
+
+
+def train_student(
+    model,
+    darkfield_dir: str | os.PathLike,
+    stained_dir: str | os.PathLike,
+    config: StudentConfig | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    init_state: dict | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[ResnetGenerator, TrainResult]:
+    """Train a student for ``model`` (a StainModel with an enhancer and a teacher).
+
+    Returns the student with the best validation structure score (eval mode)
+    and a :class:`TrainResult`; on ``stop`` it returns within one step.
+    """
+    cfg = config or StudentConfig()
+    if model.teacher is None:
+        raise InputError(f"model {model.name!r} has no teacher to distil from; train one with `digital-stain train-teacher`.")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    dark = load_rgb_folder(darkfield_dir, min_side=cfg.crop, kind="dark-field")
+    stained = load_rgb_folder(stained_dir, min_side=cfg.crop, kind="H&E")
+    held_out = validation_split(dark.names, cfg.val_fraction)
+    if not held_out.any() or held_out.all():
+        held_out = np.zeros(len(dark.names), bool)
+        held_out[-1] = True
+    cached = cache_teacher(model, dark.images, progress)
+    train_items = [c for c, h in zip(cached, held_out) if not h] or cached
+    val_items = [c for c, h in zip(cached, held_out) if h]
+
+    torch.manual_seed(cfg.seed)
+    student = ResnetGenerator(4, 3, cfg.width, cfg.blocks).to(device)
+    reverse = ResnetGenerator(3, 3, cfg.width, cfg.blocks).to(device)
+    disc = PatchDiscriminator(3, cfg.disc_width).to(device)
+    if init_state is not None:
+        student.load_state_dict(init_state)
+    opt_g = torch.optim.Adam([*student.parameters(), *reverse.parameters()], lr=cfg.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    pool = ImagePool(cfg.pool_size)
+    nets = {"student": student, "reverse": reverse, "disc": disc}
+    opts = {"g": opt_g, "d": opt_d}
+    start, best, best_step, history = 0, -float("inf"), None, []
+    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    if resume and checkpoint and os.path.exists(checkpoint):
+        holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
+        meta = load_checkpoint(checkpoint, {**nets, "best": holder}, opts)
+        start, best, best_step, history = meta["step"], meta["best"], meta["best_step"], meta["history"]
+        best_state = holder.state_dict()
+        pool.images = [t for t in _load_pool(checkpoint)]
+
+    def lr_at(step: int) -> float:
+        half = cfg.steps // 2
+        return cfg.lr if step < half else cfg.lr * max(cfg.steps - step, 1) / max(cfg.steps - half, 1)
+
+    def save(step: int) -> None:
+        if checkpoint:
+            holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
+            holder.load_state_dict(best_state)
+            meta = dict(step=step, best=best, best_step=best_step, history=history, config=asdict(cfg))
+            save_checkpoint(checkpoint, {**nets, "best": holder, **_pool_modules(pool)}, opts, meta)
+
+    meter = Meter(cfg.steps, start)
+    step, cancelled = start, False
+    while step < cfg.steps:
+        if stop_requested(stop):
+            cancelled = True
+            break
+        rng = np.random.default_rng([cfg.seed, step])
+        x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
+        real = _signed(random_crops(stained.images, cfg.batch, cfg.crop, rng), device)
+        for opt in opts.values():
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+        with autocast(device, precision):
+            fake = student(torch.cat([x, z], 1))
+            disc.requires_grad_(False)
+            adv = ((_score(disc, fake) - 1.0) ** 2).mean()
+            kd = F.l1_loss(fake.float(), teacher)
+            cyc = F.l1_loss(reverse(fake).float(), x)
+            loss_g = adv + cfg.lambda_kd * kd + cfg.lambda_cyc * cyc
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        disc.requires_grad_(True)
+        with autocast(device, precision):
+            pooled = pool.query(fake.detach().float(), rng)
+            loss_d = 0.5 * (((_score(disc, real) - 1.0) ** 2).mean() + (_score(disc, pooled) ** 2).mean())
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        step += 1
+        meter.add({"adv": adv.item(), "kd": kd.item(), "cyc": cyc.item(), "d": loss_d.item()}, cfg.batch)
+        message = ""
+        if (step % cfg.val_every == 0 or step == cfg.steps) and val_items:
+            scores = validation_scores(student, val_items, device)
+            history.append({"step": step, **scores})
+            if scores["structure"] > best:
+                best, best_step = scores["structure"], step
+                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            save(step)
+            message = f"validation structure {scores['structure']:.3f}, kd {scores['kd_l1']:.3f} (best at step {best_step})"
+        if progress and (step % cfg.report_every == 0 or message or step == cfg.steps):
+            progress(meter.report(step, message))
+    if cancelled:
+        save(step)
+    result_net = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
+    result_net.load_state_dict(best_state if best_step is not None else student.state_dict())
+    result_net.eval()
+    return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history)
+
+
+class _PoolHolder(torch.nn.Module):
+    def __init__(self, images: list):
+        super().__init__()
+        for i, image in enumerate(images):
+            self.register_buffer(f"image{i}", image.detach().cpu())
+
+
+def _pool_modules(pool: ImagePool) -> dict:
+    return {"pool": _PoolHolder(pool.images)}
+
+
+def _load_pool(path) -> list:
+    from ..modelfile import load_bundle
+
+    tensors, _ = load_bundle(path)
+    keys = sorted((k for k in tensors if k.startswith("pool.image")), key=lambda k: int(k[len("pool.image"):]))
+    return [tensors[k] for k in keys]
