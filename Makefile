@@ -23,7 +23,7 @@ install: $(BIN)/digital-stain
 
 # napari needs a real X server with OpenGL for its tests (offscreen Qt crashes in vispy).
 system-deps:
-	@if command -v Xvfb >/dev/null 2>&1; then echo "Xvfb present"; \
+	@if dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then echo "Xvfb and the Qt/OpenGL libraries are present"; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
 	else echo "run: sudo apt-get install -y $(APT_PACKAGES)"; exit 1; fi
 
