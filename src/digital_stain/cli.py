@@ -127,12 +127,11 @@ def cmd_stain(args) -> int:
     from .model import StainModel
 
     inputs = _inputs(args.input)
-    model = StainModel.load(args.model)
+    model = StainModel.load(args.model, device=args.device)
     wanted = model.check_outputs(args.outputs.split(",") if args.outputs else None)
     single_file = (len(inputs) == 1 and not args.input.is_dir() and len(wanted) == 1
                    and args.output.suffix.lower() in (".png", ".tif", ".tiff"))
     fmt = args.format or ("tif" if single_file and args.output.suffix.lower().startswith(".tif") else "png")
-    model.to(args.device)
     print(f"model {model.name} ({', '.join(model.outputs)}) on {model._device}; outputs: {', '.join(wanted)}",
           file=sys.stderr)
     failed: list[str] = []

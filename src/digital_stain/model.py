@@ -118,8 +118,11 @@ class StainModel:
 
     # -- files -----------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL) -> StainModel:
-        """Load a shipped model by name or a model file by path (checksum verified, no pickle)."""
+    def load(cls, name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "auto") -> StainModel:
+        """Load a shipped model by name or a model file by path (checksum verified, no pickle).
+
+        The networks go to ``device`` (``auto``: CUDA when present, then MPS, then the CPU).
+        """
         path = resolve_model_path(name_or_path)
         tensors, meta = load_bundle(path)
         if meta.get("kind") == "checkpoint":
@@ -139,7 +142,7 @@ class StainModel:
 
         with safe_open(str(path), framework="pt") as fh:
             model.checksum = fh.metadata()["checksum"]
-        return model
+        return model.to(device)
 
     def save(self, path: str | os.PathLike, *, half: bool = False, overwrite: bool = False) -> str:
         """Write the model file atomically. ``half`` stores network weights as float16 (half the size)."""

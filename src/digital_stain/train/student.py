@@ -27,6 +27,7 @@ from ..nets import PatchDiscriminator, ResnetGenerator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_rgb_folder, random_crops, validation_split
 from .events import Meter, Progress, TrainResult, stop_requested
+from .schedule import constant_then_linear, set_lr, snapshot
 
 PRESETS = {
     "full": dict(width=64, blocks=9),  # the paper's generator, 11.4 M parameters: GPU work
@@ -178,7 +179,7 @@ def train_student(
     nets = {"student": student, "reverse": reverse, "disc": disc}
     opts = {"g": opt_g, "d": opt_d}
     start, best, best_step, history = 0, -float("inf"), None, []
-    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    best_state = snapshot(student)
     if resume and checkpoint and os.path.exists(checkpoint):
         holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
         meta = load_checkpoint(checkpoint, {**nets, "best": holder}, opts)
@@ -186,9 +187,6 @@ def train_student(
         best_state = holder.state_dict()
         pool.images = [t for t in _load_pool(checkpoint)]
 
-    def lr_at(step: int) -> float:
-        half = cfg.steps // 2
-        return cfg.lr if step < half else cfg.lr * max(cfg.steps - step, 1) / max(cfg.steps - half, 1)
 
     def save(step: int) -> None:
         if checkpoint:
@@ -206,9 +204,7 @@ def train_student(
         rng = np.random.default_rng([cfg.seed, step])
         x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
         real = _signed(random_crops(stained.images, cfg.batch, cfg.crop, rng), device)
-        for opt in opts.values():
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+        set_lr(opts.values(), constant_then_linear(cfg.lr, step, cfg.steps))
         with autocast(device, precision):
             fake = student(torch.cat([x, z], 1))
             disc.requires_grad_(False)
@@ -234,7 +230,7 @@ def train_student(
             history.append({"step": step, **scores})
             if scores["structure"] > best:
                 best, best_step = scores["structure"], step
-                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                best_state = snapshot(student)
             save(step)
             message = f"validation structure {scores['structure']:.3f}, kd {scores['kd_l1']:.3f} (best at step {best_step})"
         if progress and (step % cfg.report_every == 0 or message or step == cfg.steps):

@@ -24,6 +24,7 @@ from ..nets.unet import AB_SCALE, ColorizationUNet, lightness_input
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import center_crop, load_rgb_folder, random_crops, validation_split
 from .events import Meter, Progress, TrainResult, stop_requested
+from .schedule import constant_then_linear, set_lr, snapshot
 
 
 @dataclass
@@ -132,16 +133,13 @@ def train_teacher(
         net.load_state_dict(init_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     start, best_score, best_step, history = 0, float("inf"), None, []
-    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    best_state = snapshot(net)
     if resume and checkpoint and Path(checkpoint).exists():
         best_holder = ColorizationUNet(cfg.width, cfg.depth)
         meta = load_checkpoint(checkpoint, {"net": net, "best": best_holder}, {"net": optimizer})
         start, best_score, best_step, history = meta["step"], meta["best_score"], meta["best_step"], meta["history"]
         best_state = best_holder.state_dict()
 
-    def lr_at(step: int) -> float:  # constant, then linear decay over the second half (as the paper)
-        half = cfg.steps // 2
-        return cfg.lr if step < half else cfg.lr * max(cfg.steps - step, 1) / max(cfg.steps - half, 1)
 
     def save(step: int) -> None:
         if checkpoint:
@@ -161,8 +159,7 @@ def train_teacher(
         rgb = _to_tensor(random_crops(train_images, cfg.batch, cfg.crop, rng), device)
         noise = torch.from_numpy(rng.uniform(0.0, cfg.input_noise, cfg.batch)).float()
         x, target = pairs(rgb, noise, torch.Generator().manual_seed(int(rng.integers(2**31))))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+        set_lr([optimizer], constant_then_linear(cfg.lr, step, cfg.steps))
         with autocast(device, precision):
             pred = net(x)
         loss = F.l1_loss(pred.float(), target)
@@ -177,7 +174,7 @@ def train_teacher(
             history.append({"step": step, "val_l1_ab": score})
             if score < best_score:
                 best_score, best_step = score, step
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best_state = snapshot(net)
             save(step)
             message = f"validation L1(ab) {score:.3f} (best {best_score:.3f} at step {best_step})"
         if progress and (step % cfg.report_every == 0 or message or step == cfg.steps):
