@@ -68,15 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--depth", type=int, default=None)
     teach.add_argument("--input-noise", type=float, default=None,
                        help="largest std of Gaussian noise added to the gray input (default 0.04; 0 = paper)")
-    teach.add_argument("--seed", type=int, default=0)
-    teach.add_argument("--device", default="auto", choices=DEVICES)
-    teach.add_argument("--precision", default="auto", choices=PRECISIONS)
-    teach.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: OUTPUT.ckpt.safetensors)")
-    teach.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    teach.add_argument("--half", action="store_true", help="store weights as float16 (half the file size)")
-    teach.add_argument("--name", default=None, help="model name recorded in the file")
-    teach.add_argument("--overwrite", action="store_true")
-    teach.add_argument("--quiet", "-q", action="store_true")
+    _add_run_options(teach)
     train = sub.add_parser("train", help="train (or fine-tune) the student by knowledge distillation, unpaired")
     train.add_argument("--darkfield", type=Path, required=True, help="folder of dark-field images")
     train.add_argument("--stained", type=Path, required=True, help="folder of (unpaired) RGB H&E images")
@@ -88,16 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--crop", type=int, default=None)
     train.add_argument("--batch", type=int, default=None)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", choices=DEVICES)
-    train.add_argument("--precision", default="auto", choices=PRECISIONS)
-    train.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: OUTPUT.ckpt.safetensors)")
-    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    train.add_argument("--half", action="store_true", help="store weights as float16")
-    train.add_argument("--name", default=None, help="model name recorded in the file")
-    train.add_argument("--overwrite", action="store_true")
-    train.add_argument("--quiet", "-q", action="store_true")
+    _add_run_options(train)
     return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every training command shares."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: OUTPUT.ckpt.safetensors)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    parser.add_argument("--half", action="store_true", help="store weights as float16 (half the file size)")
+    parser.add_argument("--name", default=None, help="model name recorded in the file")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", "-q", action="store_true")
 
 
 # -- stain ---------------------------------------------------------------
@@ -204,8 +201,7 @@ def cmd_train_teacher(args) -> int:
     from .model import StainModel, provenance
     from .train.teacher import TeacherConfig, train_teacher
 
-    if args.output.exists() and not args.overwrite:
-        raise InputError(f"{args.output} already exists; choose another --output or pass --overwrite.")
+    _refuse_existing(args)
     init = StainModel.load(args.init) if args.init else None
     if args.darkfield is None and init is None:
         raise InputError("give --darkfield (a folder of dark-field images for the enhancer) or --init MODEL.")
@@ -216,51 +212,31 @@ def cmd_train_teacher(args) -> int:
             setattr(cfg, key, getattr(args, key))
     if init is not None and init.teacher is not None:
         cfg.width, cfg.depth = init.teacher.config["width"], init.teacher.config["depth"]
-    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
-    stop = threading.Event()
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, disable=args.quiet, unit="step", desc="teacher")
-
-    def progress(p):
-        bar.n = p.step
-        bar.set_postfix({**{k: f"{v:.4f}" for k, v in p.losses.items()}, "img/s": f"{p.images_per_s:.1f}"})
-        if p.message:
-            bar.write(f"step {p.step}: {p.message}")
-
-    started = time.time()
-    try:
-        net, result = _run_stoppable(lambda: train_teacher(
-            args.stained, cfg, checkpoint=checkpoint, resume=args.resume, progress=progress, stop=stop,
-            init_state=init.teacher.state_dict() if init is not None and init.teacher is not None else None,
-        ), stop)
-    finally:
-        bar.close()
+    init_state = init.teacher.state_dict() if init is not None and init.teacher is not None else None
+    (net, result), seconds = _run_training(args, cfg.steps, "teacher", lambda checkpoint, progress, stop: train_teacher(
+        args.stained, cfg, checkpoint=checkpoint, resume=args.resume, progress=progress, stop=stop,
+        init_state=init_state))
     meta = {
         "name": args.name or args.output.stem,
         "description": "histogram-matching enhancer + colorization teacher" + (" + student" if init and init.student else ""),
         "provenance": provenance(
-            command="digital-stain " + " ".join(shlex.quote(a) for a in args.argv),
+            command=_command(args),
             stained=str(args.stained), darkfield=str(args.darkfield) if args.darkfield else None,
             init=str(args.init) if args.init else None,
             teacher=dict(steps=result.steps_done, best_step=result.best_step,
-                         val_l1_ab=result.best_score, seconds=round(time.time() - started, 1),
+                         val_l1_ab=result.best_score, seconds=seconds,
                          cancelled=result.cancelled, config=vars(cfg)),
         ),
     }
     model = StainModel(enhancer, net, init.student if init is not None else None, meta)
-    model.save(args.output, half=args.half, overwrite=args.overwrite)
-    state = "stopped early; wrote the best state so far to" if result.cancelled else "wrote"
-    print(f"{state} {args.output} (step {result.steps_done}, best validation L1(ab) {result.best_score})", file=sys.stderr)
-    return 130 if result.cancelled else 0
+    return _save_trained(args, model, result, f"best validation L1(ab) {result.best_score}")
 
 
 def cmd_train(args) -> int:
     from .model import StainModel, provenance
     from .train.student import StudentConfig, train_student
 
-    if args.output.exists() and not args.overwrite:
-        raise InputError(f"{args.output} already exists; choose another --output or pass --overwrite.")
+    _refuse_existing(args)
     init = StainModel.load(args.init)
     overrides = {k: getattr(args, k) for k in ("steps", "crop", "batch") if getattr(args, k) is not None}
     cfg = StudentConfig.preset(args.size, seed=args.seed, device=args.device, precision=args.precision, **overrides)
@@ -268,44 +244,66 @@ def cmd_train(args) -> int:
     if init.student is not None:
         cfg.width, cfg.blocks = init.student.config["width"], init.student.config["n_blocks"]
         init_state = init.student.state_dict()
-    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
-    stop = threading.Event()
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, disable=args.quiet, unit="step", desc="student")
-
-    def progress(p):
-        if p.total:
-            bar.n = p.step
-            bar.set_postfix({**{k: f"{v:.3f}" for k, v in p.losses.items()}, "img/s": f"{p.images_per_s:.1f}"})
-        if p.message:
-            bar.write(p.message)
-
-    started = time.time()
-    try:
-        student, result = _run_stoppable(lambda: train_student(
-            init, args.darkfield, args.stained, cfg, checkpoint=checkpoint, resume=args.resume,
-            init_state=init_state, progress=progress, stop=stop), stop)
-    finally:
-        bar.close()
+    (student, result), seconds = _run_training(args, cfg.steps, "student", lambda checkpoint, progress, stop: train_student(
+        init, args.darkfield, args.stained, cfg, checkpoint=checkpoint, resume=args.resume,
+        init_state=init_state, progress=progress, stop=stop))
     meta = {
         "name": args.name or args.output.stem,
         "description": "histogram-matching enhancer + colorization teacher + distilled student",
         "provenance": {
             **init.metadata.get("provenance", {}),
             **provenance(
-                command="digital-stain " + " ".join(shlex.quote(a) for a in args.argv),
+                command=_command(args),
                 student=dict(darkfield=str(args.darkfield), stained=str(args.stained), init=str(args.init),
                              steps=result.steps_done, best_step=result.best_step, best_structure=result.best_score,
-                             seconds=round(time.time() - started, 1), cancelled=result.cancelled,
+                             seconds=seconds, cancelled=result.cancelled,
                              config=vars(cfg), history=result.history),
             ),
         },
     }
     model = StainModel(init.enhancer, init.teacher, student, meta)
+    return _save_trained(args, model, result, f"best validation structure {result.best_score}")
+
+
+def _command(args) -> str:
+    """The command line as given, for a model's provenance."""
+    return "digital-stain " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def _refuse_existing(args) -> None:
+    """Checked before any work, so a long training never ends in a refused write."""
+    if args.output.exists() and not args.overwrite:
+        raise InputError(f"{args.output} already exists; choose another --output or pass --overwrite.")
+
+
+def _run_training(args, steps: int, desc: str, work):
+    """Run ``work(checkpoint, progress, stop)`` with a progress bar and clean Ctrl-C; return (its result, seconds)."""
+    from tqdm import tqdm
+
+    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
+    stop = threading.Event()
+    bar = tqdm(total=steps, disable=args.quiet, unit="step", desc=desc)
+
+    def progress(p):
+        if p.total:
+            bar.n = p.step
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in p.losses.items()}, "img/s": f"{p.images_per_s:.1f}"})
+        if p.message:
+            bar.write(f"step {p.step}: {p.message}" if p.total else p.message)
+
+    started = time.time()
+    try:
+        result = _run_stoppable(lambda: work(checkpoint, progress, stop), stop)
+    finally:
+        bar.close()
+    return result, round(time.time() - started, 1)
+
+
+def _save_trained(args, model, result, summary: str) -> int:
+    """Write the trained model (also after a stop: the best state so far) and report; 130 if stopped."""
     model.save(args.output, half=args.half, overwrite=args.overwrite)
     state = "stopped early; wrote the best state so far to" if result.cancelled else "wrote"
-    print(f"{state} {args.output} (step {result.steps_done})", file=sys.stderr)
+    print(f"{state} {args.output} (step {result.steps_done}, {summary})", file=sys.stderr)
     return 130 if result.cancelled else 0
 
 
