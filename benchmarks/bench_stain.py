@@ -13,9 +13,11 @@ for
     is shipped, ``--model-file PATH``; otherwise the path is skipped with a
     message, unless ``--random-teacher`` asks for a default-size
     ``ColorizationUNet`` with random weights, speed only), and
-(b) a paper-size student network ``ResnetGenerator(4, 3, 64, 9)`` with random
-    weights (no trained student ships yet), labelled as such: its *speed* is
-    that of the real student, its output is meaningless.
+(b) ``model-student``: the trained student of that model (when it has one), and
+(c) ``student``: a paper-size student network ``ResnetGenerator(4, 3, 64, 9)``
+    with random weights, labelled as such: its *speed* is that of a
+    paper-size student (what a GPU-trained model would run), its output is
+    meaningless.
 
 Every call goes through ``StainModel.stain(image, outputs=[...], precision=...,
 tile=..., overlap=...)``, so the enhancer, the instance-norm statistics pass
@@ -275,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", help="model file for the teacher path if --model is not shipped")
     parser.add_argument("--random-teacher", action="store_true",
                         help="if no model can be loaded, time a default ColorizationUNet with random weights")
-    parser.add_argument("--paths", default="teacher,student", help="which paths: teacher,student (default both)")
+    parser.add_argument("--paths", default="teacher,model-student,student",
+                        help="which paths: teacher (of --model), model-student (its trained student), "
+                             "student (paper-size, random weights); default all three")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated subset of {','.join(CONFIGS)} (default all; fp32 is the ratio baseline)")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls per configuration (default 3, 1 for sides >= 4096)")
@@ -331,6 +335,17 @@ def main(argv: list[str] | None = None) -> int:
             log(notes[-1])
         else:
             bench_path(label, teacher_model, "teacher", args, sizes, data, rows)
+    if "model-student" in paths:
+        if teacher_model is None:
+            teacher_model, label = load_teacher_model(args)
+        if teacher_model is None or teacher_model.student is None:
+            notes.append(f"model-student path skipped: {args.model!r} has no trained student.")
+            log(notes[-1])
+        else:
+            params = sum(p.numel() for p in teacher_model.student.parameters()) / 1e6
+            config = teacher_model.student.config
+            bench_path(f"student of {teacher_model.name!r} (width {config['width']}, {config['n_blocks']} blocks, "
+                       f"{params:.1f} M params)", teacher_model, "student", args, sizes, data, rows)
     if "student" in paths:
         enhancer = teacher_model.enhancer if teacher_model is not None else uniform_enhancer()
         student = StainModel(enhancer, student=ResnetGenerator(4, 3, 64, 9))

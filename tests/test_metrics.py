@@ -30,3 +30,70 @@ def test_real_hne_is_closer_to_real_hne_than_its_gray_is():
     reference, others = np.stack(tiles[:1]), np.stack(tiles[1:])
     gray = np.repeat((others.astype(np.float32) @ [0.299, 0.587, 0.114])[..., None], 3, -1).astype(np.uint8)
     assert stain_style_distance(others, reference) < 0.5 * stain_style_distance(gray, reference)
+
+
+# -- scores against a reference ------------------------------------------------------------
+
+
+from scipy import ndimage  # noqa: E402
+
+from digital_stain.metrics import (  # noqa: E402
+    dice,
+    hematoxylin,
+    nuclei_dice,
+    nuclei_mask,
+    psnr,
+    ssim,
+    structure_score,
+)
+
+
+@pytest.fixture
+def hne_tile():
+    return np.asarray(Image.open(sample_paths("stained")[0]).convert("RGB"))
+
+
+def test_psnr_known_value_and_identity():
+    reference = np.full((8, 8, 3), 100, np.uint8)
+    off_by_ten = reference + np.uint8(10)  # mse = (10/255)^2
+    assert psnr(off_by_ten, reference) == pytest.approx(20 * np.log10(255 / 10), rel=1e-9)
+    assert psnr(reference, reference) == float("inf")
+    assert psnr(off_by_ten / 255.0, reference) == pytest.approx(psnr(off_by_ten, reference))
+
+
+def test_ssim_is_one_for_identity_and_drops_with_blur_and_noise(hne_tile):
+    assert ssim(hne_tile, hne_tile) == pytest.approx(1.0)
+    blurred = ndimage.gaussian_filter(hne_tile.astype(float), (2, 2, 0)).astype(np.uint8)
+    noisy = np.clip(hne_tile + np.random.default_rng(0).normal(0, 40, hne_tile.shape), 0, 255).astype(np.uint8)
+    assert ssim(blurred, hne_tile) < 0.9
+    assert ssim(noisy, hne_tile) < ssim(blurred, hne_tile) + 0.2
+    with pytest.raises(ValueError, match="same size"):
+        ssim(hne_tile[:100], hne_tile)
+
+
+def test_hematoxylin_is_high_on_purple_nuclei_and_low_on_pink_stroma():
+    purple = np.array([[[80, 50, 140]]], np.uint8)  # hematoxylin-like
+    pink = np.array([[[235, 160, 200]]], np.uint8)  # eosin-like
+    assert hematoxylin(purple)[0, 0] > hematoxylin(pink)[0, 0] + 0.05
+
+
+def test_nuclei_dice_is_one_on_itself_and_falls_when_nuclei_move(hne_tile):
+    mask = nuclei_mask(hne_tile)
+    assert 0.01 < mask.mean() < 0.9  # a real tile has nuclei and background
+    assert nuclei_dice(hne_tile, hne_tile) == 1.0
+    shifted = np.roll(hne_tile, (9, 9), axis=(0, 1))
+    assert nuclei_dice(shifted, hne_tile) < 0.8
+    assert dice(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
+
+
+# -- structure without a reference --------------------------------------------------------------
+
+
+def test_structure_score_rewards_kept_edges_ignores_brightness_and_flags_inversion(hne_tile):
+    gray = hne_tile.astype(np.float64) @ [0.299, 0.587, 0.114] / 255.0
+    assert structure_score(hne_tile, gray) == pytest.approx(1.0, abs=1e-6)
+    brighter = np.clip(hne_tile * 0.7 + 60, 0, 255).astype(np.uint8)  # a linear remap keeps every edge
+    assert structure_score(brighter, gray) > 0.99
+    assert structure_score(255 - hne_tile, gray) < -0.99  # background and cells swapped (the CycleGAN failure)
+    moved = np.roll(hne_tile, (5, 5), axis=(0, 1))
+    assert structure_score(moved, gray) < 0.5

@@ -1,4 +1,4 @@
-"""Command line: ``digital-stain stain|train-teacher``. A thin layer over the library."""
+"""Command line: ``digital-stain stain|train-teacher|train|evaluate|synth``. A thin layer over the library."""
 
 from __future__ import annotations
 
@@ -80,7 +80,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--crop", type=int, default=None)
     train.add_argument("--batch", type=int, default=None)
+    train.add_argument("--lambda-kd", type=float, default=None,
+                       help="weight of the distillation loss (default 5, the paper's; 0 = CycleGAN, the ablation)")
     _add_run_options(train)
+    evaluate = sub.add_parser("evaluate", help="score a model's outputs (PSNR/SSIM/nuclei Dice with references; "
+                              "NIQE, structure and stain style without)")
+    evaluate.add_argument("--darkfield", type=Path, required=True, help="folder of dark-field images to stain")
+    evaluate.add_argument("--model", "-m", default="dsd-unpaired", help="shipped model name or model file path")
+    evaluate.add_argument("--reference", type=Path, default=None,
+                          help="folder of H&E of the same tissue, pixel-aligned, with the same file names")
+    evaluate.add_argument("--stained", type=Path, default=None,
+                          help="folder of real H&E (any tissue) whose colours the stain-style score compares with")
+    evaluate.add_argument("--outputs", default=None, help="comma-separated (default: all the model has)")
+    evaluate.add_argument("--device", default="auto", choices=DEVICES)
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the scores to this JSON file")
+    evaluate.add_argument("--quiet", "-q", action="store_true")
+    synth = sub.add_parser("synth", help="make synthetic dark-field images from H&E by the enhancer's inverse "
+                           "(paired data with a known answer)")
+    synth.add_argument("--stained", type=Path, required=True, help="folder of RGB H&E images")
+    synth.add_argument("--output", "-o", type=Path, required=True, help="folder to write (PNG, same names)")
+    synth.add_argument("--model", "-m", default="dsd-unpaired", help="model whose enhancer histograms are inverted")
+    synth.add_argument("--tint-from", type=Path, default=None,
+                       help="folder of real dark-field images whose mean colour to give the output (default gray)")
+    synth.add_argument("--blur", type=float, default=1.0, help="Gaussian blur sigma in pixels (default 1)")
+    synth.add_argument("--noise", type=float, default=0.003, help="Gaussian noise std on the [0, 1] scale (default 0.003)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -238,7 +263,7 @@ def cmd_train(args) -> int:
 
     _refuse_existing(args)
     init = StainModel.load(args.init)
-    overrides = {k: getattr(args, k) for k in ("steps", "crop", "batch") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("steps", "crop", "batch", "lambda_kd") if getattr(args, k) is not None}
     cfg = StudentConfig.preset(args.size, seed=args.seed, device=args.device, precision=args.precision, **overrides)
     init_state = None
     if init.student is not None:
@@ -255,14 +280,88 @@ def cmd_train(args) -> int:
             **provenance(
                 command=_command(args),
                 student=dict(darkfield=str(args.darkfield), stained=str(args.stained), init=str(args.init),
-                             steps=result.steps_done, best_step=result.best_step, best_structure=result.best_score,
+                             steps=result.steps_done, best_step=result.best_step, selection_score=result.best_score,
                              seconds=seconds, cancelled=result.cancelled,
                              config=vars(cfg), history=result.history),
             ),
         },
     }
     model = StainModel(init.enhancer, init.teacher, student, meta)
-    return _save_trained(args, model, result, f"best validation structure {result.best_score}")
+    chosen = next((h for h in result.history if h["step"] == result.best_step), {})
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in chosen.items() if k != "step")
+    return _save_trained(args, model, result, f"chosen at step {result.best_step}: {summary}")
+
+
+# -- evaluate / synth ------------------------------------------------------
+def _paired(images, reference_dir: Path):
+    """Reference images matched to ``images`` by file stem; refused when any is missing."""
+    from .train.data import load_rgb_folder
+
+    references = load_rgb_folder(reference_dir, min_side=1, kind="H&E")
+    by_stem = {Path(n).stem: im for n, im in zip(references.names, references.images)}
+    missing = [n for n in images.names if Path(n).stem not in by_stem]
+    if missing:
+        raise InputError(f"{len(missing)} dark-field image(s) have no reference of the same name in {reference_dir} "
+                         f"(e.g. {', '.join(missing[:3])}); references are paired by file name.")
+    paired = [by_stem[Path(n).stem] for n in images.names]
+    for name, image, reference in zip(images.names, images.images, paired):
+        if image.shape[:2] != reference.shape[:2]:
+            raise InputError(f"{name}: dark-field {image.shape[:2]} and reference {reference.shape[:2]} differ in size.")
+    return paired
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from .evaluate import evaluate_model, format_table
+    from .metrics import lab_pixels
+    from .model import StainModel
+    from .train.data import load_rgb_folder
+
+    darkfield = load_rgb_folder(args.darkfield, min_side=1, kind="dark-field")
+    references = _paired(darkfield, args.reference) if args.reference else None
+    style = None
+    if args.stained:
+        stained = load_rgb_folder(args.stained, min_side=1, kind="H&E")
+        style = lab_pixels(np.concatenate([im.reshape(-1, 3) for im in stained.images])[None])
+    model = StainModel.load(args.model, device=args.device)
+    outputs = model.check_outputs(args.outputs.split(",") if args.outputs else None)
+    bar = tqdm(total=len(darkfield.images), disable=args.quiet, unit="image", desc="staining")
+    results = evaluate_model(model, darkfield.images, outputs, references, style,
+                             progress=lambda done, total: bar.update(done - bar.n))
+    bar.close()
+    print(f"model {model.name}, {darkfield.summary()}")
+    print(format_table(results))
+    if args.json:
+        from .io import atomic_path
+
+        with atomic_path(args.json, overwrite=True) as staging:
+            staging.write_text(json.dumps({**model.describe(), "darkfield": str(args.darkfield),
+                                           "scores": results}, indent=2))
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .io import atomic_path, write_image
+    from .model import StainModel
+    from .synth import darkfield_tint, synthesize_darkfield
+    from .train.data import load_rgb_folder
+
+    stained = load_rgb_folder(args.stained, min_side=1, kind="H&E")
+    tint = (1.0, 1.0, 1.0)
+    if args.tint_from:
+        tint = darkfield_tint(load_rgb_folder(args.tint_from, min_side=1, kind="dark-field").images)
+    enhancer = StainModel.load(args.model, device="cpu").enhancer
+    with atomic_path(args.output, overwrite=args.overwrite) as staging:
+        staging.mkdir(parents=True)
+        for i, (name, image) in enumerate(zip(stained.names, stained.images)):
+            rng = np.random.default_rng([args.seed, i])
+            darkfield = synthesize_darkfield(image, enhancer, tint, blur_sigma=args.blur, noise_std=args.noise, rng=rng)
+            write_image(staging / f"{Path(name).stem}.png", darkfield, rgb=True)
+    print(f"wrote {len(stained.images)} synthetic dark-field image(s) to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _command(args) -> str:
@@ -337,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train_teacher(args)
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        if args.command == "synth":
+            return cmd_synth(args)
     except InputError as err:
         print(f"digital-stain: error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from ..arrays import InputError, to_uint8
 from ..devices import autocast, resolve_device, resolve_precision
 from ..nets import PatchDiscriminator, ResnetGenerator
 from .checkpoint import load_checkpoint, save_checkpoint
+from ..metrics import lab_pixels, sliced_wasserstein
 from .data import load_rgb_folder, random_crops, validation_split
 from .events import Meter, Progress, TrainResult, stop_requested
 from .schedule import constant_then_linear, set_lr, snapshot
@@ -49,6 +50,7 @@ class StudentConfig:
     lr: float = 1e-4
     lambda_kd: float = 5.0
     lambda_cyc: float = 80.0
+    structure_floor: float = 0.95  # fraction of the teacher's structure a chosen student keeps
     pool_size: int = 50
     seed: int = 0
     device: str = "auto"
@@ -114,25 +116,65 @@ def _score(d: PatchDiscriminator, images: torch.Tensor) -> torch.Tensor:
     return d(images).float().mean(dim=(1, 2, 3))  # one score per image
 
 
-def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.device) -> dict:
-    """KD distance to the teacher and structure kept, on centre crops of held-out dark-field images.
-
-    ``structure``: correlation between the gray of the student's output and the enhanced image.
-    """
+def _structure(rgb: torch.Tensor, enhanced: torch.Tensor) -> float:
+    """Correlation of the gray of ``rgb`` (in [-1, 1]) with the enhanced image: the structure kept."""
     from ..color import luma_torch
 
+    gray = luma_torch((rgb.float() + 1) / 2).flatten()
+    return torch.corrcoef(torch.stack([gray, enhanced.flatten()]))[0, 1].item()
+
+
+def _val_view(item: np.ndarray, device: torch.device):
+    side = min(item.shape[:2]) // 4 * 4
+    return _split(item[None, :side, :side], device)
+
+
+def teacher_structure(cached_val: list, device: torch.device) -> float:
+    """The teacher's structure score on the validation images (the floor a student must keep)."""
+    scores = []
+    for item in cached_val:
+        _, z, teacher = _val_view(item, device)
+        scores.append(_structure(teacher, z))
+    return float(np.nanmean(scores))
+
+
+def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.device,
+                      reference_lab: np.ndarray | None = None) -> dict:
+    """Scores of the student on held-out dark-field images (whole images, no crop but to its grid).
+
+    ``kd_l1``: L1 to the teacher; ``structure``: correlation between the gray
+    of the output and the enhanced image; ``style`` (with ``reference_lab``,
+    Lab pixels of held-out real H&E): sliced Wasserstein distance of the
+    output colours to real H&E, lower is more H&E-like.
+    """
     student.eval()
-    kd, corr = [], []
+    kd, corr, outputs = [], [], []
     with torch.no_grad():
         for item in cached_val:
-            side = min(item.shape[:2]) // 4 * 4
-            x, z, teacher = _split(item[None, :side, :side], device)
+            x, z, teacher = _val_view(item, device)
             out = student(torch.cat([x, z], 1)).float()
             kd.append(F.l1_loss(out, teacher).item())
-            gray = luma_torch((out + 1) / 2).flatten()
-            corr.append(torch.corrcoef(torch.stack([gray, z.flatten()]))[0, 1].item())
+            corr.append(_structure(out, z))
+            outputs.append(((out[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).reshape(-1, 3).cpu().numpy())
     student.train()
-    return {"kd_l1": float(np.mean(kd)), "structure": float(np.nanmean(corr))}
+    scores = {"kd_l1": float(np.mean(kd)), "structure": float(np.nanmean(corr))}
+    if reference_lab is not None:
+        scores["style"] = sliced_wasserstein(lab_pixels(np.concatenate(outputs)[None]), reference_lab)
+    return scores
+
+
+def selection_score(scores: dict, structure_floor: float) -> float:
+    """One number to choose the best student by, higher is better.
+
+    A student must keep the structure (at least ``structure_floor``, 95 % of
+    the teacher's); among those, the most H&E-like colours win. A student
+    below the floor ranks under every one above it, by structure.
+    """
+    if "style" not in scores:
+        return scores["structure"]
+    if scores["structure"] >= structure_floor:
+        return -scores["style"]
+    return -1000.0 + scores["structure"]
 
 
 def train_student(
@@ -166,6 +208,8 @@ def train_student(
     cached = cache_teacher(model, dark.images, progress)
     train_items = [c for c, h in zip(cached, held_out) if not h] or cached
     val_items = [c for c, h in zip(cached, held_out) if h]
+    stained_train, reference_lab = _carve_reference(stained.images, stained.names, cfg.val_fraction)
+    floor = cfg.structure_floor * teacher_structure(val_items, device) if val_items else 0.0
 
     torch.manual_seed(cfg.seed)
     student = ResnetGenerator(4, 3, cfg.width, cfg.blocks).to(device)
@@ -203,7 +247,7 @@ def train_student(
             break
         rng = np.random.default_rng([cfg.seed, step])
         x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
-        real = _signed(random_crops(stained.images, cfg.batch, cfg.crop, rng), device)
+        real = _signed(random_crops(stained_train, cfg.batch, cfg.crop, rng), device)
         set_lr(opts.values(), constant_then_linear(cfg.lr, step, cfg.steps))
         with autocast(device, precision):
             fake = student(torch.cat([x, z], 1))
@@ -226,13 +270,14 @@ def train_student(
         meter.add({"adv": adv.item(), "kd": kd.item(), "cyc": cyc.item(), "d": loss_d.item()}, cfg.batch)
         message = ""
         if (step % cfg.val_every == 0 or step == cfg.steps) and val_items:
-            scores = validation_scores(student, val_items, device)
+            scores = validation_scores(student, val_items, device, reference_lab)
             history.append({"step": step, **scores})
-            if scores["structure"] > best:
-                best, best_step = scores["structure"], step
+            if selection_score(scores, floor) > best:
+                best, best_step = selection_score(scores, floor), step
                 best_state = snapshot(student)
             save(step)
-            message = f"validation structure {scores['structure']:.3f}, kd {scores['kd_l1']:.3f} (best at step {best_step})"
+            message = (f"validation structure {scores['structure']:.3f} (floor {floor:.3f}), style "
+                       f"{scores.get('style', float('nan')):.2f}, kd {scores['kd_l1']:.3f} (best at step {best_step})")
         if progress and (step % cfg.report_every == 0 or message or step == cfg.steps):
             progress(meter.report(step, message))
     if cancelled:
@@ -241,6 +286,19 @@ def train_student(
     result_net.load_state_dict(best_state if best_step is not None else student.state_dict())
     result_net.eval()
     return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history)
+
+
+def _carve_reference(images: list, names: list, fraction: float):
+    """Hold out real H&E (by file-name hash) as the colour reference for validation.
+
+    Returns the images left for the discriminator and the Lab pixels of the
+    held-out ones (``None`` when the folder is too small to spare any).
+    """
+    held = validation_split(names, fraction)
+    if not held.any() or held.all():
+        return images, None
+    reference = np.concatenate([images[i].reshape(-1, 3) for i in np.flatnonzero(held)])
+    return [im for im, h in zip(images, held) if not h], lab_pixels(reference)
 
 
 class _PoolHolder(torch.nn.Module):

@@ -1,0 +1,110 @@
+"""Scoring a model's outputs: one routine for ``digital-stain evaluate`` and the benchmarks.
+
+Every output (``enhanced``, ``teacher``, ``student``) of every image is scored
+with what the data allows: PSNR, SSIM and nuclei Dice when a reference H&E of
+the same tissue exists; always NIQE and the structure score (against the
+enhanced image); the stain-style distance when real H&E is given for its
+colours. Scores are means over images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from . import metrics
+from .arrays import InputError, to_uint8
+from .niqe import MIN_SIZE as NIQE_MIN_SIDE
+from .niqe import niqe
+
+SCORES = ("psnr", "ssim", "nuclei_dice", "structure", "niqe", "style")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "nuclei_dice": True, "structure": True, "niqe": False, "style": False}
+
+
+def as_rgb_uint8(output: np.ndarray) -> np.ndarray:
+    """An output as uint8 RGB ``(Y, X, 3)``: gray (the enhanced image) is repeated over three channels."""
+    output = np.asarray(output)
+    if output.ndim == 2:
+        output = np.repeat(output[..., None], 3, axis=-1)
+    return output if output.dtype == np.uint8 else to_uint8(output)
+
+
+def score_images(
+    stained: Sequence[np.ndarray],
+    enhanced: Sequence[np.ndarray] | None = None,
+    references: Sequence[np.ndarray] | None = None,
+    style_reference: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Mean scores of a set of stained outputs.
+
+    Parameters
+    ----------
+    stained : sequence of (Y, X, 3) RGB, uint8 or float in [0, 1]
+    enhanced : sequence of (Y, X) float in [0, 1], optional
+        The enhanced image of each input (for the structure score).
+    references : sequence of (Y, X, 3) RGB, optional
+        Real H&E of the same tissue, pixel-aligned (for PSNR, SSIM, nuclei Dice).
+    style_reference : ndarray (n, 3), optional
+        Lab pixels of real H&E (:func:`digital_stain.metrics.lab_pixels`), for the style distance.
+
+    Returns
+    -------
+    dict of score name -> float (only the scores the data allows).
+    """
+    stained = [as_rgb_uint8(s) for s in stained]
+    if not stained:
+        raise InputError("no images to score.")
+    scores: dict[str, list] = {k: [] for k in SCORES}
+    for i, image in enumerate(stained):
+        if references is not None:
+            reference = references[i]
+            scores["psnr"].append(metrics.psnr(image, reference))
+            scores["ssim"].append(metrics.ssim(image, reference))
+            scores["nuclei_dice"].append(metrics.nuclei_dice(image, reference))
+        if enhanced is not None:
+            scores["structure"].append(metrics.structure_score(image, enhanced[i]))
+        if min(image.shape[:2]) >= NIQE_MIN_SIDE:
+            scores["niqe"].append(niqe(image))
+    if style_reference is not None:
+        pixels = np.concatenate([s.reshape(-1, 3) for s in stained])[None]
+        scores["style"].append(metrics.sliced_wasserstein(metrics.lab_pixels(pixels), style_reference))
+    return {k: float(np.mean(v)) for k, v in scores.items() if v}
+
+
+def evaluate_model(
+    model,
+    darkfield: Sequence[np.ndarray],
+    outputs: Sequence[str] = ("enhanced", "teacher", "student"),
+    references: Sequence[np.ndarray] | None = None,
+    style_reference: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **stain_options,
+) -> dict[str, dict[str, float]]:
+    """Stain each dark-field image with ``model`` and score every output.
+
+    Returns ``{output: {score: mean}}``; see :func:`score_images`.
+    ``stain_options`` go to :meth:`StainModel.stain` (device, tile, ...).
+    """
+    wanted = list(dict.fromkeys(["enhanced", *outputs]))
+    produced: dict[str, list] = {name: [] for name in wanted}
+    for i, image in enumerate(darkfield):
+        result = model.stain(image, wanted, **stain_options)
+        for name in wanted:
+            produced[name].append(result[name])
+        if progress:
+            progress(i + 1, len(darkfield))
+    return {
+        name: score_images(produced[name], produced["enhanced"], references, style_reference)
+        for name in outputs
+    }
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per output (or method), one column per score, arrows saying which way is better."""
+    columns = [k for k in SCORES if any(k in r for r in results.values())]
+    header = "| | " + " | ".join(f"{k} {'↑' if HIGHER_IS_BETTER[k] else '↓'}" for k in columns) + " |"
+    rows = [header, "|---" * (len(columns) + 1) + "|"]
+    for name, scores in results.items():
+        rows.append(f"| {name} | " + " | ".join(f"{scores[k]:.3f}" if k in scores else "" for k in columns) + " |")
+    return "\n".join(rows)
