@@ -98,3 +98,91 @@ def test_cli_train_writes_a_model_with_a_student(tiny_model_file, darkfield_dir,
     out = model.stain(np.zeros((64, 64, 3), np.uint8), ["student"], precision="fp32")["student"]
     assert out.shape == (64, 64, 3)
     assert main(argv) == 2  # the output exists now: refused without --overwrite
+
+
+def test_selection_keeps_structure_first_then_prefers_hne_colours():
+    from digital_stain.train.student import selection_score
+
+    floor = 0.9
+    keeps_structure_gray = {"structure": 0.95, "style": 12.0}
+    keeps_structure_hne = {"structure": 0.92, "style": 4.0}
+    loses_structure = {"structure": 0.5, "style": 1.0}  # H&E colours on the wrong places
+    ranked = sorted([loses_structure, keeps_structure_gray, keeps_structure_hne],
+                    key=lambda s: selection_score(s, floor), reverse=True)
+    assert ranked == [keeps_structure_hne, keeps_structure_gray, loses_structure]
+    assert selection_score({"structure": 0.6}, floor) > selection_score({"structure": 0.5}, floor)
+
+
+def _messy_folders(tmp_path, darkfield_dir, hne_dir):
+    """RGBA H&E of mixed sizes plus a broken file; gray dark-field of mixed sizes plus a text file."""
+    from PIL import Image
+
+    stained, dark = tmp_path / "messy-hne", tmp_path / "messy-dark"
+    stained.mkdir()
+    dark.mkdir()
+    for i, path in enumerate(sorted(hne_dir.glob("*.png"))):
+        rgb = np.asarray(Image.open(path).convert("RGB"))[: 256 - 40 * i, : 200 + 20 * i]
+        Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(stained / f"{i}.png")
+    (stained / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for i, path in enumerate(sorted(darkfield_dir.glob("*.png"))):
+        gray = np.asarray(Image.open(path).convert("L"))[: 240 - 30 * i]
+        Image.fromarray(gray).save(dark / f"{i}.png")
+    (dark / "notes.txt").write_text("not an image")
+    return dark, stained
+
+
+@pytest.mark.slow
+def test_rgba_gray_mixed_sizes_and_broken_files_train(tiny_model, darkfield_dir, hne_dir, tmp_path):
+    from digital_stain.train.data import load_rgb_folder
+
+    dark, stained = _messy_folders(tmp_path, darkfield_dir, hne_dir)
+    loaded = load_rgb_folder(stained, min_side=64)
+    assert len(loaded.images) == 3 and loaded.skipped == {"unreadable": ["broken.png"]}
+    assert all(im.shape[-1] == 3 for im in loaded.images)  # alpha dropped
+    assert "skipped 1 (unreadable)" in loaded.summary()
+    _, result = train_student(tiny_model, dark, stained, tiny_config(steps=2, crop=128))
+    assert result.steps_done == 2
+    with pytest.raises(InputError, match="smaller than 300 px"):
+        train_student(tiny_model, dark, stained, tiny_config(crop=300))
+
+
+@pytest.mark.slow
+def test_stop_returns_within_a_step_with_a_usable_student(tiny_model, darkfield_dir, hne_dir):
+    import time
+
+    stop = threading.Event()
+    stopped_at = []
+
+    def stop_at_3(p):
+        if p.total and p.step >= 3 and not stop.is_set():
+            stop.set()
+            stopped_at.append(time.perf_counter())
+
+    net, result = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=1000, val_every=2),
+                                progress=stop_at_3, stop=stop)
+    returned = time.perf_counter()
+    assert result.cancelled and result.steps_done == 3
+    assert returned - stopped_at[0] < 5.0  # no further step, no waiting for the schedule
+    assert result.best_step == 2  # the last validated state, not the unvalidated step 3
+    out = net(torch.zeros(1, 4, 64, 64))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_cli_ablation_flag_reaches_the_config(tiny_model_file, darkfield_dir, hne_dir, tmp_path, capsys):
+    from digital_stain.cli import main
+    from digital_stain.model import StainModel
+
+    output = tmp_path / "nokd.safetensors"
+    assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),
+                 "--init", str(tiny_model_file), "--size", "tiny", "--steps", "2", "--crop", "64",
+                 "--lambda-kd", "0", "--device", "cpu", "-q"]) == 0
+    config = StainModel.load(output).metadata["provenance"]["student"]["config"]
+    assert config["lambda_kd"] == 0.0 and config["width"] == 8
+    assert "chosen at step" in capsys.readouterr().err
+
+
+def test_default_size_is_the_cpu_preset_without_cuda():
+    from digital_stain.cli import _default_size
+
+    assert _default_size("cpu") == "small"

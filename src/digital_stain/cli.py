@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (.safetensors)")
     train.add_argument("--init", default="dsd-unpaired", help="model whose enhancer and teacher are used "
                        "(and whose student is fine-tuned if it has one); default dsd-unpaired")
-    train.add_argument("--size", choices=("full", "small", "tiny"), default="small",
-                       help="student size: full = the paper's (GPU), small = CPU-friendly (default)")
+    train.add_argument("--size", choices=("full", "small", "fast", "tiny"), default=None,
+                       help="student size: full = the paper's (default on a CUDA GPU), small = CPU-friendly "
+                            "(default otherwise), fast = for staining on a CPU, tiny = tests")
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--crop", type=int, default=None)
     train.add_argument("--batch", type=int, default=None)
@@ -257,6 +258,13 @@ def cmd_train_teacher(args) -> int:
     return _save_trained(args, model, result, f"best validation L1(ab) {result.best_score}")
 
 
+def _default_size(device: str) -> str:
+    """The paper's student on a CUDA GPU; the CPU preset elsewhere (a laptop trains it in hours, not weeks)."""
+    from .devices import resolve_device
+
+    return "full" if resolve_device(device).type == "cuda" else "small"
+
+
 def cmd_train(args) -> int:
     from .model import StainModel, provenance
     from .train.student import StudentConfig, train_student
@@ -264,7 +272,8 @@ def cmd_train(args) -> int:
     _refuse_existing(args)
     init = StainModel.load(args.init)
     overrides = {k: getattr(args, k) for k in ("steps", "crop", "batch", "lambda_kd") if getattr(args, k) is not None}
-    cfg = StudentConfig.preset(args.size, seed=args.seed, device=args.device, precision=args.precision, **overrides)
+    size = args.size or _default_size(args.device)
+    cfg = StudentConfig.preset(size, seed=args.seed, device=args.device, precision=args.precision, **overrides)
     init_state = None
     if init.student is not None:
         cfg.width, cfg.blocks = init.student.config["width"], init.student.config["n_blocks"]

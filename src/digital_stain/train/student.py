@@ -33,6 +33,7 @@ from .schedule import constant_then_linear, set_lr, snapshot
 PRESETS = {
     "full": dict(width=64, blocks=9),  # the paper's generator, 11.4 M parameters: GPU work
     "small": dict(width=32, blocks=6),  # about 4x cheaper: trains usefully on a laptop CPU
+    "fast": dict(width=16, blocks=4),  # for staining whole slides on a CPU (dsd-unpaired-fast)
     "tiny": dict(width=8, blocks=2),  # tests and smoke runs only
 }
 
