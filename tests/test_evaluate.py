@@ -28,6 +28,17 @@ def test_score_images_gives_what_the_data_allows(hne_dir):
     assert "psnr ↑" in table and "niqe ↓" in table and "| real |" in table
 
 
+def test_niqe_mean_skips_featureless_and_small_images_and_lists_must_match(hne_dir):
+    hne = _images(hne_dir)
+    flat = np.full((256, 256, 3), 128, np.uint8)
+    with_flat = score_images(hne + [flat, hne[0][:100, :100]])
+    assert with_flat["niqe"] == pytest.approx(score_images(hne)["niqe"])
+    from digital_stain.arrays import InputError
+
+    with pytest.raises(InputError, match="3 images but 2 references"):
+        score_images(hne, references=hne[:2])
+
+
 def test_gray_output_is_scored_as_rgb():
     gray = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     rgb = as_rgb_uint8(gray)

@@ -51,22 +51,26 @@ def test_training_steps_progress_validation_and_same_seed_same_result(tiny_model
 
 @pytest.mark.slow
 def test_resume_equals_straight_run(tiny_model, darkfield_dir, hne_dir, tmp_path):
-    straight, _ = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(val_every=4))
+    # a pool of 2 fills before the stop and validations run before it, so pool, best state and history must all survive
+    config = tiny_config(steps=6, val_every=1, pool_size=2)
+    straight, straight_result = train_student(tiny_model, darkfield_dir, hne_dir, config)
     ckpt = tmp_path / "s.ckpt.safetensors"
     stop = threading.Event()
 
-    def stop_at_2(p):
-        if p.step >= 2:
+    def stop_at_3(p):
+        if p.step >= 3:
             stop.set()
 
-    _, partial = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(val_every=4), checkpoint=ckpt,
-                               progress=stop_at_2, stop=stop)
-    assert partial.cancelled and partial.steps_done == 2 and ckpt.exists()
-    resumed, result = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(val_every=4), checkpoint=ckpt,
-                                    resume=True)
-    assert result.steps_done == 4
+    _, partial = train_student(tiny_model, darkfield_dir, hne_dir, config, checkpoint=ckpt, progress=stop_at_3, stop=stop)
+    assert partial.cancelled and partial.steps_done == 3 and ckpt.exists()
+    resumed, result = train_student(tiny_model, darkfield_dir, hne_dir, config, checkpoint=ckpt, resume=True)
+    assert result.steps_done == 6
+    assert result.history == straight_result.history and result.best_step == straight_result.best_step
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+    with pytest.raises(InputError, match="other settings.*crop 64 -> 32"):
+        train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=6, val_every=1, pool_size=2, crop=32),
+                      checkpoint=ckpt, resume=True)
 
 
 def test_refuses_model_without_teacher_and_empty_folders(tiny_model, darkfield_dir, hne_dir, tmp_path):
@@ -174,12 +178,45 @@ def test_cli_ablation_flag_reaches_the_config(tiny_model_file, darkfield_dir, hn
     from digital_stain.model import StainModel
 
     output = tmp_path / "nokd.safetensors"
+    # the tiny init model has a (width 8) student: --from-scratch must start a new one of the asked size
     assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),
-                 "--init", str(tiny_model_file), "--size", "tiny", "--steps", "2", "--crop", "64",
+                 "--init", str(tiny_model_file), "--size", "fast", "--from-scratch", "--steps", "2", "--crop", "64",
                  "--lambda-kd", "0", "--device", "cpu", "-q"]) == 0
     config = StainModel.load(output).metadata["provenance"]["student"]["config"]
-    assert config["lambda_kd"] == 0.0 and config["width"] == 8
+    assert config["lambda_kd"] == 0.0 and (config["width"], config["blocks"]) == (16, 4)
     assert "chosen at step" in capsys.readouterr().err
+    tuned = tmp_path / "tuned.safetensors"
+    assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(tuned),
+                 "--init", str(tiny_model_file), "--size", "fast", "--steps", "2", "--crop", "64",
+                 "--device", "cpu", "-q"]) == 0
+    assert StainModel.load(tuned).metadata["provenance"]["student"]["config"]["width"] == 8
+    assert "fine-tuning the student" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_stop_before_first_validation_writes_nothing_and_resume_finishes(
+        tiny_model_file, darkfield_dir, hne_dir, tmp_path, capsys, monkeypatch):
+    import digital_stain.train.student as student_module
+    from digital_stain.cli import main
+    from digital_stain.model import StainModel
+
+    output = tmp_path / "s.safetensors"
+    argv = ["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),
+            "--init", str(tiny_model_file), "--from-scratch", "--size", "tiny", "--steps", "4", "--crop", "64",
+            "--device", "cpu", "-q"]
+    real_cache = student_module.cache_teacher
+
+    def cache_then_stop(model, darkfield, progress=None, stop=None):
+        cached = real_cache(model, darkfield, progress, stop)
+        stop.set()  # as a Ctrl-C right after the teacher outputs are cached
+        return cached
+
+    monkeypatch.setattr(student_module, "cache_teacher", cache_then_stop)
+    assert main(argv) == 130
+    assert "nothing written" in capsys.readouterr().err and not output.exists()
+    monkeypatch.setattr(student_module, "cache_teacher", real_cache)
+    assert main(argv + ["--resume"]) == 0
+    assert StainModel.load(output).metadata["provenance"]["student"]["steps"] == 4
 
 
 def test_default_size_is_the_cpu_preset_without_cuda():

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, default=None)
     train.add_argument("--lambda-kd", type=float, default=None,
                        help="weight of the distillation loss (default 5, the paper's; 0 = CycleGAN, the ablation)")
+    train.add_argument("--from-scratch", action="store_true",
+                       help="start a new student even if --init has one (default: fine-tune its student)")
     _add_run_options(train)
     evaluate = sub.add_parser("evaluate", help="score a model's outputs (PSNR/SSIM/nuclei Dice with references; "
                               "NIQE, structure and stain style without)")
@@ -227,7 +229,7 @@ def cmd_train_teacher(args) -> int:
     from .model import StainModel, provenance
     from .train.teacher import TeacherConfig, train_teacher
 
-    _refuse_existing(args)
+    _refuse_existing(args, resuming=args.resume)
     init = StainModel.load(args.init) if args.init else None
     if args.darkfield is None and init is None:
         raise InputError("give --darkfield (a folder of dark-field images for the enhancer) or --init MODEL.")
@@ -269,15 +271,18 @@ def cmd_train(args) -> int:
     from .model import StainModel, provenance
     from .train.student import StudentConfig, train_student
 
-    _refuse_existing(args)
+    _refuse_existing(args, resuming=args.resume)
     init = StainModel.load(args.init)
     overrides = {k: getattr(args, k) for k in ("steps", "crop", "batch", "lambda_kd") if getattr(args, k) is not None}
     size = args.size or _default_size(args.device)
     cfg = StudentConfig.preset(size, seed=args.seed, device=args.device, precision=args.precision, **overrides)
     init_state = None
-    if init.student is not None:
+    if init.student is not None and not args.from_scratch:
         cfg.width, cfg.blocks = init.student.config["width"], init.student.config["n_blocks"]
         init_state = init.student.state_dict()
+        note = f" (--size {args.size} ignored)" if args.size else ""
+        print(f"fine-tuning the student of {init.name} (width {cfg.width}, {cfg.blocks} blocks){note}; "
+              "--from-scratch starts a new one", file=sys.stderr)
     (student, result), seconds = _run_training(args, cfg.steps, "student", lambda checkpoint, progress, stop: train_student(
         init, args.darkfield, args.stained, cfg, checkpoint=checkpoint, resume=args.resume,
         init_state=init_state, progress=progress, stop=stop))
@@ -295,6 +300,10 @@ def cmd_train(args) -> int:
             ),
         },
     }
+    if result.best_step is None:
+        print(f"stopped at step {result.steps_done}, before the first validation: no validated student, "
+              f"nothing written. Continue with the same command and --resume.", file=sys.stderr)
+        return 130
     model = StainModel(init.enhancer, init.teacher, student, meta)
     chosen = next((h for h in result.history if h["step"] == result.best_step), {})
     summary = ", ".join(f"{k} {v:.3f}" for k, v in chosen.items() if k != "step")
@@ -378,17 +387,26 @@ def _command(args) -> str:
     return "digital-stain " + " ".join(shlex.quote(a) for a in args.argv)
 
 
-def _refuse_existing(args) -> None:
-    """Checked before any work, so a long training never ends in a refused write."""
+def _refuse_existing(args, resuming: bool = False) -> None:
+    """Checked before any work, so a long training never ends in a refused write.
+
+    A resumed run may replace the model file its stopped run wrote.
+    """
+    if resuming and _checkpoint_path(args).exists():
+        return
     if args.output.exists() and not args.overwrite:
         raise InputError(f"{args.output} already exists; choose another --output or pass --overwrite.")
+
+
+def _checkpoint_path(args) -> Path:
+    return args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
 
 
 def _run_training(args, steps: int, desc: str, work):
     """Run ``work(checkpoint, progress, stop)`` with a progress bar and clean Ctrl-C; return (its result, seconds)."""
     from tqdm import tqdm
 
-    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
+    checkpoint = _checkpoint_path(args)
     stop = threading.Event()
     bar = tqdm(total=steps, disable=args.quiet, unit="step", desc=desc)
 
@@ -409,7 +427,7 @@ def _run_training(args, steps: int, desc: str, work):
 
 def _save_trained(args, model, result, summary: str) -> int:
     """Write the trained model (also after a stop: the best state so far) and report; 130 if stopped."""
-    model.save(args.output, half=args.half, overwrite=args.overwrite)
+    model.save(args.output, half=args.half, overwrite=args.overwrite or args.resume)
     state = "stopped early; wrote the best state so far to" if result.cancelled else "wrote"
     print(f"{state} {args.output} (step {result.steps_done}, {summary})", file=sys.stderr)
     return 130 if result.cancelled else 0

@@ -38,6 +38,9 @@ def score_images(
 ) -> dict[str, float]:
     """Mean scores of a set of stained outputs.
 
+    NIQE is averaged over the images it can score (at least 192 px a side,
+    not featureless); the other scores over all images.
+
     Parameters
     ----------
     stained : sequence of (Y, X, 3) RGB, uint8 or float in [0, 1]
@@ -55,6 +58,9 @@ def score_images(
     stained = [as_rgb_uint8(s) for s in stained]
     if not stained:
         raise InputError("no images to score.")
+    for name, given in (("references", references), ("enhanced images", enhanced)):
+        if given is not None and len(given) != len(stained):
+            raise InputError(f"{len(stained)} images but {len(given)} {name}; give one per image.")
     scores: dict[str, list] = {k: [] for k in SCORES}
     for i, image in enumerate(stained):
         if references is not None:
@@ -69,7 +75,8 @@ def score_images(
     if style_reference is not None:
         pixels = np.concatenate([s.reshape(-1, 3) for s in stained])[None]
         scores["style"].append(metrics.sliced_wasserstein(metrics.lab_pixels(pixels), style_reference))
-    return {k: float(np.mean(v)) for k, v in scores.items() if v}
+    # NIQE is nan on featureless images (and skipped under 192 px): the mean is over the images it could score
+    return {k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan") for k, v in scores.items() if v}
 
 
 def evaluate_model(

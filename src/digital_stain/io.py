@@ -158,12 +158,17 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         if not staged.exists():
             raise RuntimeError(f"nothing was written for {target}")
         _default_permissions(staged)
-        if target.exists():
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
-        os.replace(staged, target)
+        if target.is_dir() and not target.is_symlink():
+            # a folder cannot be swapped atomically: move the old one aside, put it back if the swap fails
+            old = tmp / f"{target.name}.old"
+            os.replace(target, old)
+            try:
+                os.replace(staged, target)
+            except OSError:
+                os.replace(old, target)
+                raise
+        else:
+            os.replace(staged, target)  # a file (or nothing) at target is replaced in one step
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -63,9 +63,13 @@ def stain_style_distance(images: np.ndarray, reference: np.ndarray, seed: int = 
 
 
 def _unit(image: np.ndarray) -> np.ndarray:
-    """uint8 -> float64 in [0, 1]; float images are taken to be in [0, 1] already."""
+    """Unsigned integers -> float64 in [0, 1] (by their dtype's maximum); floats are taken to be in [0, 1]."""
     image = np.asarray(image)
-    return image.astype(np.float64) / 255.0 if image.dtype == np.uint8 else image.astype(np.float64)
+    if image.dtype.kind == "u":
+        return image.astype(np.float64) / np.iinfo(image.dtype).max
+    if image.dtype.kind != "f":
+        raise ValueError(f"images must be unsigned integers or floats in [0, 1], not {image.dtype}.")
+    return image.astype(np.float64)
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray) -> None:
@@ -95,6 +99,8 @@ def ssim(prediction: np.ndarray, reference: np.ndarray) -> float:
 
     a, b = _unit(prediction), _unit(reference)
     _check_same_shape(a, b)
+    if min(a.shape[:2]) < 7:
+        raise ValueError(f"SSIM needs images of at least 7 x 7 pixels (its window); these are {a.shape[:2]}.")
     channel_axis = -1 if a.ndim == 3 else None
     return float(structural_similarity(a, b, data_range=1.0, channel_axis=channel_axis,
                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False))

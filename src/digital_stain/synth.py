@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import InputError
 from .color import luma
 from .enhance import BINS, Enhancer
 
@@ -22,8 +23,14 @@ def darkfield_tint(darkfield: list[np.ndarray]) -> np.ndarray:
     Real dark-field is dim and slightly coloured (DSD: bluish); synthetic
     images take this tint so they look like what the student was trained on.
     """
-    pixels = np.concatenate([np.asarray(im, np.float64).reshape(-1, 3) for im in darkfield])
-    mean = pixels.mean(axis=0)
+    total, count = np.zeros(3), 0
+    for image in darkfield:  # a running sum: a folder of large images never sits in memory as float64
+        pixels = np.asarray(image).reshape(-1, 3)
+        total += pixels.sum(axis=0, dtype=np.float64)
+        count += len(pixels)
+    if count == 0 or luma(total) <= 0:
+        raise InputError("the dark-field images are all black: no colour to take a tint from.")
+    mean = total / count
     return mean / float(luma(mean))
 
 

@@ -91,10 +91,15 @@ class ImagePool:
         return torch.stack(out)
 
 
-def cache_teacher(model, darkfield: list, progress=None) -> list:
-    """Dark-field, enhanced and teacher stacked per image: uint8 ``(Y, X, 7)`` (computed once: the teacher is frozen)."""
+def cache_teacher(model, darkfield: list, progress=None, stop: threading.Event | None = None) -> list | None:
+    """Dark-field, enhanced and teacher stacked per image: uint8 ``(Y, X, 7)`` (computed once: the teacher is frozen).
+
+    Returns ``None`` if ``stop`` is set before it is done.
+    """
     cached = []
     for i, image in enumerate(darkfield):
+        if stop_requested(stop):
+            return None
         outs = model.stain(image, ["enhanced", "teacher"])
         cached.append(np.concatenate([image, to_uint8(outs["enhanced"])[..., None], to_uint8(outs["teacher"])], -1))
         if progress:
@@ -118,7 +123,12 @@ def _score(d: PatchDiscriminator, images: torch.Tensor) -> torch.Tensor:
 
 
 def _structure(rgb: torch.Tensor, enhanced: torch.Tensor) -> float:
-    """Correlation of the gray of ``rgb`` (in [-1, 1]) with the enhanced image: the structure kept."""
+    """Correlation of the gray of ``rgb`` (in [-1, 1]) with the enhanced image, pixel by pixel.
+
+    The cheap structure check used to choose a state during training (it
+    also catches inverted contrast); ``digital-stain evaluate`` reports the
+    gradient correlation of :func:`digital_stain.metrics.structure_score`.
+    """
     from ..color import luma_torch
 
     gray = luma_torch((rgb.float() + 1) / 2).flatten()
@@ -141,10 +151,10 @@ def teacher_structure(cached_val: list, device: torch.device) -> float:
 
 def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.device,
                       reference_lab: np.ndarray | None = None) -> dict:
-    """Scores of the student on held-out dark-field images (whole images, no crop but to its grid).
+    """Scores of the student on held-out dark-field images (the largest top-left square on its grid).
 
     ``kd_l1``: L1 to the teacher; ``structure``: correlation between the gray
-    of the output and the enhanced image; ``style`` (with ``reference_lab``,
+    of the output and the enhanced image, pixel by pixel; ``style`` (with ``reference_lab``,
     Lab pixels of held-out real H&E): sliced Wasserstein distance of the
     output colours to real H&E, lower is more H&E-like.
     """
@@ -192,8 +202,10 @@ def train_student(
 ) -> tuple[ResnetGenerator, TrainResult]:
     """Train a student for ``model`` (a StainModel with an enhancer and a teacher).
 
-    Returns the student with the best validation structure score (eval mode)
-    and a :class:`TrainResult`; on ``stop`` it returns within one step.
+    Returns the student chosen on the validation split (:func:`selection_score`;
+    eval mode) and a :class:`TrainResult`; on ``stop`` it returns within one
+    step. ``result.best_step is None`` means no validation ran yet: the
+    returned weights are then the current, unvalidated ones.
     """
     cfg = config or StudentConfig()
     if model.teacher is None:
@@ -206,11 +218,17 @@ def train_student(
     if not held_out.any() or held_out.all():
         held_out = np.zeros(len(dark.names), bool)
         held_out[-1] = True
-    cached = cache_teacher(model, dark.images, progress)
+    cached = cache_teacher(model, dark.images, progress, stop)
+    if cached is None:
+        return ResnetGenerator(4, 3, cfg.width, cfg.blocks).eval(), TrainResult(None, 0, True)
     train_items = [c for c, h in zip(cached, held_out) if not h] or cached
     val_items = [c for c, h in zip(cached, held_out) if h]
     stained_train, reference_lab = _carve_reference(stained.images, stained.names, cfg.val_fraction)
     floor = cfg.structure_floor * teacher_structure(val_items, device) if val_items else 0.0
+    if progress and len(dark.images) < 2:
+        progress(Progress(0, 0, message="only one dark-field image: it is used for training and for validation"))
+    if progress and reference_lab is None:
+        progress(Progress(0, 0, message="too few H&E images to hold any out: states are chosen by structure alone"))
 
     torch.manual_seed(cfg.seed)
     student = ResnetGenerator(4, 3, cfg.width, cfg.blocks).to(device)
@@ -227,10 +245,11 @@ def train_student(
     best_state = snapshot(student)
     if resume and checkpoint and os.path.exists(checkpoint):
         holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
+        _check_resumable(checkpoint, cfg)
         meta = load_checkpoint(checkpoint, {**nets, "best": holder}, opts)
         start, best, best_step, history = meta["step"], meta["best"], meta["best_step"], meta["history"]
         best_state = holder.state_dict()
-        pool.images = [t for t in _load_pool(checkpoint)]
+        pool.images = [t.to(device) for t in _load_pool(checkpoint)]
 
 
     def save(step: int) -> None:
@@ -287,6 +306,19 @@ def train_student(
     result_net.load_state_dict(best_state if best_step is not None else student.state_dict())
     result_net.eval()
     return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history)
+
+
+def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
+    """Refuse a checkpoint made with other networks or data settings, saying which differ."""
+    from ..modelfile import load_bundle
+
+    _, metadata = load_bundle(checkpoint)
+    saved = metadata.get("meta", {}).get("config", {})
+    keys = ("width", "blocks", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc", "lr")
+    differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise InputError(f"checkpoint {checkpoint} was made with other settings ({', '.join(differ)}); "
+                         "resume with the same settings, or start afresh without --resume.")
 
 
 def _carve_reference(images: list, names: list, fraction: float):
