@@ -146,31 +146,38 @@ def nuclei_dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 # -- without a reference ----------------------------------------------------------------------
 
 
-def _gradients(gray: np.ndarray) -> np.ndarray:
+def _gradients(gray: np.ndarray, sigma: float) -> np.ndarray:
     from scipy import ndimage
 
-    return np.stack([ndimage.sobel(gray, axis=0), ndimage.sobel(gray, axis=1)])
+    return np.stack([ndimage.gaussian_filter(gray, sigma, order=(1, 0)),
+                     ndimage.gaussian_filter(gray, sigma, order=(0, 1))])
 
 
-def structure_score(stained: np.ndarray, enhanced: np.ndarray) -> float:
+def structure_score(stained: np.ndarray, enhanced: np.ndarray, sigma: float = 2.0) -> float:
     """Structure kept from the input: correlation of the gradients of the output's gray and of the enhanced image.
 
     The paper's LPIPS-c idea (compare the gray of the output with the
     enhanced image ``z``) without a downloaded network. Gradients, not
     intensities, so a model may remap brightness but not move or invent
-    edges. 1 = the same edges, 0 = unrelated, negative = inverted contrast.
+    edges; Gaussian-derivative gradients at ``sigma`` pixels, so edges of
+    cells count and the pixel noise of the enhanced image (which a good
+    stain need not copy) does not. 1 = the same edges, 0 = unrelated,
+    negative = inverted contrast. On DSD tiles a 3-pixel shift of the
+    enhanced image itself scores about 0.64.
 
     Parameters
     ----------
     stained : ndarray, shape (Y, X, 3), uint8 or float in [0, 1]
     enhanced : ndarray, shape (Y, X), float in [0, 1] (or uint8)
+    sigma : float
+        Scale of the gradients in pixels (default 2: nuclei here are 10-15 px across).
     """
     from .color import luma
 
     gray = luma(_unit(stained))
     z = _unit(enhanced)
     _check_same_shape(gray, z)
-    g, h = _gradients(gray).ravel(), _gradients(z).ravel()
+    g, h = _gradients(gray.astype(np.float64), sigma).ravel(), _gradients(z, sigma).ravel()
     g, h = g - g.mean(), h - h.mean()
     norm = np.sqrt((g * g).sum() * (h * h).sum())
     return 0.0 if norm == 0 else float((g * h).sum() / norm)
