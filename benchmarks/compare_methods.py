@@ -69,6 +69,7 @@ def train_pair(base: StainModel, data: Path, workdir: Path, steps: int, size: st
 
 
 def stain_all(model: StainModel, darkfield: list, outputs: list[str]) -> dict[str, list]:
+    outputs = list(dict.fromkeys(outputs))
     produced = {name: [] for name in outputs}
     for image in darkfield:
         result = model.stain(image, outputs)
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs/compare")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N test images (smoke runs)")
     args = parser.parse_args(argv)
 
     base = StainModel.load(args.base, device="cpu")
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
 
     val_dark = load_rgb_folder(args.data / "val/darkfield", min_side=1, kind="dark-field")
     val_hne = load_rgb_folder(args.data / "val/stained", min_side=1, kind="H&E")
+    val_dark.images, val_hne.images = val_dark.images[: args.limit], val_hne.images[: args.limit]
     style = lab_pixels(np.concatenate([im.reshape(-1, 3) for im in val_hne.images])[None])
     tint = darkfield_tint(load_rgb_folder(args.data / "train/darkfield", min_side=1, kind="dark-field").images)
     synthetic = [synthesize_darkfield(y, base.enhancer, tint, blur_sigma=1.0, noise_std=0.003,

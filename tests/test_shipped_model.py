@@ -6,7 +6,6 @@ import torch
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
-from digital_stain.arrays import InputError
 from digital_stain.color import rgb_to_lab
 from digital_stain.model import DEFAULT_MODEL, StainModel, available_models
 
@@ -26,17 +25,30 @@ def _read(path) -> np.ndarray:
 
 def test_default_model_is_shipped_with_provenance(model):
     assert DEFAULT_MODEL in available_models()
-    assert model.outputs == ("enhanced", "teacher")
+    assert model.outputs == ("enhanced", "teacher", "student")
     prov = model.metadata["provenance"]
-    assert prov["command"].startswith("digital-stain train-teacher")
+    assert prov["command"].startswith("digital-stain train --darkfield")
     assert "DSD_U/train/stained" in prov["stained"]
     assert prov["teacher"]["steps"] > 0 and prov["teacher"]["val_l1_ab"] > 0
+    student = prov["student"]
+    assert student["steps"] > 0 and student["best_step"] is not None
+    assert {"structure", "style", "kd_l1"} <= set(student["history"][-1])
     assert len(model.checksum) == 64
 
 
-def test_student_is_refused_not_faked(model):
-    with pytest.raises(InputError, match="no student"):
-        model.stain(_read(sample_paths("darkfield")[0]), ["student"])
+def test_student_keeps_structure_and_stains_like_hne(model):
+    """Nuclei where the enhanced image has them (not inverted, not moved) and H&E colours."""
+    from digital_stain.metrics import stain_style_distance, structure_score
+
+    real = np.stack([_read(p) for p in sample_paths("stained")])
+    outs = [model.stain(_read(p), ["enhanced", "student"]) for p in sample_paths("darkfield")]
+    for out in outs:
+        assert structure_score(out["student"], out["enhanced"]) > 0.8
+    student = np.stack([o["student"] for o in outs])
+    gray = np.repeat(np.stack([o["enhanced"] for o in outs])[..., None], 3, -1)
+    assert stain_style_distance(student, real) < 0.5 * stain_style_distance(gray, real)
+    student_ab = _lab(student.reshape(-1, student.shape[-2], 3)).reshape(3, -1)[1:].mean(axis=1)
+    assert student_ab[0] > 5 and student_ab[1] < 0, student_ab  # pink-purple like H&E
 
 
 def test_enhanced_reverses_darkfield_contrast(model):
@@ -64,9 +76,10 @@ def test_teacher_colours_like_real_hne(model):
         assert np.corrcoef(lightness.ravel(), gray_l.ravel())[0, 1] > 0.95
 
 
-def test_shipped_teacher_tiled_with_defaults_equals_one_pass(model):
-    """With the default tile overlap the shipped teacher's tiles agree with one pass to under one gray level."""
+@pytest.mark.parametrize("output", ["teacher", "student"])
+def test_shipped_networks_tiled_with_defaults_equal_one_pass(model, output):
+    """With the default tile overlap the shipped networks' tiles agree with one pass to under one gray level."""
     mosaic = np.tile(_read(sample_paths("darkfield")[0]), (3, 3, 1))
-    one_pass = model.stain(mosaic, ["teacher"], tile=1024, precision="fp32")["teacher"]
-    tiled = model.stain(mosaic, ["teacher"], tile=256, precision="fp32")["teacher"]
+    one_pass = model.stain(mosaic, [output], tile=1024, precision="fp32")[output]
+    tiled = model.stain(mosaic, [output], tile=256, precision="fp32")[output]
     assert np.abs(tiled - one_pass).max() < 1 / 255

@@ -57,6 +57,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def resolve_training_precision(precision: str, device: torch.device) -> str:
+    """Like :func:`resolve_precision`, but never fp16: training in fp16 needs loss scaling, which we do not do.
+
+    ``auto`` falls back to fp32 where it would pick fp16 (CUDA GPUs without
+    bf16); an explicit ``fp16`` is refused with what to use instead.
+    """
+    if precision.lower() == "fp16":
+        raise InputError("fp16 training is not supported (it needs loss scaling); use bf16 where the GPU has it, or fp32.")
+    resolved = resolve_precision(precision, device)
+    return "fp32" if resolved == "fp16" else resolved
+
+
 def autocast(device: torch.device, precision: str):
     """Autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

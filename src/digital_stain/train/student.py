@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from ..arrays import InputError, to_uint8
-from ..devices import autocast, resolve_device, resolve_precision
+from ..devices import autocast, resolve_device, resolve_training_precision
 from ..nets import PatchDiscriminator, ResnetGenerator
 from .checkpoint import load_checkpoint, save_checkpoint
 from ..metrics import lab_pixels, sliced_wasserstein, structure_score
@@ -206,7 +206,7 @@ def train_student(
     if model.teacher is None:
         raise InputError(f"model {model.name!r} has no teacher to distil from; train one with `digital-stain train-teacher`.")
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_training_precision(cfg.precision, device)
     dark = load_rgb_folder(darkfield_dir, min_side=cfg.crop, kind="dark-field")
     stained = load_rgb_folder(stained_dir, min_side=cfg.crop, kind="H&E")
     held_out = validation_split(dark.names, cfg.val_fraction)

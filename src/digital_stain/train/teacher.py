@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from ..color import luma_torch, rgb_to_lab
-from ..devices import autocast, resolve_device, resolve_precision
+from ..devices import autocast, resolve_device, resolve_training_precision
 from ..nets.unet import AB_SCALE, ColorizationUNet, lightness_input
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import center_crop, load_rgb_folder, random_crops, validation_split
@@ -118,7 +118,7 @@ def train_teacher(
     """
     cfg = config or TeacherConfig()
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_training_precision(cfg.precision, device)
     data = load_rgb_folder(stained_dir, min_side=cfg.crop, kind="H&E")
     held_out = validation_split(data.names, cfg.val_fraction)
     if held_out.any() and not held_out.all():

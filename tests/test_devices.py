@@ -1,0 +1,38 @@
+"""Device and precision choice."""
+
+import pytest
+import torch
+
+from digital_stain.arrays import InputError
+from digital_stain.devices import (
+    cpu_has_fast_bf16,
+    resolve_device,
+    resolve_precision,
+    resolve_training_precision,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_auto_precision_on_the_cpu_follows_the_hardware():
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("FP32", CPU) == "fp32"
+    with pytest.raises(InputError, match="unknown precision"):
+        resolve_precision("fp8", CPU)
+
+
+def test_training_never_runs_in_fp16():
+    with pytest.raises(InputError, match="fp16 training is not supported"):
+        resolve_training_precision("fp16", CPU)
+    assert resolve_training_precision("auto", CPU) in ("fp32", "bf16")
+    assert resolve_training_precision("bf16", CPU) == "bf16"
+
+
+def test_devices_resolve_or_refuse_clearly():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            resolve_device("cuda")
