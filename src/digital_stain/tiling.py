@@ -132,21 +132,32 @@ def tiled_apply(
     return out[:, :h, :w] / norm[:h, :w]
 
 
-def stats_sample(image: np.ndarray, multiple: int, max_pixels: int, crop: int, min_size: int = 0) -> np.ndarray:
-    """What to record instance-norm statistics on: ``(N, C, h, w)``.
+def stats_boxes(height: int, width: int, multiple: int, max_pixels: int, crop: int,
+                min_size: int = 0) -> list[tuple[int, int, int]] | None:
+    """Where to record instance-norm statistics, as ``(y, x, side)`` crops of the padded image.
 
-    The whole (padded) image if it has at most ``max_pixels`` pixels (the
-    statistics are then exactly those of a one-pass run); otherwise up to
-    ``max_pixels // crop**2`` crops on a regular grid spread over the image,
-    whose pooled statistics stand for the whole image.
+    ``None`` means the whole padded image (it has at most ``max_pixels``
+    pixels, so the statistics are exactly those of a one-pass run); otherwise
+    up to ``max_pixels // crop**2`` square crops on a regular grid spread over
+    the image, whose pooled statistics stand for the whole image. Padding is
+    :func:`pad_image`'s (bottom/right to ``multiple`` and ``min_size``).
     """
-    padded, _ = pad_image(image, multiple, min_size)
-    _, ph, pw = padded.shape
+    ph, pw = max(height, min_size), max(width, min_size)
+    ph, pw = ph + (-ph) % multiple, pw + (-pw) % multiple
     if ph * pw <= max_pixels:
-        return padded[None]
+        return None
     crop = min(crop - crop % multiple, ph - ph % multiple, pw - pw % multiple)
     per_side = max(1, int(math.sqrt(max_pixels // (crop * crop))))
     # crops centred in per_side equal bands: spread over the image, centred when there is one
     ys = [int(np.clip((i + 0.5) * ph / per_side - crop / 2, 0, ph - crop)) for i in range(per_side)]
     xs = [int(np.clip((i + 0.5) * pw / per_side - crop / 2, 0, pw - crop)) for i in range(per_side)]
-    return np.stack([padded[:, y : y + crop, x : x + crop] for y in ys for x in xs])
+    return [(y, x, crop) for y in ys for x in xs]
+
+
+def stats_sample(image: np.ndarray, multiple: int, max_pixels: int, crop: int, min_size: int = 0) -> np.ndarray:
+    """What to record instance-norm statistics on, ``(N, C, h, w)``: see :func:`stats_boxes`."""
+    padded, _ = pad_image(image, multiple, min_size)
+    boxes = stats_boxes(image.shape[1], image.shape[2], multiple, max_pixels, crop, min_size)
+    if boxes is None:
+        return padded[None]
+    return np.stack([padded[:, y : y + side, x : x + side] for y, x, side in boxes])
