@@ -306,3 +306,22 @@ def test_compiled_staining_equals_eager_and_compiles_once(tiny_model):
     again = tiny_model.stain(second, compile=True, **kwargs)
     assert counters["stats"]["unique_graphs"] == frames, "a new image must not recompile"
     np.testing.assert_allclose(again["student"], tiny_model.stain(second, **kwargs)["student"], atol=2e-4)
+
+
+def test_loaded_model_survives_its_file_being_overwritten_in_place(tiny_model_file, darkfield_tile):
+    """Regression: tensors were views into the file's memory map, so `cp new.safetensors old.safetensors`
+    under a running process silently changed its enhancer (found when a training run saved garbage counts)."""
+    from digital_stain.model import StainModel
+
+    model = StainModel.load(tiny_model_file, device="cpu")
+    counts = model.enhancer.darkfield_counts.copy()
+    before = model.stain(darkfield_tile, precision="fp32")
+    size = tiny_model_file.stat().st_size
+    with open(tiny_model_file, "r+b") as fh:  # in place: same inode, as `cp` does
+        data_start = 8 + int.from_bytes(fh.read(8), "little")  # safetensors: header length, header, tensor data
+        fh.seek(data_start)
+        fh.write(b"\x7f" * (size - data_start))
+    assert np.array_equal(model.enhancer.darkfield_counts, counts)
+    after = model.stain(darkfield_tile, precision="fp32")
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])

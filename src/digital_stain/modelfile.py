@@ -91,7 +91,8 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            # copied out of the file's memory map: a file overwritten in place later must not change a loaded model
+            tensors = {name: fh.get_tensor(name).clone() for name in fh.keys()}
     except Exception as err:
         raise ModelFileError(f"{path} is not a readable safetensors file ({err}); it may be truncated.") from err
     if header.get("format") != FORMAT:
