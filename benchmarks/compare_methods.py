@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs/compare")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=MODEL",
+                        help="another student to score alongside (e.g. 'fast student=runs/student-fast.safetensors')")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images (smoke runs)")
     args = parser.parse_args(argv)
 
@@ -119,6 +121,9 @@ def main(argv=None) -> int:
         "CycleGAN, no distillation (λ_kd = 0)": (ablation, "student"),
         "student (ours, λ_kd = 5)": (student, "student"),
     }
+    for item in args.also:
+        label, _, path = item.partition("=")
+        methods[label] = (StainModel.load(path, device="cpu"), "student")
 
     val_dark = load_rgb_folder(args.data / "val/darkfield", min_side=1, kind="dark-field")
     val_hne = load_rgb_folder(args.data / "val/stained", min_side=1, kind="H&E")
