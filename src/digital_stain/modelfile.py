@@ -91,8 +91,7 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
-            # copied out of the file's memory map: a file overwritten in place later must not change a loaded model
-            tensors = {name: fh.get_tensor(name).clone() for name in fh.keys()}
+            mapped = {name: fh.get_tensor(name) for name in fh.keys()}  # views into the file's memory map
     except Exception as err:
         raise ModelFileError(f"{path} is not a readable safetensors file ({err}); it may be truncated.") from err
     if header.get("format") != FORMAT:
@@ -107,11 +106,13 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
             "Upgrade napari-digital-stain."
         )
     metadata_json = header.get("metadata", "{}")
-    if checksum(tensors, metadata_json) != header.get("checksum"):
+    if checksum(mapped, metadata_json) != header.get("checksum"):  # the bytes as stored (a clone canonicalises bools)
         raise ModelFileError(
             f"{path} failed its checksum: the file was modified or damaged after it was written. "
             "Use the original file, or retrain."
         )
+    # copied out of the map: a file overwritten in place later must not change a loaded model
+    tensors = {name: tensor.clone() for name, tensor in mapped.items()}
     return tensors, json.loads(metadata_json)
 
 
