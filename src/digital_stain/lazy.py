@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from .arrays import InputError, ValueScaling, check_plane_shape, split_planes, value_scaling
-from .color import luma
 from .devices import autocast, resolve_precision
-from .enhance import on_input_grid
-from .nets.norm import set_norm_mode
+from .model import enhance_rgb, student_input
+from .nets.norm import TileStableInstanceNorm, set_norm_mode
 from .nets.unet import colorize
 from .tiling import pad_image, stats_boxes
 
@@ -162,8 +161,7 @@ class LazyStain:
         return source.map_blocks(block, chunks=chunks, new_axis=source.ndim, dtype=np.float32)
 
     def _enhanced_block(self, rgb: np.ndarray) -> np.ndarray:
-        gray = np.clip(on_input_grid(luma(rgb), self.input_dtype), 0.0, 1.0)
-        return self.model.enhancer.enhance_gray(gray)
+        return enhance_rgb(self.model.enhancer, rgb, self.input_dtype)
 
     def _overlapped(self, role: str):
         """A network's output, chunk by chunk with ``overlap`` borrowed from each neighbour."""
@@ -207,7 +205,7 @@ class LazyStain:
             gray = self._enhanced_block(plane)[None]
             x = gray
         else:
-            x = np.concatenate([plane.transpose(2, 0, 1), self._enhanced_block(plane)[None]], axis=0) * 2.0 - 1.0
+            x = student_input(plane, self._enhanced_block(plane))
         padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
         tensor = torch.from_numpy(np.ascontiguousarray(padded[None])).to(self.device)
         with torch.no_grad(), autocast(self.device, self.precision):
@@ -224,8 +222,6 @@ class LazyStain:
 
     def _statistics(self, plane_index: tuple) -> list:
         """Norm statistics of one plane (recorded once, on first use): as ``StainModel.stain`` records them."""
-        from .nets.norm import TileStableInstanceNorm
-
         if plane_index not in self._plane_stats:
             norms = [m for m in self._student.modules() if isinstance(m, TileStableInstanceNorm)]
             sample = torch.from_numpy(self._stats_sample(self.rgb[plane_index])).to(self.device)
@@ -237,8 +233,6 @@ class LazyStain:
         return self._plane_stats[plane_index]
 
     def _freeze(self, stats: list) -> None:
-        from .nets.norm import TileStableInstanceNorm
-
         norms = [m for m in self._student.modules() if isinstance(m, TileStableInstanceNorm)]
         for module, (mean, var) in zip(norms, stats):
             module.frozen_mean.copy_(mean)
@@ -257,7 +251,7 @@ class LazyStain:
             regions = [self._padded_region(plane, y, x, side) for y, x, side in boxes]
         samples = []
         for rgb in regions:
-            x = np.concatenate([rgb.transpose(2, 0, 1), self._enhanced_block(rgb)[None]], axis=0) * 2.0 - 1.0
+            x = student_input(rgb, self._enhanced_block(rgb))
             samples.append(pad_image(x.astype(np.float32), student.size_multiple, student.min_size)[0])
         return np.stack(samples)
 

@@ -246,8 +246,7 @@ class StainModel:
         results: dict[str, list] = {o: [] for o in wanted}
         for plane in planes:
             rgb = to_unit_rgb(plane, scaling)  # (Y, X, 3)
-            gray = np.clip(on_input_grid(luma(rgb), plane.dtype), 0.0, 1.0)
-            enhanced = self.enhancer.enhance_gray(gray)
+            enhanced = enhance_rgb(self.enhancer, rgb, plane.dtype)
             if "enhanced" in wanted:
                 results["enhanced"].append(enhanced)
             kwargs = dict(tile=tile, overlap=overlap, precision=precision, stats_pixels=stats_pixels,
@@ -271,7 +270,7 @@ class StainModel:
         return np.ascontiguousarray(out.transpose(1, 2, 0))
 
     def _run_student(self, rgb, enhanced, progress, *, tile, overlap, precision, stats_pixels, compile, stop) -> np.ndarray:
-        student_in = np.concatenate([rgb.transpose(2, 0, 1), enhanced[None]], axis=0) * 2.0 - 1.0
+        student_in = student_input(rgb, enhanced)
         multiple = self.student.size_multiple
         min_size = self.student.min_size
         sample = torch.from_numpy(stats_sample(student_in, multiple, stats_pixels, tile, min_size)).to(self._device)
@@ -286,6 +285,17 @@ class StainModel:
             out = tiled_apply(fn, student_in, out_channels=3, tile=tile, overlap=overlap, multiple=multiple,
                               min_size=min_size, device=self._device, progress=progress, stop=stop)
         return np.ascontiguousarray(np.clip(out, 0.0, 1.0).transpose(1, 2, 0))
+
+
+def enhance_rgb(enhancer, rgb: np.ndarray, input_dtype) -> np.ndarray:
+    """The enhanced image of a unit-RGB plane ``(Y, X, 3)``: luma on the input's own gray levels, then the table."""
+    gray = np.clip(on_input_grid(luma(rgb), input_dtype), 0.0, 1.0)
+    return enhancer.enhance_gray(gray)
+
+
+def student_input(rgb: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
+    """The student's input ``(4, Y, X)`` in [-1, 1]: dark-field RGB ``(Y, X, 3)`` and enhanced gray ``(Y, X)``."""
+    return np.concatenate([rgb.transpose(2, 0, 1), enhanced[None]], axis=0) * 2.0 - 1.0
 
 
 class _ProgressCounter:
