@@ -81,3 +81,22 @@ def tiny_model_file(tiny_model, tmp_path) -> Path:
     path.parent.mkdir()
     tiny_model.save(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_settings(tmp_path_factory, monkeypatch):
+    """Every test gets its own settings and models folders (never the user's)."""
+    root = tmp_path_factory.mktemp("user")
+    monkeypatch.setenv("DIGITAL_STAIN_CONFIG_DIR", str(root / "config"))
+    monkeypatch.setenv("DIGITAL_STAIN_DATA_DIR", str(root / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _stop_plugin_workers():
+    """After a widget test, stop and await its background jobs (so no thread outlives its viewer)."""
+    yield
+    import sys
+
+    worker = sys.modules.get("digital_stain._napari.worker")
+    if worker is not None and worker.running():
+        worker.stop_all()

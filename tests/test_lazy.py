@@ -1,10 +1,15 @@
 """Lazy staining: dask outputs equal the eager ones, and only what is read is computed."""
 
+import threading
+import time
+
 import dask.array as da
 import numpy as np
 import pytest
+import torch
 
 from digital_stain.arrays import InputError
+from digital_stain.devices import resolve_precision
 from digital_stain.lazy import LazyStain, chunk_sizes, stain_lazy
 
 FP32 = dict(precision="fp32", device="cpu")
@@ -79,3 +84,158 @@ def test_bad_inputs_are_refused_before_any_work(tiny_model):
         LazyStain(tiny_model, da.zeros((64, 64, 5), dtype=np.uint8))
     with pytest.raises(InputError, match="at least 8 x 8"):
         LazyStain(tiny_model, np.zeros((4, 64), np.uint8))
+
+
+def test_building_runs_no_network(tiny_model, mosaic):
+    calls = []
+    hook = tiny_model.student.register_forward_pre_hook(lambda net, args: calls.append(args[0].shape))
+    try:  # the hook is copied with the student into the LazyStain's private copy
+        lazy = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, **FP32)
+        assert calls == [] and lazy._plane_stats == {}
+        lazy.arrays["student"][:10, :10].compute()
+        assert [shape[-2:] for shape in calls] == [(700, 652), (320, 320)]  # statistics on the plane, then the chunk
+    finally:
+        hook.remove()
+
+
+# -- background mode ---------------------------------------------------------------
+
+
+def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def _chunk_reader(lazy, side=256):
+    return lambda y, x: lazy.arrays["student"][side * y : side * y + 8, side * x : side * x + 8].compute()
+
+
+def test_background_reads_return_placeholders_then_the_stained_chunks(tiny_model, mosaic):
+    threads = []
+    lazy = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, background=True,
+                     on_ready=lambda: threads.append(threading.current_thread().name), **FP32)
+    view = np.s_[200:400, 150:350]  # 2 x 2 chunks, one of them with margins on all four sides
+    with lazy._net_lock:  # holds the worker back, so nothing below races it
+        start = time.perf_counter()
+        placeholders = {name: lazy.arrays[name][view].compute() for name in ("teacher", "student")}
+        assert time.perf_counter() - start < 2.0
+        assert lazy.network_runs == {"teacher": 0, "student": 0} and lazy.pending == 8
+        assert lazy._plane_stats == {}  # not even the statistics were recorded in this thread
+    gray = lazy.arrays["enhanced"][view].compute()
+    for name, placeholder in placeholders.items():
+        assert placeholder.shape == (200, 200, 3) and placeholder.dtype == np.float32
+        np.testing.assert_array_equal(placeholder, np.repeat(gray[..., None], 3, axis=-1), err_msg=name)
+    assert lazy.wait(timeout=60)
+    assert lazy.pending == 0 and lazy.errors == [] and list(lazy._plane_stats) == [()]
+    assert threads == ["LazyStain worker"] * 8 and lazy.network_runs == {"teacher": 4, "student": 4}
+    eager = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, **FP32)
+    for name in ("teacher", "student"):
+        stained = lazy.arrays[name][view].compute()
+        np.testing.assert_allclose(stained, eager.arrays[name][view].compute(), atol=1 / 255, err_msg=name)
+        assert np.abs(stained - placeholders[name]).max() > 0.05
+    assert lazy.network_runs == {"teacher": 4, "student": 4} and lazy.pending == 0  # cache hits, nothing queued
+    lazy.close()
+
+
+def test_background_queue_serves_newest_first_once_each_and_drops_the_oldest(tiny_model, mosaic):
+    with LazyStain(tiny_model, mosaic, ["student"], chunk=256, overlap=64, background=True, max_pending=2,
+                   **FP32) as lazy:
+        read = _chunk_reader(lazy)
+        with lazy._net_lock:
+            read(0, 0)
+            _until(lambda: lazy._running is not None)  # the worker took it and waits for the network
+            for y, x in [(0, 1), (1, 0), (1, 1), (1, 0), (0, 0)]:
+                read(y, x)
+            # (0, 1) dropped (beyond max_pending), (1, 0) asked again is newest, (0, 0) runs already
+            assert lazy.pending == 3
+        assert lazy.wait(timeout=60)
+        assert [key[:2] for key in lazy._cache["student"]] == [(0, 0), (1, 0), (1, 1)]  # in the order computed
+
+
+def test_close_stops_the_worker_and_later_reads_compute_in_place(tiny_model, mosaic):
+    ready = []
+    lazy = LazyStain(tiny_model, mosaic, ["student"], chunk=256, overlap=64, background=True,
+                     on_ready=lambda: ready.append(1), **FP32)
+    read = _chunk_reader(lazy)
+    with lazy._net_lock:
+        read(0, 0)
+        _until(lambda: lazy._running is not None)
+        read(0, 1), read(1, 1)
+        closer = threading.Thread(target=lazy.close)
+        closer.start()
+        _until(lambda: lazy.pending == 1)  # the waiting chunks are dropped; the running one is finished
+    closer.join(timeout=60)
+    assert not closer.is_alive() and lazy._worker is None and lazy.pending == 0
+    assert lazy.network_runs["student"] == 1 and ready == []  # no on_ready once closed
+    after = read(1, 1)  # computed in this thread now, not a placeholder
+    assert lazy.network_runs["student"] == 2 and lazy.pending == 0
+    np.testing.assert_array_equal(after, lazy._cache["student"][(1, 1, 0)][:8, :8])
+
+
+class Faulty(torch.nn.Module):
+    """A network that raises ``error`` whenever ``when(x)`` is true (fault injection); otherwise ``net``."""
+
+    def __init__(self, net, error: Exception, when):
+        super().__init__()
+        self.net, self.error, self.when = net, error, when
+        self.size_multiple, self.min_size, self.config = net.size_multiple, net.min_size, net.config
+
+    def forward(self, x):
+        if self.when(x):
+            raise self.error
+        return self.net(x)
+
+
+def test_a_failed_background_chunk_is_recorded_and_the_worker_goes_on(tiny_model, mosaic):
+    seen, failures = [], [1]
+    lazy = LazyStain(tiny_model, mosaic, ["student"], chunk=256, overlap=64, background=True,
+                     on_error=seen.append, **FP32)
+    lazy._student = Faulty(lazy._student, ValueError("boom"), lambda x: failures and failures.pop())  # fails once
+    read = _chunk_reader(lazy)
+    with lazy._net_lock:
+        read(0, 0)
+        _until(lambda: lazy._running is not None)
+        read(1, 1)
+    assert lazy.wait(timeout=60)
+    assert lazy.errors == ["student chunk (0, 0): ValueError: boom"] and isinstance(seen[0], ValueError)
+    assert list(lazy._cache["student"]) == [(1, 1, 0)] and lazy.fallbacks == []
+    read(0, 0)  # asked again: queued again, and done this time
+    assert lazy.wait(timeout=60) and lazy.network_runs["student"] == 2 and len(lazy.errors) == 1
+    lazy.close()
+
+
+# -- out of GPU memory -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (test)"),
+                                   RuntimeError("MPS backend out of memory (test)")], ids=["cuda", "mps"])
+def test_out_of_memory_moves_the_rest_of_the_image_to_the_cpu(tiny_model, mosaic, error):
+    messages = []
+    lazy = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, on_fallback=messages.append, **FP32)
+    # as if on a full GPU: inputs go to a device that is not the CPU, and the student runs out of memory there
+    lazy._student = Faulty(lazy._student, error, lambda x: x.device.type != "cpu")
+    lazy.device = torch.device("meta")
+    student = lazy.arrays["student"][:300, :300].compute()
+    cpu = torch.device("cpu")
+    assert lazy.device == cpu and lazy.precision == resolve_precision("auto", cpu)
+    assert messages == lazy.fallbacks == [
+        "GPU ran out of memory staining a 256-px chunk; the rest of this image is stained on the CPU"]
+    assert lazy._teacher is not tiny_model.teacher  # a private copy: the caller's model is left alone
+    for mine, theirs in zip(lazy._teacher.parameters(), tiny_model.teacher.parameters()):
+        assert mine.device == cpu and mine.data_ptr() != theirs.data_ptr() and torch.equal(mine, theirs)
+    teacher = lazy.arrays["teacher"][:300, :300].compute()
+    eager = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, device="cpu", precision=lazy.precision)
+    np.testing.assert_allclose(student, eager.arrays["student"][:300, :300].compute(), atol=1 / 255)
+    np.testing.assert_allclose(teacher, eager.arrays["teacher"][:300, :300].compute(), atol=1 / 255)
+    assert len(lazy.fallbacks) == 1 and lazy.network_runs == {"teacher": 4, "student": 4}
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(tiny_model, mosaic):
+    lazy = LazyStain(tiny_model, mosaic, ["student"], chunk=256, overlap=64, **FP32)
+    lazy._student = Faulty(lazy._student, RuntimeError("expected 4 channels (test)"), lambda x: True)
+    lazy.device = torch.device("meta")
+    with pytest.raises(RuntimeError, match="expected 4 channels"):
+        lazy.arrays["student"][:10, :10].compute()
+    assert lazy.fallbacks == [] and lazy.device.type == "meta"

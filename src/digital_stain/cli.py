@@ -261,53 +261,31 @@ def cmd_train_teacher(args) -> int:
 
 
 def _default_size(device: str) -> str:
-    """The paper's student on a CUDA GPU; the CPU preset elsewhere (a laptop trains it in hours, not weeks)."""
-    from .devices import resolve_device
+    """The paper's student on a CUDA GPU; the CPU preset elsewhere (see ``train.finetune.default_size``)."""
+    from .train.finetune import default_size
 
-    return "full" if resolve_device(device).type == "cuda" else "small"
+    return default_size(device)
 
 
 def cmd_train(args) -> int:
-    from .model import StainModel, provenance
-    from .train.student import StudentConfig, train_student
+    """``digital-stain train``: :func:`digital_stain.train.finetune.fine_tune` (as the napari widget), then save."""
+    from .train.finetune import fine_tune
+    from .train.student import StudentConfig
 
     _refuse_existing(args, resuming=args.resume)
-    init = StainModel.load(args.init)
-    overrides = {k: getattr(args, k) for k in ("steps", "crop", "batch", "lambda_kd") if getattr(args, k) is not None}
-    size = args.size or _default_size(args.device)
-    cfg = StudentConfig.preset(size, seed=args.seed, device=args.device, precision=args.precision, **overrides)
-    init_state = None
-    if init.student is not None and not args.from_scratch:
-        cfg.width, cfg.blocks = init.student.config["width"], init.student.config["n_blocks"]
-        init_state = init.student.state_dict()
-        note = f" (--size {args.size} ignored)" if args.size else ""
-        print(f"fine-tuning the student of {init.name} (width {cfg.width}, {cfg.blocks} blocks){note}; "
-              "--from-scratch starts a new one", file=sys.stderr)
-    (student, result), seconds = _run_training(args, cfg.steps, "student", lambda checkpoint, progress, stop: train_student(
-        init, args.darkfield, args.stained, cfg, checkpoint=checkpoint, resume=args.resume,
-        init_state=init_state, progress=progress, stop=stop))
-    meta = {
-        "name": args.name or args.output.stem,
-        "description": "histogram-matching enhancer + colorization teacher + distilled student",
-        "provenance": {
-            **init.metadata.get("provenance", {}),
-            **provenance(
-                command=_command(args),
-                student=dict(darkfield=str(args.darkfield), stained=str(args.stained), init=str(args.init),
-                             steps=result.steps_done, best_step=result.best_step, selection_score=result.best_score,
-                             seconds=seconds, cancelled=result.cancelled,
-                             config=vars(cfg), history=result.history),
-            ),
-        },
-    }
-    if result.best_step is None:
+    steps = args.steps if args.steps is not None else StudentConfig().steps  # the bar's total (every preset's)
+    tuned, _ = _run_training(args, steps, "student", lambda checkpoint, progress, stop: fine_tune(
+        args.init, args.darkfield, args.stained, size=args.size, steps=args.steps, crop=args.crop, batch=args.batch,
+        lambda_kd=args.lambda_kd, seed=args.seed, device=args.device, precision=args.precision,
+        from_scratch=args.from_scratch, checkpoint=checkpoint, resume=args.resume,
+        name=args.name or args.output.stem, command=_command(args), progress=progress, stop=stop,
+        on_note=lambda text: print(text, file=sys.stderr)))
+    result = tuned.result
+    if tuned.model is None:
         print(f"stopped at step {result.steps_done}, before the first validation: no validated student, "
               f"nothing written. Continue with the same command and --resume.", file=sys.stderr)
         return 130
-    model = StainModel(init.enhancer, init.teacher, student, meta)
-    chosen = next((h for h in result.history if h["step"] == result.best_step), {})
-    summary = ", ".join(f"{k} {v:.3f}" for k, v in chosen.items() if k != "step")
-    return _save_trained(args, model, result, f"chosen at step {result.best_step}: {summary}")
+    return _save_trained(args, tuned.model, result, tuned.summary)
 
 
 # -- evaluate / synth ------------------------------------------------------

@@ -1,12 +1,13 @@
 """Lazy staining: dask arrays whose chunks are stained only when something reads them.
 
 For images too large to stain up front (whole slides, dask-backed napari
-layers), :class:`LazyStain` builds one dask array per output. Nothing runs
-when it is built except what the student's normalisation needs: its
-instance-norm statistics are recorded once, on the whole image when it is
-small enough or on crops spread over it (exactly what
+layers), :class:`LazyStain` builds one dask array per output. Building them
+runs no network: the input is only checked (shape, pixel type, NaNs) and its
+value scaling decided. The student's instance-norm statistics of a plane are
+recorded by the first chunk of that plane that needs them, on the whole
+plane when it is small enough or on crops spread over it (exactly what
 :meth:`StainModel.stain` records), and frozen in a private copy of the
-network, so every chunk is normalised identically.
+network, so every chunk of the plane is normalised identically.
 
 Each chunk is computed from the chunk plus ``overlap`` pixels of its
 neighbours (``dask.array.map_overlap``), on the network's stride grid, and
@@ -14,23 +15,48 @@ the margins are cut off: the result equals a one-pass run to within the
 tiling error of :mod:`digital_stain.tiling` (no seams). Computed chunks are
 kept in a small cache, so reading a region again (panning back) does not
 run the network again.
+
+Background mode (``background=True``, for viewers): a read that misses the
+cache does not wait for the network. It queues the chunk for one private
+worker thread (the networks are not thread-safe) and returns at once a
+placeholder, the chunk's enhanced gray in three channels. The worker serves
+the newest request first (the region looked at now), caches the result and
+calls ``on_ready`` so the viewer can read the region again. (A napari layer
+showing these arrays needs ``cache=False``: napari's own dask cache would
+keep the placeholders.)
+
+Out of GPU memory: a chunk whose network run raises an out-of-memory error
+moves this instance's (private) networks to the CPU, says so through
+``on_fallback`` and is computed again there, as is the rest of the image.
+
+Pyramids (:func:`lazy_pyramid`, for multiscale display): lower levels are
+produced from the *input*, never from a stained output. Each level halves
+the one above it by 2 x 2 means of the raw pixels (``dask.array.coarsen``,
+odd last rows/columns dropped), rounded back to the input's own dtype, until
+the longer plane side is at most ``min_side``. Every level is then stained
+lazily on its own with the level-0 value scaling (same brightness at every
+zoom), so looking at the whole slide stains only small coarse chunks and
+never a level-0 chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .arrays import InputError, ValueScaling, check_plane_shape, split_planes, value_scaling
+from .arrays import MIN_SIDE, InputError, ValueScaling, check_plane_shape, split_planes, value_scaling
 from .devices import autocast, resolve_precision
 from .model import enhance_rgb, student_input
 from .nets.norm import TileStableInstanceNorm, set_norm_mode
 from .nets.unet import colorize
+from .oom import is_out_of_memory, release_memory
 from .tiling import pad_image, stats_boxes
 
 
@@ -51,16 +77,30 @@ def chunk_sizes(length: int, chunk: int, overlap: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def _check_dtype(dtype) -> None:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        raise InputError("a boolean mask cannot be stained; open the dark-field image itself.")
+    if dtype.kind not in "uif":
+        raise InputError(f"pixel type {dtype} cannot be stained; use integers or floats.")
+
+
 def _scaling(image) -> ValueScaling:
     """One value scaling for the whole (possibly lazy) image, as :meth:`StainModel.stain` decides it."""
     if isinstance(image, np.ndarray):
         return value_scaling(image)
     from .enhance import _dask_scaling
 
-    if np.dtype(image.dtype) == np.bool_:
-        raise InputError("a boolean mask cannot be stained; open the dark-field image itself.")
+    _check_dtype(image.dtype)
     offset, scale = _dask_scaling(image)
     return ValueScaling(offset, scale, f"{np.dtype(image.dtype).name} (lazy)")
+
+
+def _cpu_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``net`` on the CPU, made without allocating anything on its own (full) device."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to("cpu", copy=True), p.requires_grad) for p in net.parameters()}
+    memo.update({id(b): b.detach().to("cpu", copy=True) for b in net.buffers()})
+    return copy.deepcopy(net, memo)
 
 
 class LazyStain:
@@ -84,6 +124,22 @@ class LazyStain:
         ``StainModel.stain(tile=stats_crop)``).
     cache_chunks : int
         How many computed chunks to keep (per output).
+    background : bool
+        Compute missing chunks in a worker thread and return placeholders
+        meanwhile (see module docstring). Default: compute in the reading thread.
+    on_ready : callable(), optional
+        Called from the worker thread after each chunk it computed; not
+        called after :meth:`close`. Hand it on to a GUI thread without
+        waiting for that thread (e.g. a queued Qt signal): :meth:`close`
+        waits for the worker.
+    on_error : callable(BaseException), optional
+        Called from the worker thread when a chunk failed (also recorded in ``errors``).
+    on_fallback : callable(str), optional
+        Told, in one sentence, when the GPU ran out of memory and staining moved to the CPU.
+    max_pending : int
+        Most chunks kept waiting for the worker; the oldest requests are dropped beyond it.
+    scaling : ValueScaling, optional
+        Raw values -> [0, 1]; default decided from ``image`` (pyramid levels get level 0's).
 
     Attributes
     ----------
@@ -91,13 +147,23 @@ class LazyStain:
         ``enhanced`` ``(..., Y, X)``, ``teacher``/``student`` ``(..., Y, X, 3)``; float32 in [0, 1].
     network_runs : dict of str to int
         How many chunks each network has computed (cache hits not counted).
+    errors : list of str
+        Chunks that failed in the worker thread (``role chunk (..., y, x): error``, chunk indices).
+    fallbacks : list of str
+        The out-of-memory fallbacks that happened (at most one per instance).
+    device : torch.device
+        Where the networks run (the CPU after a fallback).
     """
 
     GRID = 16  # a multiple of every shipped network's stride grid
 
     def __init__(self, model, image, outputs: Sequence[str] | None = None, *, chunk: int = 1024,
                  overlap: int = 128, device: str | None = None, precision: str = "auto",
-                 stats_pixels: int = 2048 * 2048, stats_crop: int = 512, cache_chunks: int = 256):
+                 stats_pixels: int = 2048 * 2048, stats_crop: int = 512, cache_chunks: int = 256,
+                 background: bool = False, on_ready: Callable[[], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
+                 on_fallback: Callable[[str], None] | None = None, max_pending: int = 64,
+                 scaling: ValueScaling | None = None):
         import dask.array as da
 
         self.model = model
@@ -110,14 +176,25 @@ class LazyStain:
         self.chunk = max(2 * self.overlap, chunk - chunk % self.GRID)
         stack, plane = split_planes(tuple(image.shape))
         check_plane_shape(plane)
+        _check_dtype(image.dtype)
         self.stack_ndim = len(stack)
         self.input_dtype = np.dtype(image.dtype)
-        self.scaling = _scaling(image)
+        self.scaling = scaling if scaling is not None else _scaling(image)
         self.network_runs = {name: 0 for name in ("teacher", "student")}
+        self.errors: list[str] = []
+        self.fallbacks: list[str] = []
+        self.background, self.max_pending = background, max_pending
+        self.on_ready, self.on_error, self.on_fallback = on_ready, on_error, on_fallback
         self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in ("teacher", "student")}
         self._cache_chunks = cache_chunks
         self._stats_pixels, self._stats_crop = stats_pixels, stats_crop
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the caches, counters and the job queue; never held while a network runs
+        self._changed = threading.Condition(self._lock)  # a job finished or was dropped
+        self._net_lock = threading.Lock()  # one network run at a time: the networks are not thread-safe
+        self._waiting: OrderedDict[tuple, None] = OrderedDict()  # (role, chunk key), oldest request first
+        self._running: tuple | None = None
+        self._worker: threading.Thread | None = None
+        self._closed = False
 
         source = image if not isinstance(image, np.ndarray) else da.from_array(image, chunks=-1)
         y_axis = self.stack_ndim
@@ -127,20 +204,87 @@ class LazyStain:
         if len(plane) == 3:
             chunks[y_axis + 2] = -1
         source = source.rechunk(chunks)
+        # explicit task names: otherwise dask tokenizes our bound methods by pickling the whole model (~0.3 s each)
+        self._token = uuid.uuid4().hex
         self.rgb = self._unit_rgb(source)
         self.arrays: dict = {}
         if "enhanced" in self.wanted:
             self.arrays["enhanced"] = self.rgb.map_blocks(self._enhanced_block, drop_axis=self.rgb.ndim - 1,
-                                                          dtype=np.float32)
+                                                          dtype=np.float32, name=f"enhanced-{self._token}")
         if "teacher" in self.wanted:
-            self._teacher = model.teacher
+            self._teacher = model.teacher  # shared until a fallback to the CPU needs a private copy
             self.arrays["teacher"] = self._overlapped("teacher")
         if "student" in self.wanted:
             # a private copy: its frozen statistics are this image's, whatever else the model stains meanwhile
             self._student = copy.deepcopy(model.student).to(self.device).eval()
-            self._plane_stats: dict[tuple, list] = {}
-            self._statistics(self._first_plane())  # recorded now: building the arrays does what staining needs first
+            self._plane_stats: dict[tuple, list] = {}  # recorded per plane by its first chunk
             self.arrays["student"] = self._overlapped("student")
+
+    # -- background worker ---------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Chunks queued or being computed by the worker."""
+        with self._lock:
+            return len(self._waiting) + (self._running is not None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no chunk is queued or being computed; False if ``timeout`` (s) ran out first."""
+        with self._lock:
+            return self._changed.wait_for(lambda: not self._waiting and self._running is None, timeout)
+
+    def close(self) -> None:
+        """Drop the waiting chunks and stop the worker (after the chunk in progress, which this waits for).
+
+        Reads after closing compute synchronously, as with ``background=False``.
+        """
+        with self._lock:
+            self._closed = True
+            self._waiting.clear()
+            worker = self._worker
+            self._changed.notify_all()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+
+    def __enter__(self) -> LazyStain:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _submit(self, job: tuple) -> None:
+        """Queue ``(role, key)`` for the worker (caller holds ``_lock``); start the worker if it is not running."""
+        if job == self._running:
+            return
+        self._waiting[job] = None
+        self._waiting.move_to_end(job)  # asked for again: it is what is on screen now
+        while len(self._waiting) > self.max_pending:
+            self._waiting.popitem(last=False)  # the oldest request is the least likely still to be looked at
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._serve, name="LazyStain worker", daemon=True)
+            self._worker.start()
+
+    def _serve(self) -> None:
+        """The worker: newest request first, until the queue is empty (so no idle thread keeps this alive)."""
+        while True:
+            with self._lock:
+                if self._closed or not self._waiting:
+                    self._worker = None
+                    return
+                role, key = self._running = self._waiting.popitem(last=True)[0]
+            try:
+                self._compute(role, key)
+                if self.on_ready is not None and not self._closed:
+                    self.on_ready()  # before the job counts as done, so wait() returns after it
+            except Exception as error:  # a failed chunk must not stop the worker
+                self.errors.append(f"{role} chunk {key[: self.stack_ndim + 2]}: "
+                                   f"{type(error).__name__}: {error}")
+                if self.on_error is not None:
+                    with contextlib.suppress(Exception):
+                        self.on_error(error)
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._changed.notify_all()
 
     # -- per-chunk work ------------------------------------------------------
     def _unit_rgb(self, source):
@@ -157,8 +301,9 @@ class LazyStain:
 
         chunks = (*source.chunks[: self.stack_ndim + 2], (3,))
         if has_channels:
-            return source.map_blocks(block, chunks=chunks, dtype=np.float32)
-        return source.map_blocks(block, chunks=chunks, new_axis=source.ndim, dtype=np.float32)
+            return source.map_blocks(block, chunks=chunks, dtype=np.float32, name=f"unit-rgb-{self._token}")
+        return source.map_blocks(block, chunks=chunks, new_axis=source.ndim, dtype=np.float32,
+                                 name=f"unit-rgb-{self._token}")
 
     def _enhanced_block(self, rgb: np.ndarray) -> np.ndarray:
         return enhance_rgb(self.model.enhancer, rgb, self.input_dtype)
@@ -169,42 +314,95 @@ class LazyStain:
         axes[self.stack_ndim] = axes[self.stack_ndim + 1] = self.overlap
 
         def block(rgb, block_info=None):
-            return self._network_block(role, rgb, block_info[0])
+            return self._network_block(role, rgb, tuple(block_info[0]["chunk-location"]))
 
         return self.rgb.map_overlap(block, depth=axes, boundary="none", trim=False, dtype=np.float32,
-                                    chunks=self.rgb.chunks, meta=np.empty((0,) * self.rgb.ndim, np.float32))
+                                    chunks=self.rgb.chunks, meta=np.empty((0,) * self.rgb.ndim, np.float32),
+                                    name=f"{role}-{self._token}")
 
-    def _network_block(self, role: str, rgb: np.ndarray, info: dict) -> np.ndarray:
-        location, counts = info["chunk-location"], info["num-chunks"]
-        key = tuple(location)
+    def _network_block(self, role: str, rgb: np.ndarray, key: tuple) -> np.ndarray:
+        """Chunk ``key`` of an output from its overlapped input ``rgb``: cached, computed, or a placeholder."""
         with self._lock:
-            cache = self._cache[role]
-            if key in cache:
-                cache.move_to_end(key)
-                return cache[key]
+            hit = self._cached(role, key)
+            queued = hit is None and self.background and not self._closed
+            if queued:
+                self._submit((role, key))
+        if hit is not None:
+            return hit
+        if queued:
+            return self._placeholder(rgb, key)
+        return self._compute(role, key, rgb)
+
+    def _cached(self, role: str, key: tuple) -> np.ndarray | None:
+        cache = self._cache[role]
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        return None
+
+    def _placeholder(self, rgb: np.ndarray, key: tuple) -> np.ndarray:
+        """What a chunk looks like until it is stained: its enhanced gray in 3 channels (never cached)."""
+        y_axis = self.stack_ndim
+        gray = self._trim(self._enhanced_block(rgb.reshape(rgb.shape[y_axis:])), key)
+        return np.repeat(gray[..., None], 3, axis=-1).reshape(*rgb.shape[:y_axis], *gray.shape, 3)
+
+    def _compute(self, role: str, key: tuple, rgb: np.ndarray | None = None) -> np.ndarray:
+        """Stain chunk ``key`` (its overlapped input ``rgb``, read here when not given), cache and return it."""
+        with self._net_lock:
+            with self._lock:
+                hit = self._cached(role, key)  # another thread may have computed it while this one waited
+            if hit is not None:
+                return hit
+            if rgb is None:
+                rgb = self.rgb[self._region(key)].compute()
             y_axis = self.stack_ndim
             plane = rgb.reshape(rgb.shape[y_axis:])
-            if role == "student":
-                self._freeze(self._statistics(key[:y_axis]))
-            out = self._run(role, plane)
-            # cut the borrowed margins (only where there is a neighbour: boundary="none")
-            lead = [self.overlap if location[a] > 0 else 0 for a in (y_axis, y_axis + 1)]
-            trail = [self.overlap if location[a] < counts[a] - 1 else 0 for a in (y_axis, y_axis + 1)]
-            out = out[lead[0] : out.shape[0] - trail[0], lead[1] : out.shape[1] - trail[1]]
-            out = np.ascontiguousarray(out).reshape(*rgb.shape[:y_axis], *out.shape)
+            try:
+                out = self._run(role, plane, key[:y_axis])
+            except Exception as error:
+                if self.device.type == "cpu" or not is_out_of_memory(error):
+                    raise
+                out = None  # retried below, outside the except block: its traceback still holds device tensors
+            if out is None:
+                self._fall_back(f"GPU ran out of memory staining a {self.chunk}-px chunk; "
+                                "the rest of this image is stained on the CPU")
+                out = self._run(role, plane, key[:y_axis])
+            out = np.ascontiguousarray(self._trim(out, key))
+            out = out.reshape(*rgb.shape[:y_axis], *out.shape)
+        with self._lock:
             self.network_runs[role] += 1
+            cache = self._cache[role]
             cache[key] = out
             if len(cache) > self._cache_chunks:
                 cache.popitem(last=False)
-            return out
+        return out
 
-    def _run(self, role: str, plane: np.ndarray) -> np.ndarray:
+    def _margins(self, key: tuple) -> list[tuple[int, int]]:
+        """Pixels borrowed before and after the chunk along Y and X (only towards neighbours: boundary="none")."""
+        counts = self.rgb.numblocks
+        return [(self.overlap if key[a] > 0 else 0, self.overlap if key[a] < counts[a] - 1 else 0)
+                for a in (self.stack_ndim, self.stack_ndim + 1)]
+
+    def _trim(self, out: np.ndarray, key: tuple) -> np.ndarray:
+        """Cut the borrowed margins off a plane ``(y, x[, 3])`` of chunk ``key``."""
+        (top, bottom), (left, right) = self._margins(key)
+        return out[top : out.shape[0] - bottom, left : out.shape[1] - right]
+
+    def _region(self, key: tuple) -> tuple[slice, ...]:
+        """Where chunk ``key`` and its borrowed margins lie in ``self.rgb`` (what ``map_overlap`` hands a block)."""
+        starts = [sum(sizes[:i]) for sizes, i in zip(self.rgb.chunks, key)]
+        index = [slice(s, s + sizes[i]) for s, sizes, i in zip(starts, self.rgb.chunks, key)]
+        for axis, (before, after) in zip((self.stack_ndim, self.stack_ndim + 1), self._margins(key)):
+            index[axis] = slice(index[axis].start - before, index[axis].stop + after)
+        return tuple(index)
+
+    def _run(self, role: str, plane: np.ndarray, plane_index: tuple) -> np.ndarray:
         """One network on one (overlapped) plane ``(y, x, 3)`` -> ``(y, x, 3)`` in [0, 1]."""
         net = self._teacher if role == "teacher" else self._student
         if role == "teacher":
-            gray = self._enhanced_block(plane)[None]
-            x = gray
+            x = self._enhanced_block(plane)[None]
         else:
+            self._freeze(self._statistics(plane_index))
             x = student_input(plane, self._enhanced_block(plane))
         padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
         tensor = torch.from_numpy(np.ascontiguousarray(padded[None])).to(self.device)
@@ -216,10 +414,21 @@ class LazyStain:
         out = out.float().clamp(0.0, 1.0).cpu().numpy()[0, :, :h, :w]
         return out.transpose(1, 2, 0)
 
-    # -- the student's frozen statistics -------------------------------------------
-    def _first_plane(self) -> tuple:
-        return (0,) * self.stack_ndim
+    def _fall_back(self, message: str) -> None:
+        """Move this instance's networks to the CPU after the device ran out of memory."""
+        release_memory()
+        cpu = torch.device("cpu")
+        if "teacher" in self.wanted:
+            self._teacher = _cpu_copy(self._teacher)  # a private copy: the caller's model stays where it was
+        if "student" in self.wanted:
+            self._student.to(cpu)
+            self._plane_stats = {k: [(m.to(cpu), v.to(cpu)) for m, v in s] for k, s in self._plane_stats.items()}
+        self.device, self.precision = cpu, resolve_precision("auto", cpu)
+        self.fallbacks.append(message)
+        if self.on_fallback is not None:
+            self.on_fallback(message)
 
+    # -- the student's frozen statistics -------------------------------------------
     def _statistics(self, plane_index: tuple) -> list:
         """Norm statistics of one plane (recorded once, on first use): as ``StainModel.stain`` records them."""
         if plane_index not in self._plane_stats:
@@ -269,3 +478,112 @@ class LazyStain:
 def stain_lazy(model, image, outputs: Sequence[str] | None = None, **options) -> dict:
     """Lazily stained outputs of ``image``: ``{name: dask array}`` (see :class:`LazyStain`)."""
     return LazyStain(model, image, outputs, **options).arrays
+
+
+def input_pyramid(image, min_side: int = 512) -> list:
+    """Lower-resolution levels of an input image, built lazily: ``[image, image / 2, image / 4, ...]``.
+
+    Parameters
+    ----------
+    image : ndarray or dask array, shape (..., Y, X[, C])
+        A dark-field plane or stack, any dtype :class:`LazyStain` accepts.
+    min_side : int
+        Levels are added until the longer plane side is at most this (or the
+        shorter one would drop under 8 px).
+
+    Returns
+    -------
+    list
+        ``image`` itself, then dask arrays of its dtype and stack/channel axes,
+        each with half the Y and X of the one before: 2 x 2 means of the level
+        above (an odd last row or column dropped), rounded for integer dtypes.
+        Computed blocks of each level are kept, so a level is read once.
+    """
+    import dask.array as da
+
+    stack, plane = split_planes(tuple(image.shape))
+    check_plane_shape(plane)
+    _check_dtype(image.dtype)
+    y_axis, dtype = len(stack), np.dtype(image.dtype)
+    levels = [image]
+    height, width = plane[:2]
+    while max(height, width) > min_side and min(height, width) // 2 >= MIN_SIDE:
+        above = da.asarray(levels[-1]).rechunk({y_axis: 2048, y_axis + 1: 2048})  # 1024-px chunks below
+        mean = da.coarsen(np.mean, above, {y_axis: 2, y_axis + 1: 2}, trim_excess=True)
+        height, width = height // 2, width // 2
+        # each level is kept once computed: the three outputs, their placeholders and the level below all
+        # read it, and without the memo each of them would read the whole input again
+        levels.append(_memoized(da.round(mean).astype(dtype) if dtype.kind in "ui" else mean.astype(dtype)))
+    return levels
+
+
+def _memoized(array, max_blocks: int = 64):
+    """``array`` with its computed blocks kept (least recently used dropped), computed once per block."""
+    import dask.array as da
+
+    cache: OrderedDict = OrderedDict()
+    lock = threading.Lock()
+
+    def fetch(block_info=None):
+        key = tuple(block_info[None]["chunk-location"])
+        with lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        block = np.asarray(array.blocks[key].compute(scheduler="sync"))
+        with lock:
+            cache[key] = block
+            if len(cache) > max_blocks:
+                cache.popitem(last=False)
+        return block
+
+    return da.map_blocks(fetch, chunks=array.chunks, dtype=array.dtype, name=f"level-{uuid.uuid4().hex}",
+                         meta=np.empty((0,) * array.ndim, array.dtype))
+
+
+def lazy_pyramid(model, image_or_levels, outputs: Sequence[str] | None = None, *, min_side: int = 512,
+                 **options) -> tuple[dict[str, list], list[LazyStain]]:
+    """Lazily stained multiscale outputs (e.g. for napari multiscale image layers).
+
+    Lower levels are stained from the downsampled *input* (:func:`input_pyramid`),
+    never downsampled from a stained level, so showing the whole slide stains
+    only coarse chunks. Every level uses level 0's value scaling (the same
+    brightness at every zoom) but records its own student statistics:
+    instance-norm statistics depend on scale (at half the resolution the same
+    tissue gives different feature statistics), so each level is normalised
+    as a one-pass run of that level would be, i.e. equals
+    ``LazyStain(model, level)``.
+
+    Parameters
+    ----------
+    model : StainModel
+    image_or_levels : array (..., Y, X[, C]) or list of arrays
+        One image, whose lower levels are made here, or a pyramid already
+        (e.g. a napari multiscale layer's ``data``, largest first), used as given.
+    outputs : sequence of str, optional
+        As for :class:`LazyStain`.
+    min_side : int
+        For one image: levels are added until the longer plane side is at
+        most this; a smaller image gives one level.
+    **options
+        Passed to every level's :class:`LazyStain` (``chunk``, ``device``,
+        ``background``, ``on_ready``, ...).
+
+    Returns
+    -------
+    arrays : dict of str to list of dask array
+        ``{output: [level 0, level 1, ...]}``, float32, shapes as :class:`LazyStain`'s.
+    stains : list of LazyStain
+        One per level: close them when done; their ``network_runs`` say what ran.
+    """
+    if isinstance(image_or_levels, (list, tuple)):
+        levels = list(image_or_levels)
+        split = [split_planes(tuple(level.shape)) for level in levels]
+        if not levels or any(stack != split[0][0] or plane[0] > above[0] or plane[1] > above[1]
+                             for (stack, plane), (_, above) in zip(split[1:], split)):
+            raise InputError("a pyramid needs at least one level, all with the same stack axes, largest first.")
+    else:
+        levels = input_pyramid(image_or_levels, min_side)
+    scaling = options.pop("scaling", None) or _scaling(levels[0])
+    stains = [LazyStain(model, level, outputs, scaling=scaling, **options) for level in levels]
+    return {name: [stain.arrays[name] for stain in stains] for name in stains[0].arrays}, stains

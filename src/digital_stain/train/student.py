@@ -8,13 +8,18 @@ reverse generator ``F`` trained on that cycle only. An image pool of 50 fakes
 feeds ``D``. The teacher is frozen, so its outputs (and the enhanced images)
 are computed once per dark-field image, through ``StainModel.stain``, and
 cropped together with the dark-field.
+
+Dark-field (and H&E) images come from a folder or from memory (e.g. napari
+layers), through :mod:`digital_stain.train.data`; both end up as the same RGB
+uint8 images. :func:`digital_stain.train.finetune.fine_tune` wraps this loop
+with the choices the CLI and the napari Fine-tune widget share.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,10 +28,12 @@ from torch.nn import functional as F
 
 from ..arrays import InputError, to_uint8
 from ..devices import autocast, resolve_device, resolve_training_precision
-from ..nets import PatchDiscriminator, ResnetGenerator
-from .checkpoint import load_checkpoint, save_checkpoint
 from ..metrics import lab_pixels, sliced_wasserstein, structure_score
-from .data import load_rgb_folder, random_crops, validation_split
+from ..nets import PatchDiscriminator, ResnetGenerator
+from ..nets.norm import set_norm_mode
+from ..tiling import Cancelled
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import load_images, random_crops, validation_split
 from .events import Meter, Progress, TrainResult, stop_requested
 from .schedule import constant_then_linear, set_lr, snapshot
 
@@ -94,13 +101,17 @@ class ImagePool:
 def cache_teacher(model, darkfield: list, progress=None, stop: threading.Event | None = None) -> list | None:
     """Dark-field, enhanced and teacher stacked per image: uint8 ``(Y, X, 7)`` (computed once: the teacher is frozen).
 
-    Returns ``None`` if ``stop`` is set before it is done.
+    Returns ``None`` if ``stop`` is set before it is done (checked between tiles, so a large
+    image does not delay the stop).
     """
     cached = []
     for i, image in enumerate(darkfield):
         if stop_requested(stop):
             return None
-        outs = model.stain(image, ["enhanced", "teacher"])
+        try:
+            outs = model.stain(image, ["enhanced", "teacher"], stop=stop)
+        except Cancelled:
+            return None
         cached.append(np.concatenate([image, to_uint8(outs["enhanced"])[..., None], to_uint8(outs["teacher"])], -1))
         if progress:
             progress(Progress(0, 0, message=f"teacher outputs cached: {i + 1}/{len(darkfield)}"))
@@ -128,8 +139,15 @@ def _structure(rgb: torch.Tensor, enhanced: torch.Tensor) -> float:
     return structure_score(stained, ((enhanced[0, 0].float() + 1) / 2).cpu().numpy())
 
 
+VAL_SIDE = 1024  # validation views larger than this are centre crops (memory and time on whole slides)
+
+
 def _val_view(item: np.ndarray, device: torch.device):
+    """The largest top-left square on the generator's grid; for images over ``VAL_SIDE``, a centred ``VAL_SIDE`` square."""
     side = min(item.shape[:2]) // 4 * 4
+    if side > VAL_SIDE:
+        y, x = (item.shape[0] - VAL_SIDE) // 2, (item.shape[1] - VAL_SIDE) // 2
+        return _split(item[None, y : y + VAL_SIDE, x : x + VAL_SIDE], device)
     return _split(item[None, :side, :side], device)
 
 
@@ -143,25 +161,33 @@ def teacher_structure(cached_val: list, device: torch.device) -> float:
 
 
 def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.device,
-                      reference_lab: np.ndarray | None = None) -> dict:
-    """Scores of the student on held-out dark-field images (the largest top-left square on its grid).
+                      reference_lab: np.ndarray | None = None, stop: threading.Event | None = None) -> dict | None:
+    """Scores of the student on held-out dark-field images (the largest top-left square on its grid, at most ``VAL_SIDE``).
 
     ``kd_l1``: L1 to the teacher; ``structure``: correlation between the gray
     of the output and the enhanced image (gradient correlation,
     :func:`digital_stain.metrics.structure_score`); ``style`` (with ``reference_lab``,
     Lab pixels of held-out real H&E): sliced Wasserstein distance of the
     output colours to real H&E, lower is more H&E-like.
+
+    Returns ``None`` if ``stop`` is set before it is done (checked between images).
+    The student is back in train mode afterwards.
     """
     student.eval()
     kd, corr, outputs = [], [], []
     with torch.no_grad():
         for item in cached_val:
+            if stop_requested(stop):
+                student.train()
+                return None
             x, z, teacher = _val_view(item, device)
             out = student(torch.cat([x, z], 1)).float()
             kd.append(F.l1_loss(out, teacher).item())
             corr.append(_structure(out, z))
             outputs.append(((out[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).reshape(-1, 3).cpu().numpy())
     student.train()
+    if stop_requested(stop):  # the style score below takes a second or more: do not make a stop wait for it
+        return None
     scores = {"kd_l1": float(np.mean(kd)), "structure": float(np.nanmean(corr))}
     if reference_lab is not None:
         scores["style"] = sliced_wasserstein(lab_pixels(np.concatenate(outputs)[None]), reference_lab)
@@ -185,20 +211,49 @@ def selection_score(scores: dict, structure_floor: float) -> float:
 
 def train_student(
     model,
-    darkfield_dir: str | os.PathLike,
-    stained_dir: str | os.PathLike,
+    darkfield: str | os.PathLike | Sequence | np.ndarray,
+    stained: str | os.PathLike | Sequence | np.ndarray,
     config: StudentConfig | None = None,
     *,
+    darkfield_names: Sequence[str] | None = None,
+    stained_names: Sequence[str] | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     init_state: dict | None = None,
     progress: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
+    callback: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[ResnetGenerator, TrainResult]:
     """Train a student for ``model`` (a StainModel with an enhancer and a teacher).
 
+    Parameters
+    ----------
+    model : StainModel
+        Its enhancer and frozen teacher make the student's inputs and targets.
+    darkfield, stained : folder path, or in-memory images
+        A folder of images, or a sequence of arrays ``(Y, X)`` / ``(Y, X, C)`` (a stack is
+        split into planes; any dtype :mod:`digital_stain.arrays` accepts), brought to RGB
+        uint8 as a folder's images are (:func:`digital_stain.train.data.images_from_arrays`).
+        Images smaller than the crop are skipped; nothing usable is refused.
+    darkfield_names, stained_names : sequence of str, optional
+        Names of in-memory images (they choose the validation split, as file names do).
+    config : StudentConfig
+    checkpoint, resume : written at every validation and on a stop; ``resume`` continues from it.
+    init_state : dict, optional
+        Student weights to start from (fine-tuning).
+    progress : callable(Progress), optional
+    stop : threading.Event, optional
+        Checked between images while caching the teacher, between validation images and
+        before every step: the run returns within one step (or one image) of it being set.
+    callback : callable(step, student), optional
+        Called in the training thread after every optimisation step (after that step's
+        validation and progress report) with the step number and the live student. It may
+        run the student (e.g. :func:`digital_stain.train.finetune.preview_student`, which
+        uses a copy); train mode, norm modes and grad mode are restored afterwards. It must
+        not change the weights. It may set ``stop``.
+
     Returns the student chosen on the validation split (:func:`selection_score`;
-    eval mode) and a :class:`TrainResult`; on ``stop`` it returns within one
+    eval mode, on the CPU) and a :class:`TrainResult`; on ``stop`` it returns within one
     step. ``result.best_step is None`` means no validation ran yet: the
     returned weights are then the current, unvalidated ones.
     """
@@ -207,8 +262,8 @@ def train_student(
         raise InputError(f"model {model.name!r} has no teacher to distil from; train one with `digital-stain train-teacher`.")
     device = resolve_device(cfg.device)
     precision = resolve_training_precision(cfg.precision, device)
-    dark = load_rgb_folder(darkfield_dir, min_side=cfg.crop, kind="dark-field")
-    stained = load_rgb_folder(stained_dir, min_side=cfg.crop, kind="H&E")
+    dark = load_images(darkfield, darkfield_names, min_side=cfg.crop, kind="dark-field")
+    stained = load_images(stained, stained_names, min_side=cfg.crop, kind="H&E")
     held_out = validation_split(dark.names, cfg.val_fraction)
     if not held_out.any() or held_out.all():
         held_out = np.zeros(len(dark.names), bool)
@@ -237,12 +292,14 @@ def train_student(
     nets = {"student": student, "reverse": reverse, "disc": disc}
     opts = {"g": opt_g, "d": opt_d}
     start, best, best_step, history = 0, -float("inf"), None, []
+    due = False  # a validation of the current step is owed (a stop interrupted it)
     best_state = snapshot(student)
     if resume and checkpoint and os.path.exists(checkpoint):
         holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
         _check_resumable(checkpoint, cfg)
         meta = load_checkpoint(checkpoint, {**nets, "best": holder}, opts)
         start, best, best_step, history = meta["step"], meta["best"], meta["best_step"], meta["history"]
+        due = bool(meta.get("validation_due", False))
         best_state = holder.state_dict()
         pool.images = [t.to(device) for t in _load_pool(checkpoint)]
 
@@ -251,12 +308,33 @@ def train_student(
         if checkpoint:
             holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
             holder.load_state_dict(best_state)
-            meta = dict(step=step, best=best, best_step=best_step, history=history, config=asdict(cfg))
+            meta = dict(step=step, best=best, best_step=best_step, history=history, config=asdict(cfg),
+                        validation_due=bool(due and val_items))
             save_checkpoint(checkpoint, {**nets, "best": holder, **_pool_modules(pool)}, opts, meta)
 
     meter = Meter(cfg.steps, start)
-    step, cancelled = start, False
-    while step < cfg.steps:
+    step, cancelled, trained = start, False, False
+    while True:
+        message = ""
+        if due and val_items:  # after a step on the validation grid, or owed by a stop during validation
+            scores = validation_scores(student, val_items, device, reference_lab, stop)
+            if scores is None:  # stopped during validation: owed, and done first on --resume
+                cancelled = True
+                break
+            due = False
+            history.append({"step": step, **scores})
+            if selection_score(scores, floor) > best:
+                best, best_step = selection_score(scores, floor), step
+                best_state = snapshot(student)
+            save(step)
+            message = (f"validation structure {scores['structure']:.3f} (floor {floor:.3f}), style "
+                       f"{scores.get('style', float('nan')):.2f}, kd {scores['kd_l1']:.3f} (best at step {best_step})")
+        if progress and (message or trained and (step % cfg.report_every == 0 or step == cfg.steps)):
+            progress(meter.report(step, message))
+        if callback is not None and trained:
+            _call_restoring(callback, step, student)
+        if step >= cfg.steps:
+            break
         if stop_requested(stop):
             cancelled = True
             break
@@ -282,25 +360,26 @@ def train_student(
         loss_d.backward()
         opt_d.step()
         step += 1
+        trained = True
+        due = step % cfg.val_every == 0 or step == cfg.steps
         meter.add({"adv": adv.item(), "kd": kd.item(), "cyc": cyc.item(), "d": loss_d.item()}, cfg.batch)
-        message = ""
-        if (step % cfg.val_every == 0 or step == cfg.steps) and val_items:
-            scores = validation_scores(student, val_items, device, reference_lab)
-            history.append({"step": step, **scores})
-            if selection_score(scores, floor) > best:
-                best, best_step = selection_score(scores, floor), step
-                best_state = snapshot(student)
-            save(step)
-            message = (f"validation structure {scores['structure']:.3f} (floor {floor:.3f}), style "
-                       f"{scores.get('style', float('nan')):.2f}, kd {scores['kd_l1']:.3f} (best at step {best_step})")
-        if progress and (step % cfg.report_every == 0 or message or step == cfg.steps):
-            progress(meter.report(step, message))
     if cancelled:
         save(step)
     result_net = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
     result_net.load_state_dict(best_state if best_step is not None else student.state_dict())
     result_net.eval()
     return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history)
+
+
+def _call_restoring(callback, step: int, student: torch.nn.Module) -> None:
+    """Run ``callback(step, student)`` and put back what it may have changed: train mode, norm modes, grad mode."""
+    grad = torch.is_grad_enabled()
+    try:
+        callback(step, student)
+    finally:
+        torch.set_grad_enabled(grad)
+        student.train()
+        set_norm_mode(student, "instance")
 
 
 def _check_resumable(checkpoint, cfg: StudentConfig) -> None:

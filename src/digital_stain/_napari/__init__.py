@@ -1,0 +1,1 @@
+"""The napari widgets: a thin Qt layer over the library."""

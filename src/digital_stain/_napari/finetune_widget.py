@@ -1,0 +1,401 @@
+"""The **Fine-tune** dock widget: teach the student your lab's H&E style, with a live loss plot and preview.
+
+It calls :func:`digital_stain.train.finetune.fine_tune`, the same function as
+``digital-stain train``, in a worker thread. Progress, losses and previews
+come back as events; Stop sets the training's stop event, which returns
+within a step with the best validated state, and that state is written. The
+written model is announced to every model picker (the Digitally stain
+widget offers it at once).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from pathlib import Path
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QEventLoop, Qt, QTimer
+from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtWidgets import (
+    QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
+    QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+)
+
+from .. import settings
+from ..arrays import InputError
+from ..devices import DEVICES
+from ..io import list_images
+from . import layers as L
+from .lossplot import LossPlot
+from .models import ModelPicker, load_model, registry
+from .worker import start_job
+
+SECTION = "finetune"
+SIZES = ("auto", "full", "small", "fast", "tiny")
+PREVIEW_EVERY = 200  # steps between previews (and one after the first step, to show it works)
+PREVIEW_SIDE = 256
+MAX_LAYER_PIXELS = 8192 * 8192  # larger layers: train on exported regions instead
+
+
+class FineTuneWidget(QWidget):
+    """Dock widget: H&E folder, dark-field layers or folder, starting model, steps, size, device; Start/Stop."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        saved = settings.load_settings(SECTION)
+        self._worker = self._stop = None
+        self.last_output: Path | None = None
+        self.last_result = None
+        self.val_every: int | None = None  # None: about ten validations per run (50 to 500 steps apart)
+
+        self.stained = _FolderField("Folder of H&E images from your lab (unpaired: any tissue, any size ≥ 128 px).")
+        self.stained.set(saved.get("stained", ""))
+        self.source = QComboBox()
+        self.source.addItems(["open image layers", "a folder"])
+        self.layers = QListWidget()
+        self.layers.setToolTip("Tick the dark-field image layers to learn from.")
+        self.layers.setMaximumHeight(90)
+        self.darkfield = _FolderField("Folder of dark-field images.")
+        self.darkfield.set(saved.get("darkfield", ""))
+        self.model = ModelPicker(saved.get("model_files", []))
+        self.steps = QSpinBox(minimum=1, maximum=500_000, singleStep=500, value=int(saved.get("steps", 2000)))
+        self.scratch = QCheckBox("new student of size")
+        self.scratch.setToolTip("Start a new student instead of fine-tuning the starting model's one.")
+        self.size = QComboBox()
+        self.size.addItems(SIZES)
+        self.size.setToolTip("auto: full on a CUDA GPU, small elsewhere; fast stains whole slides quickly; tiny is for tests.")
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.output = QLineEdit()
+        self.output.setToolTip("Where the fine-tuned model is written (the models folder is offered by the Digitally stain widget).")
+        self.start_button = QPushButton("Start")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.eta = QLabel("")
+        self.plot = LossPlot()
+        self.preview = QLabel("the student's preview appears here")
+        self.preview.setAlignment(Qt.AlignCenter)
+        self.preview.setMinimumHeight(128)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        size_row = QHBoxLayout()
+        size_row.addWidget(self.scratch)
+        size_row.addWidget(self.size, 1)
+        form = QFormLayout()
+        form.addRow("H&E folder", self.stained)
+        form.addRow("Dark-field", self.source)
+        form.addRow("", self.layers)
+        form.addRow("", self.darkfield)
+        form.addRow("Start from", self.model)
+        form.addRow("Steps", self.steps)
+        form.addRow("Student", size_row)
+        form.addRow("Device", self.device)
+        form.addRow("Save as", self.output)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button, 1)
+        buttons.addWidget(self.stop_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.eta)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.preview)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.source.setCurrentIndex(1 if saved.get("source") == "folder" else 0)
+        self.size.setCurrentText(saved.get("size", "auto"))
+        self.device.setCurrentText(saved.get("device", "auto"))
+        self.source.currentIndexChanged.connect(self._source_changed)
+        self.scratch.toggled.connect(self.size.setEnabled)
+        self.size.setEnabled(False)
+        self.model.changed.connect(lambda _: self._suggest_output())
+        self.start_button.clicked.connect(lambda: self.start())
+        self.stop_button.clicked.connect(self.stop)
+        self._source_changed()
+        self._suggest_output()
+        self.reset_choices()
+
+    # -- public API ----------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def start(self) -> bool:
+        """Check the inputs and start training; returns whether it started (problems become notifications)."""
+        if self.running:
+            show_info("fine-tuning is already running; press Stop first.")
+            return False
+        try:
+            stained = self._check_folder(self.stained.value(), "H&E")
+            darkfield, crop_source = self._darkfield()
+            init = load_model(self.model.value, "cpu")
+            if init.teacher is None:
+                raise InputError(f"{init.name} has no teacher to learn from; start from a model with a teacher.")
+            output = self._output_path()
+        except InputError as err:
+            show_error(str(err))
+            return False
+        self._save()
+        self.plot.clear()
+        steps = self.steps.value()
+        val_every = self.val_every or min(500, max(50, steps // 10))
+        options = dict(steps=steps, device=self.device.currentText(), config_overrides={"val_every": val_every},
+                       from_scratch=self.scratch.isChecked(),
+                       size=None if not self.scratch.isChecked() or self.size.currentText() == "auto"
+                       else self.size.currentText())
+        crop = _center_crop(crop_source, PREVIEW_SIDE)
+        self._set_running(True)
+        self._worker, self._stop = start_job(
+            self._work(init, darkfield, stained, output, options, crop), on_event=self._on_event,
+            on_done=lambda outcome: self._on_done(outcome, output), on_crash=self._on_crash,
+            on_finished=self._on_finished)
+        return True
+
+    def stop(self) -> None:
+        """Stop training: within a step, keeping (and writing) the best validated state so far."""
+        if self._stop is not None:
+            self._stop.set()
+            self.status.setText("stopping: the best state so far is kept…")
+
+    def wait(self, timeout_s: float = 3600.0) -> None:
+        """Process Qt events until training ends (for scripts and notebooks)."""
+        if self._worker is None:
+            return
+        loop = QEventLoop()
+        self._worker.finished.connect(loop.quit)
+        QTimer.singleShot(int(timeout_s * 1000), loop.quit)
+        if self._worker is not None:
+            loop.exec_()
+
+    def reset_choices(self, *_) -> None:
+        """Refill the list of image layers: ticks are kept, new input images come ticked (outputs do not)."""
+        from napari.layers import Image
+
+        known = {self.layers.item(i).text() for i in range(self.layers.count())}
+        ticked = set(self._ticked_names())
+        self.layers.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image):
+                item = QListWidgetItem(layer.name)
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                tick = layer.name in ticked if layer.name in known else not _is_output(layer)
+                item.setCheckState(Qt.Checked if tick else Qt.Unchecked)
+                self.layers.addItem(item)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def _ticked_names(self) -> list[str]:
+        return [self.layers.item(i).text() for i in range(self.layers.count())
+                if self.layers.item(i).checkState() == Qt.Checked]
+
+    def _darkfield(self):
+        """The dark-field training data (folder path or list of arrays) and an image to preview on."""
+        if self.source.currentIndex() == 1:
+            folder = self._check_folder(self.darkfield.value(), "dark-field")
+            from ..io import read_image
+
+            return folder, np.asarray(read_image(list_images(folder)[0]))
+        names = [n for n in self._ticked_names() if n in self.viewer.layers]
+        if not names:
+            raise InputError("no dark-field layer is ticked: tick the layers to learn from, or choose 'a folder'.")
+        arrays = []
+        for name in names:
+            data, multiscale = L.image_source(self.viewer.layers[name], self.viewer)
+            level = data[0] if multiscale else data
+            plane = level.shape[-3:-1] if self.viewer.layers[name].rgb else level.shape[-2:]
+            if plane[0] * plane[1] > MAX_LAYER_PIXELS:
+                raise InputError(f"{name!r} is too large to train on whole ({plane[0]} x {plane[1]}); "
+                                 "save a few regions of it to a folder and choose 'a folder'.")
+            arrays.append(np.asarray(level))
+        return arrays, arrays[0]
+
+    @staticmethod
+    def _check_folder(text: str, kind: str) -> Path:
+        if not text:
+            raise InputError(f"choose the {kind} folder first.")
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            raise InputError(f"the {kind} folder {folder} does not exist; choose a folder of {kind} images.")
+        if not list_images(folder):
+            raise InputError(f"the {kind} folder {folder} has no images (PNG, JPEG or TIFF); choose a folder of "
+                             f"{kind} images.")
+        return folder
+
+    def _output_path(self) -> Path:
+        text = self.output.text().strip()
+        if not text:
+            raise InputError("choose where to save the model (Save as).")
+        path = Path(text).expanduser()
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        if path.exists():
+            raise InputError(f"{path} already exists; choose another name so no model is overwritten.")
+        return path
+
+    def _suggest_output(self) -> None:
+        stem = Path(self.model.value).stem
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+        self.output.setText(str(settings.models_dir() / f"{stem}-finetuned-{stamp}.safetensors"))
+
+    # -- the work, in a worker thread -----------------------------------------------------
+    def _work(self, init, darkfield, stained, output, options, crop):
+        from ..train.finetune import fine_tune, preview_student
+
+        checkpoint = settings.data_dir() / "checkpoints" / (output.name + ".ckpt.safetensors")
+
+        def work(bridge, stop):
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+
+            def callback(step, student):
+                if step == 1 or step % PREVIEW_EVERY == 0:
+                    bridge.event.emit(("preview", step, preview_student(init.enhancer, student, crop)))
+
+            done = fine_tune(init, darkfield, stained, name=output.stem, checkpoint=checkpoint,
+                             command="napari Fine-tune widget", progress=lambda p: bridge.event.emit(("progress", p)),
+                             stop=stop, callback=callback, **options)
+            if done.model is not None:
+                done.model.save(output)
+                checkpoint.unlink(missing_ok=True)  # the model holds the chosen state; the checkpoint is spent
+            return done
+
+        return work
+
+    # -- events, in the GUI thread ----------------------------------------------------------
+    def _on_event(self, event) -> None:
+        try:
+            if event[0] == "progress":
+                p = event[1]
+                if p.total:
+                    self.progress.setRange(0, p.total)
+                    self.progress.setValue(p.step)
+                    self.plot.add(p.step, p.losses)
+                    eta = "" if math.isnan(p.eta_s) else f" · about {_duration(p.eta_s)} left"
+                    self.eta.setText(f"step {p.step} of {p.total} · {p.images_per_s:.1f} images/s{eta}")
+                if p.message:
+                    self.status.setText(p.message)
+            elif event[0] == "preview":
+                _, step, image = event
+                self.preview.setPixmap(_pixmap(image))
+                self.preview.setToolTip(f"the student at step {step}, on the centre of your first dark-field image")
+        except Exception as err:  # never raise into Qt's event loop
+            show_warning(f"could not show training progress: {err}")
+
+    def _on_done(self, outcome, output: Path) -> None:
+        if outcome.error:
+            show_error(outcome.error)
+            self.status.setText(outcome.error)
+            return
+        done = outcome.result
+        self.last_result = done
+        if done.model is None:
+            text = (f"stopped at step {done.result.steps_done}, before the first validation: no validated state to "
+                    "keep, nothing was written.")
+            show_info(text)
+            self.status.setText(text)
+            return
+        self.last_output = output
+        registry().added.emit(str(output))
+        state = "stopped early; wrote the best state so far" if done.result.cancelled else "wrote"
+        text = f"{state}: {output.name} ({done.summary}). It is now offered in Digitally stain."
+        show_info(text)
+        self.status.setText(text)
+        self._suggest_output()
+
+    def _on_crash(self, error: BaseException) -> None:
+        self.status.setText(f"training failed: {error}. The last checkpoint is kept in "
+                            f"{settings.data_dir() / 'checkpoints'}.")
+
+    def _on_finished(self) -> None:
+        self._worker = self._stop = None
+        self._set_running(False)
+
+    def _set_running(self, on: bool) -> None:
+        self.start_button.setEnabled(not on)
+        self.stop_button.setEnabled(on)
+        if on:
+            self.progress.setRange(0, 0)  # busy until the first step (loading, teacher outputs)
+            self.status.setText("preparing: loading images and the teacher's outputs…")
+        elif self.progress.maximum() == 0:
+            self.progress.setRange(0, 1)
+
+    def _source_changed(self, *_) -> None:
+        folder = self.source.currentIndex() == 1
+        self.layers.setVisible(not folder)
+        self.darkfield.setVisible(folder)
+
+    def _save(self) -> None:
+        try:
+            settings.save_settings(SECTION, {
+                "stained": self.stained.value(), "darkfield": self.darkfield.value(),
+                "source": "folder" if self.source.currentIndex() == 1 else "layers", "steps": self.steps.value(),
+                "size": self.size.currentText(), "device": self.device.currentText(),
+                "model_files": self.model.files})
+        except OSError as err:
+            show_warning(f"could not remember the settings: {err}")
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
+        self.stop()
+        super().closeEvent(event)
+
+
+class _FolderField(QWidget):
+    """A path box with a Browse button."""
+
+    def __init__(self, tip: str):
+        super().__init__()
+        self.edit = QLineEdit()
+        self.edit.setToolTip(tip)
+        button = QPushButton("…")
+        button.setFixedWidth(32)
+        button.clicked.connect(self._browse)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.edit, 1)
+        row.addWidget(button)
+
+    def value(self) -> str:
+        return self.edit.text().strip()
+
+    def set(self, text: str) -> None:
+        self.edit.setText(text)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a folder", self.value())
+        if folder:
+            self.edit.setText(folder)
+
+
+def _is_output(layer) -> bool:
+    return "digital_stain" in layer.metadata
+
+
+def _center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    """The central ``side`` square of a plane (the first plane of a stack)."""
+    image = np.asarray(image)
+    from ..arrays import split_planes
+
+    stack, _ = split_planes(image.shape)
+    image = image[(0,) * len(stack)]
+    y, x = max(0, (image.shape[0] - side) // 2), max(0, (image.shape[1] - side) // 2)
+    return image[y : y + side, x : x + side]
+
+
+def _pixmap(image: np.ndarray) -> QPixmap:
+    """A float RGB [0, 1] image as a pixmap (copied: QImage does not own numpy memory)."""
+    rgb = np.ascontiguousarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
+    h, w = rgb.shape[:2]
+    return QPixmap.fromImage(QImage(rgb.data, w, h, 3 * w, QImage.Format_RGB888).copy())
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,120 @@
+"""Layers in and out: which layers can be stained, how outputs are added, and the side-by-side view.
+
+Everything here runs in the GUI thread (it touches the viewer). Checks
+raise :class:`InputError` with a message for the user; the widgets turn it
+into a notification.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..arrays import InputError, check_plane_shape, split_planes
+
+LAZY_ABOVE_PIXELS = 4096 * 4096  # numpy planes larger than this are stained as they are viewed
+
+
+def image_source(layer, viewer=None):
+    """The data to stain from a layer, checked: ``(data, multiscale)``.
+
+    ``data`` is the layer's array (numpy or dask), or its list of levels when
+    the layer is multiscale. Refuses, with what to do instead: non-image
+    layers, volumes shown in 3-D, and shapes that are not a gray/RGB plane or
+    a stack of them.
+    """
+    from napari.layers import Image
+
+    if layer is None:
+        raise InputError("no image layer to stain: open a dark-field image (File > Open, or "
+                         "File > Open Sample > Digital Stain).")
+    if not isinstance(layer, Image):
+        kind = type(layer).__name__.lower()
+        raise InputError(f"{layer.name!r} is a {kind} layer; only image layers can be stained. "
+                         "Choose the dark-field image layer as input.")
+    if viewer is not None and viewer.dims.ndisplay == 3 and layer.ndim >= 3:
+        raise InputError(f"{layer.name!r} is shown as a 3-D volume; the stain works on 2-D planes. "
+                         "Switch the viewer to 2-D (the 2D/3D button) and it is stained plane by plane.")
+    data = list(layer.data) if layer.multiscale else layer.data
+    shape = tuple((data[0] if layer.multiscale else data).shape)
+    if layer.rgb and shape[-1] not in (3, 4):
+        raise InputError(f"{layer.name!r} has {shape[-1]} colour channels; dark-field images are gray or RGB.")
+    _, plane = split_planes(shape)
+    check_plane_shape(plane)
+    return data, bool(layer.multiscale)
+
+
+def is_stack(shape: tuple) -> bool:
+    return len(split_planes(tuple(shape))[0]) > 0
+
+
+def should_stain_lazily(data, multiscale: bool) -> bool:
+    """Lazily for pyramids, dask (or other non-numpy) arrays, stacks and planes over :data:`LAZY_ABOVE_PIXELS`."""
+    if multiscale or not isinstance(data, np.ndarray):
+        return True
+    stack, plane = split_planes(data.shape)
+    return bool(stack) or plane[0] * plane[1] > LAZY_ABOVE_PIXELS
+
+
+def as_rgb(output: str, array):
+    """Outputs as RGB: the enhanced gray is repeated into three channels so every output shows alike."""
+    if output != "enhanced":
+        return array
+    if isinstance(array, np.ndarray):
+        return np.repeat(array[..., None], 3, axis=-1)
+    import dask.array as da
+
+    return da.stack([array] * 3, axis=-1)
+
+
+def output_name(source, output: str) -> str:
+    return f"{source.name} {output}"
+
+
+def show_output(viewer, source, output: str, data, metadata: dict, *, multiscale: bool, position: int = 0):
+    """Add (or update, if it exists) the layer ``<source> <output>``, ``position + 1`` places above ``source``.
+
+    The layer gets the source's scale, translation, units and axis labels, so
+    it lies exactly over it; values are float RGB in [0, 1] and shown as such.
+    """
+    name = output_name(source, output)
+    levels = [as_rgb(output, level) for level in data] if multiscale else as_rgb(output, data)
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if bool(layer.multiscale) == multiscale and layer.rgb:
+            layer.data = levels
+            layer.metadata = metadata
+            layer.contrast_limits = (0.0, 1.0)
+            _place(viewer, layer, source, position)
+            return layer
+        viewer.layers.remove(layer)
+    layer = viewer.add_image(
+        levels, name=name, rgb=True, multiscale=multiscale, contrast_limits=(0.0, 1.0), cache=False,
+        scale=source.scale, translate=source.translate, units=source.units, axis_labels=source.axis_labels,
+        metadata=metadata,
+    )
+    _place(viewer, layer, source, position)
+    return layer
+
+
+def _place(viewer, layer, source, position: int) -> None:
+    """Put ``layer`` just above ``source`` (so the grid shows input, enhanced, teacher, student in order)."""
+    current, target = viewer.layers.index(layer), viewer.layers.index(source) + 1 + position
+    if current < target:
+        target -= 1  # napari's move() counts the target before the layer leaves its place
+    if current != target:
+        viewer.layers.move(current, min(target, len(viewer.layers) - 1))
+
+
+def grid_of(viewer):
+    """The viewer's grid settings (``viewer.canvas.grid`` since napari 0.9, ``viewer.grid`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    return getattr(canvas, "grid", None) or viewer.grid
+
+
+def set_side_by_side(viewer, on: bool) -> None:
+    """Grid view, one layer per panel in one row (``on``), or everything overlaid."""
+    grid = grid_of(viewer)
+    if on:
+        grid.stride = 1
+        grid.shape = (1, -1) if len([layer for layer in viewer.layers if layer.visible]) <= 4 else (-1, -1)
+    grid.enabled = on

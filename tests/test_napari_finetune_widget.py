@@ -1,0 +1,111 @@
+"""The Fine-tune dock widget on a real napari viewer: real training steps on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from napari.utils.notifications import NotificationSeverity, notification_manager
+
+from digital_stain import settings
+from digital_stain._napari.finetune_widget import FineTuneWidget
+from digital_stain.model import StainModel
+
+PLUGIN = "napari-digital-stain"
+
+
+@pytest.fixture
+def viewer_and_widgets(make_napari_viewer, tiny_model_file, hne_dir, darkfield_tile):
+    viewer = make_napari_viewer()
+    _, stain = viewer.window.add_plugin_dock_widget(PLUGIN, "Digitally stain")
+    _, tune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    viewer.add_image(darkfield_tile, rgb=True, name="df a")
+    viewer.add_image(darkfield_tile[::-1].copy(), rgb=True, name="df b")
+    tune.model.set_value(str(tiny_model_file))
+    tune.stained.set(str(hne_dir))
+    tune.device.setCurrentText("cpu")
+    return viewer, stain, tune
+
+
+def _errors(start: int) -> list[str]:
+    return [str(n.message) for n in notification_manager.records[start:] if n.severity == NotificationSeverity.ERROR]
+
+
+def test_fine_tuning_a_few_steps_writes_a_model_the_stain_widget_offers(viewer_and_widgets, qtbot):
+    viewer, stain, tune = viewer_and_widgets
+    assert isinstance(tune, FineTuneWidget)
+    assert tune._ticked_names() == ["df a", "df b"]
+    tune.steps.setValue(6)
+    output = tune._output_path()
+    assert output.parent == settings.models_dir()
+    assert tune.start()
+    qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
+    assert tune.last_output == output and output.is_file()
+    model = StainModel.load(output, device="cpu")
+    assert model.student is not None and model.student.config["width"] == 8  # the tiny start's student, tuned
+    record = model.metadata["provenance"]["student"]
+    assert record["steps"] == 6 and record["best_step"] == 6
+    assert stain.model.combo.findData(str(output)) >= 0  # offered at once
+    assert stain.model.value == str(output)
+    assert sum(len(v) for v in tune.plot.series.values()) > 0
+    assert not tune.preview.pixmap().isNull()
+    assert "wrote" in tune.status.text()
+    assert not list((settings.data_dir() / "checkpoints").glob("*"))  # the spent checkpoint is gone
+
+
+def test_stop_returns_within_seconds_and_keeps_the_best_state(viewer_and_widgets, qtbot):
+    viewer, stain, tune = viewer_and_widgets
+    tune.steps.setValue(100_000)
+    tune.val_every = 5  # validate often, so a stop has validated states to choose from
+    assert tune.start()
+    qtbot.waitUntil(lambda: tune.progress.value() >= 12, timeout=120_000)
+    tune.stop_button.click()
+    qtbot.waitUntil(lambda: not tune.running, timeout=10_000)
+    done = tune.last_result
+    assert done.result.cancelled and done.result.best_step is not None and done.result.best_step % 5 == 0
+    assert tune.last_output.is_file()
+    assert "stopped early" in tune.status.text()
+    assert tune.start_button.isEnabled()
+
+
+def test_bad_folders_are_explained(viewer_and_widgets, qtbot, tmp_path):
+    viewer, stain, tune = viewer_and_widgets
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("not an image")
+    for folder, expected in ((tmp_path / "missing", "does not exist"), (empty, "has no images"),
+                             (notes, "has no images")):
+        start = len(notification_manager.records)
+        tune.stained.set(str(folder))
+        assert tune.start() is False
+        assert any(expected in m for m in _errors(start)), _errors(start)
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.full((200, 200), 128, np.uint8)).save(gray / "g.png")
+    tune.stained.set(str(gray))
+    start = len(notification_manager.records)
+    assert tune.start()  # found only by reading the images: reported from the worker
+    qtbot.waitUntil(lambda: not tune.running, timeout=60_000)
+    assert any("no usable H&E image" in m for m in _errors(start)), _errors(start)
+    assert tune.start_button.isEnabled()
+
+
+def test_no_layer_ticked_and_existing_output_are_refused(viewer_and_widgets):
+    viewer, stain, tune = viewer_and_widgets
+    for i in range(tune.layers.count()):
+        tune.layers.item(i).setCheckState(0)
+    start = len(notification_manager.records)
+    assert tune.start() is False
+    assert any("no dark-field layer is ticked" in m for m in _errors(start))
+    tune.reset_choices()
+    existing = settings.models_dir() / "taken.safetensors"
+    existing.parent.mkdir(parents=True)
+    existing.write_bytes(b"x")
+    tune.output.setText(str(existing))
+    tune.layers.item(0).setCheckState(2)
+    start = len(notification_manager.records)
+    assert tune.start() is False
+    assert any("already exists" in m for m in _errors(start))

@@ -1,0 +1,264 @@
+"""Fine-tuning through one library function (CLI and napari widget): in-memory data, callbacks, previews, stop.
+
+Real training steps on the tiny random-weight model and the shipped sample tiles.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digital_stain.arrays import InputError
+from digital_stain.train.data import images_from_arrays, load_rgb_folder
+from digital_stain.train.finetune import FineTuneResult, default_output_name, default_size, fine_tune, preview_student
+from digital_stain.train.student import StudentConfig, train_student
+
+FAST = dict(disc_width=8, report_every=1)  # fine_tune config_overrides that keep tests quick
+
+
+def tiny_config(**overrides):
+    base = dict(steps=4, batch=1, crop=64, disc_width=8, val_every=2, report_every=1, precision="fp32", device="cpu")
+    return StudentConfig.preset("tiny", **{**base, **overrides})
+
+
+def _folder_arrays(folder):
+    paths = sorted(folder.glob("*.png"))
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths], [p.name for p in paths]
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# -- in-memory images ---------------------------------------------------------
+def test_arrays_become_the_same_rgb_uint8_as_folder_images(darkfield_dir, tmp_path):
+    rgb, names = _folder_arrays(darkfield_dir)
+    folder = load_rgb_folder(darkfield_dir, min_side=64, kind="dark-field")
+    memory = images_from_arrays(rgb, names, min_side=64)
+    assert memory.names == folder.names and memory.folder is None and "in memory" in memory.summary()
+    for a, b in zip(memory.images, folder.images):
+        assert a.dtype == np.uint8 and np.array_equal(a, b)
+
+    # 16-bit gray, as a file and in memory, ends up the same 8-bit RGB
+    gray16 = np.asarray(Image.fromarray(rgb[0]).convert("L")).astype(np.uint16) * 256 + 100
+    gray_dir = tmp_path / "gray16"
+    gray_dir.mkdir()
+    Image.fromarray(gray16).save(gray_dir / "g.png")
+    from_file = load_rgb_folder(gray_dir, min_side=64, kind="dark-field").images[0]
+    from_memory = images_from_arrays([gray16], min_side=64).images[0]
+    assert from_memory.shape == (256, 256, 3) and np.array_equal(from_file, from_memory)
+
+    # a stack gives one image per plane (one scaling for the whole stack); a lone ndarray is one image
+    stack = np.stack([rgb[1], rgb[2]])
+    planes = images_from_arrays([stack, rgb[0].astype(np.float32) / 255], ["stack", "float"], min_side=64)
+    assert planes.names == ["stack [plane 0]", "stack [plane 1]", "float"]
+    assert np.array_equal(planes.images[1], rgb[2]) and np.array_equal(planes.images[2], rgb[0])
+    assert len(images_from_arrays(stack, min_side=64).images) == 2
+
+
+def test_arrays_too_small_or_unusable_are_refused_with_what_to_do(darkfield_tile):
+    small = [darkfield_tile[:40, :40], darkfield_tile[:50]]
+    with pytest.raises(InputError, match=r"no usable dark-field image.*2 smaller than 64 px.*larger images or choose a smaller crop"):
+        images_from_arrays(small, min_side=64)
+    mixed = images_from_arrays([darkfield_tile[:40], darkfield_tile, np.zeros((80, 80, 5), np.uint8)],
+                               ["small", "good", "five"], min_side=64)
+    assert mixed.names == ["good"]
+    assert mixed.skipped == {"smaller than 64 px": ["small"], "not gray or RGB": ["five"]}
+    with pytest.raises(InputError, match="not RGB"):
+        images_from_arrays([darkfield_tile[..., 0]], min_side=64, kind="H&E")  # H&E must be colour
+    with pytest.raises(InputError, match="NaN"):
+        images_from_arrays([np.full((80, 80), np.nan)], min_side=64)
+    with pytest.raises(InputError, match="one name per image"):
+        images_from_arrays([darkfield_tile], ["a", "b"], min_side=64)
+    with pytest.raises(InputError, match="no dark-field images were given"):
+        images_from_arrays([], min_side=64)
+
+
+def test_train_student_refuses_a_list_of_only_small_images(tiny_model, hne_dir, darkfield_tile):
+    with pytest.raises(InputError, match="smaller than 64 px"):
+        train_student(tiny_model, [darkfield_tile[:32, :32]] * 3, hne_dir, tiny_config())
+
+
+@pytest.mark.slow
+def test_in_memory_arrays_train_like_the_folder(tiny_model, darkfield_dir, hne_dir, darkfield_tile):
+    rgb, names = _folder_arrays(darkfield_dir)
+    from_folder, folder_result = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=2))
+    from_memory, memory_result = train_student(tiny_model, rgb, hne_dir, tiny_config(steps=2), darkfield_names=names)
+    assert _same_weights(from_folder, from_memory) and folder_result.history == memory_result.history
+
+    # mixed dtypes and a stack: uint8 RGB, uint16 gray, a 2-plane uint8 stack
+    gray16 = rgb[1].mean(-1).astype(np.uint16) * 257
+    _, result = train_student(tiny_model, [rgb[0], gray16, np.stack([rgb[2], darkfield_tile])], hne_dir,
+                              tiny_config(steps=2))
+    assert result.steps_done == 2 and not result.cancelled and result.best_step is not None
+
+
+# -- callback and preview -----------------------------------------------------
+@pytest.mark.slow
+def test_callback_every_step_and_preview_do_not_change_training(tiny_model, darkfield_dir, hne_dir, darkfield_tile):
+    from digital_stain.nets.norm import set_norm_mode
+
+    plain, _ = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config())
+    steps, previews, modes = [], [], []
+    crop = darkfield_tile[:64, :48]
+
+    def callback(step, student):
+        modes.append(student.training)  # the live student is in training mode when handed over
+        steps.append(step)
+        previews.append(preview_student(tiny_model.enhancer, student, crop))
+        # a careless callee: leaves eval mode, recording norms and no grad behind; train_student restores them
+        student.eval()
+        set_norm_mode(student, "record")
+        torch.set_grad_enabled(False)
+
+    watched, result = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(), callback=callback)
+    assert torch.is_grad_enabled()
+    assert steps == [1, 2, 3, 4] and all(modes) and result.steps_done == 4
+    for image in previews:
+        assert image.shape == (64, 48, 3) and image.dtype == np.float32
+        assert 0.0 <= image.min() and image.max() <= 1.0
+    assert not np.array_equal(previews[0], previews[-1])  # it shows the student as it learns
+    assert _same_weights(plain, watched)  # same seed, with and without previews: identical student
+
+
+def test_preview_leaves_the_student_as_it_was(tiny_model, darkfield_tile):
+    from digital_stain.nets.norm import TileStableInstanceNorm
+
+    student = tiny_model.student.train()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    out = preview_student(tiny_model.enhancer, student, darkfield_tile[:40, :56, 0].astype(np.uint16) * 200)
+    assert out.shape == (40, 56, 3) and 0.0 <= out.min() and out.max() <= 1.0
+    assert student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(m.mode == "instance" for m in student.modules() if isinstance(m, TileStableInstanceNorm))
+    expected = tiny_model.stain(darkfield_tile[:40, :56, 0].astype(np.uint16) * 200, ["student"], precision="fp32")
+    assert np.allclose(out, expected["student"], atol=1e-6)  # the same staining as the model's
+
+
+# -- fine_tune ------------------------------------------------------------------
+@pytest.mark.slow
+def test_fine_tune_returns_a_model_with_provenance(tiny_model, tiny_model_file, darkfield_dir, hne_dir, tmp_path):
+    from digital_stain.model import StainModel
+
+    rgb, names = _folder_arrays(darkfield_dir)
+    events = []
+    tuned = fine_tune(tiny_model, rgb, hne_dir, size="fast", steps=2, crop=64, device="cpu", precision="fp32",
+                      darkfield_names=[f"layer {n}" for n in names], command="napari Fine-tune widget",
+                      progress=events.append, config_overrides=dict(FAST, val_every=1))
+    assert isinstance(tuned, FineTuneResult) and tuned.model is not None and tuned.seconds >= 0
+    assert tuned.notes == ["fine-tuning the student of tiny-test (width 8, 2 blocks) (--size fast ignored); "
+                           "--from-scratch starts a new one"]
+    assert any(e.message == tuned.notes[0] for e in events)  # without on_note, notes go to progress
+    assert tuned.summary.startswith(f"chosen at step {tuned.result.best_step}: ") and "structure" in tuned.summary
+    meta = tuned.model.metadata
+    assert meta["name"] == "tiny-test-finetuned"
+    student = meta["provenance"]["student"]
+    assert meta["provenance"]["command"] == "napari Fine-tune widget"
+    assert [d["name"] for d in student["darkfield"]["in_memory"]] == [f"layer {n}" for n in names]
+    assert student["darkfield"]["in_memory"][0]["shape"] == [256, 256, 3]
+    assert student["stained"] == str(hne_dir) and student["init"] == str(tiny_model_file)  # saved there by the fixture
+    assert student["steps"] == 2 and student["best_step"] == tuned.result.best_step in (1, 2)
+    assert [h["step"] for h in student["history"]] == [1, 2] and student["config"]["width"] == 8
+    out = tuned.model.stain(rgb[0][:64, :64], ["student"], precision="fp32")["student"]
+    assert out.shape == (64, 64, 3)
+    assert tuned.model.student is not tiny_model.student and tuned.model.teacher is tiny_model.teacher
+    path = tmp_path / "tuned.safetensors"
+    tuned.model.save(path)
+    assert StainModel.load(path).metadata["provenance"]["student"]["best_step"] == tuned.result.best_step
+
+    # a model file as init, a folder of data, from scratch: the asked size, notes to on_note
+    said = []
+    fresh = fine_tune(str(tiny_model_file), darkfield_dir, hne_dir, size="tiny", from_scratch=True, steps=1, crop=64,
+                      device="cpu", precision="fp32", name="mine", on_note=said.append, config_overrides=FAST)
+    assert fresh.model.name == "mine" and fresh.notes == said == []
+    provenance = fresh.model.metadata["provenance"]["student"]
+    assert provenance["darkfield"] == str(darkfield_dir) and provenance["init"] == str(tiny_model_file)
+    assert (provenance["config"]["width"], provenance["config"]["blocks"]) == (8, 2)
+
+
+@pytest.mark.slow
+def test_stop_at_a_step_returns_the_chosen_state(tiny_model, darkfield_dir, hne_dir):
+    stop = threading.Event()
+    states, stopped_at = {}, []
+
+    def callback(step, student):
+        states[step] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        if step == 3:
+            stop.set()
+            stopped_at.append(time.perf_counter())
+
+    tuned = fine_tune(tiny_model, darkfield_dir, hne_dir, steps=1000, crop=64, device="cpu", precision="fp32",
+                      stop=stop, callback=callback, config_overrides=dict(FAST, val_every=2))
+    assert time.perf_counter() - stopped_at[0] < 3.0  # within a step (here: no further step at all)
+    assert tuned.result.cancelled and tuned.result.steps_done == 3 and sorted(states) == [1, 2, 3]
+    assert tuned.result.best_step == 2 and tuned.model is not None  # the validated step 2, not step 3
+    chosen = tuned.model.student.state_dict()
+    assert all(torch.equal(chosen[k], v) for k, v in states[2].items())
+    assert tuned.model.metadata["provenance"]["student"]["cancelled"] is True
+
+
+@pytest.mark.slow
+def test_stop_before_the_first_validation_or_while_caching_gives_no_model(tiny_model, darkfield_dir, hne_dir):
+    common = dict(steps=1000, crop=64, device="cpu", precision="fp32", config_overrides=dict(FAST, val_every=500))
+    stop = threading.Event()
+    tuned = fine_tune(tiny_model, darkfield_dir, hne_dir, stop=stop,
+                      callback=lambda step, student: step == 2 and stop.set(), **common)
+    assert tuned.result.cancelled and tuned.result.steps_done == 2 and tuned.result.best_step is None
+    assert tuned.model is None and "before the first validation" in tuned.summary
+
+    stop = threading.Event()
+
+    def stop_while_caching(p):
+        if p.message.startswith("teacher outputs cached: 1/"):
+            stop.set()
+
+    started = time.perf_counter()
+    tuned = fine_tune(tiny_model, darkfield_dir, hne_dir, stop=stop, progress=stop_while_caching, **common)
+    assert tuned.model is None and tuned.result.cancelled and tuned.result.steps_done == 0
+    stop = threading.Event()
+    stop.set()  # before it starts: returns without loading anything
+    tuned = fine_tune("no-such-model", darkfield_dir, hne_dir, stop=stop, **common)
+    assert tuned.model is None and tuned.result.cancelled and time.perf_counter() - started < 30
+
+
+@pytest.mark.slow
+def test_stop_during_validation_is_prompt_and_resume_makes_it_up(tiny_model, darkfield_dir, hne_dir, tmp_path,
+                                                                 monkeypatch):
+    import digital_stain.train.student as student_module
+
+    config = tiny_config(steps=4, val_every=2, pool_size=2)
+    straight, straight_result = train_student(tiny_model, darkfield_dir, hne_dir, config)
+    real = student_module.validation_scores
+    stop = threading.Event()
+
+    def stop_inside(student, items, device, reference_lab=None, stop_event=None):
+        stop.set()  # as if the user pressed Stop while the held-out images are being stained
+        return real(student, items, device, reference_lab, stop_event)
+
+    monkeypatch.setattr(student_module, "validation_scores", stop_inside)
+    ckpt = tmp_path / "s.ckpt.safetensors"
+    _, partial = train_student(tiny_model, darkfield_dir, hne_dir, config, checkpoint=ckpt, stop=stop)
+    assert partial.cancelled and partial.steps_done == 2 and partial.best_step is None and partial.history == []
+    monkeypatch.setattr(student_module, "validation_scores", real)
+    resumed, result = train_student(tiny_model, darkfield_dir, hne_dir, config, checkpoint=ckpt, resume=True)
+    assert result.history == straight_result.history and result.best_step == straight_result.best_step
+    assert _same_weights(straight, resumed)
+
+
+# -- helpers ----------------------------------------------------------------------
+def test_default_output_name_and_size():
+    assert default_output_name("dsd-unpaired") == "dsd-unpaired-finetuned"
+    assert default_output_name("models/dsd-unpaired.safetensors") == "dsd-unpaired-finetuned"
+    assert default_output_name("dsd-unpaired-finetuned") == "dsd-unpaired-finetuned-2"
+    assert default_output_name("dsd-unpaired-finetuned-2") == "dsd-unpaired-finetuned-3"
+    assert default_size("cpu") == "small"
+
+
+def test_fine_tune_refuses_a_model_without_teacher(tiny_model, darkfield_dir, hne_dir):
+    from digital_stain.model import StainModel
+
+    with pytest.raises(InputError, match="no teacher"):
+        fine_tune(StainModel(tiny_model.enhancer), darkfield_dir, hne_dir, size="tiny", steps=1, crop=64,
+                  device="cpu", precision="fp32")
