@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_INPUT ?= src/digital_stain/data/darkfield_0_0.png
 DEMO_OUTPUT ?= demo-output
-APT_PACKAGES := xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libgl1 libegl1 libxkbcommon-x11-0 \
+APT_PACKAGES := xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libgl1 libegl1 libgl1-mesa-dri libglx-mesa0 libxkbcommon-x11-0 \
 	libxcb-cursor0 libxcb-image0 libxcb-render-util0 libxcb-randr0 libxcb-shape0 libfontconfig1 libdbus-1-3
 
 .PHONY: install system-deps demo test test-fast benchmarks clean

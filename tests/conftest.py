@@ -100,3 +100,6 @@ def _stop_plugin_workers():
     worker = sys.modules.get("digital_stain._napari.worker")
     if worker is not None and worker.running():
         worker.stop_all()
+    lazy = sys.modules.get("digital_stain.lazy")
+    if lazy is not None:
+        lazy.close_all()  # background chunk workers of lazily stained layers

@@ -34,6 +34,8 @@ def test_fine_tuning_a_few_steps_writes_a_model_the_stain_widget_offers(viewer_a
     viewer, stain, tune = viewer_and_widgets
     assert isinstance(tune, FineTuneWidget)
     assert tune._ticked_names() == ["df a", "df b"]
+    viewer.open_sample(PLUGIN, "stained_reference")
+    assert tune._ticked_names() == ["df a", "df b"]  # the H&E sample is not dark-field: not ticked
     tune.steps.setValue(6)
     output = tune._output_path()
     assert output.parent == settings.models_dir()
@@ -44,6 +46,7 @@ def test_fine_tuning_a_few_steps_writes_a_model_the_stain_widget_offers(viewer_a
     assert model.student is not None and model.student.config["width"] == 8  # the tiny start's student, tuned
     record = model.metadata["provenance"]["student"]
     assert record["steps"] == 6 and record["best_step"] == 6
+    assert [d["name"] for d in record["darkfield"]["in_memory"]][:2] == ["df a", "df b"]
     assert stain.model.combo.findData(str(output)) >= 0  # offered at once
     assert stain.model.value == str(output)
     assert sum(len(v) for v in tune.plot.series.values()) > 0
@@ -62,7 +65,9 @@ def test_stop_returns_within_seconds_and_keeps_the_best_state(viewer_and_widgets
     qtbot.waitUntil(lambda: not tune.running, timeout=10_000)
     done = tune.last_result
     assert done.result.cancelled and done.result.best_step is not None and done.result.best_step % 5 == 0
-    assert tune.last_output.is_file()
+    written = StainModel.load(tune.last_output, device="cpu").metadata["provenance"]["student"]
+    assert written["cancelled"] and written["best_step"] == done.result.best_step
+    assert written["steps"] == done.result.steps_done < 100_000
     assert "stopped early" in tune.status.text()
     assert tune.start_button.isEnabled()
 

@@ -98,8 +98,8 @@ def test_stop_returns_promptly_and_the_viewer_stays_usable(viewer_and_widget, qt
     viewer.add_image(np.tile(darkfield_tile, (8, 8, 1)), name="big", rgb=True)  # 2048 x 2048: many tiles
     widget.tile.setValue(256)
     widget.mode.setCurrentIndex(widget.mode.findData("now"))
-    with qtbot.waitSignal(widget.progress.valueChanged, timeout=60_000):
-        widget.run_button.click()
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=60_000)  # some tiles done, more to come
     widget.stop_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=10_000)
     assert [layer.name for layer in viewer.layers] == ["big"]
@@ -220,7 +220,7 @@ def test_stacks_are_stained_lazily_plane_by_plane(viewer_and_widget, qtbot, tiny
     assert layer.data.shape == (3, 256, 256, 3) and isinstance(layer.data, da.Array)
     assert layer.metadata["digital_stain"]["mode"] == "lazy"
     assert layer.ndim == source.ndim == 3
-    (stain,) = widget._lazy[layer.name]
+    (stain,) = widget.lazy_stains(layer)
     assert stain.wait(60)
     shown = viewer.dims.current_step[0]
     computed = {key[0] for key in stain._cache["student"]}
@@ -248,7 +248,7 @@ def test_a_dask_8192_layer_returns_at_once_and_stains_only_the_viewed_chunks(mak
     layer = viewer.layers["slide student"]
     assert layer.multiscale and layer.data[0].shape == (8192, 8192, 3)
     assert [level.shape[0] for level in layer.data] == [8192, 4096, 2048, 1024, 512]
-    stains = widget._lazy[layer.name]
+    stains = widget.lazy_stains(layer)
     level0 = stains[0]
     qtbot.waitUntil(lambda: all(s.pending == 0 for s in stains) and stains[-1].network_runs["student"] > 0,
                     timeout=60_000)
@@ -265,3 +265,132 @@ def test_a_dask_8192_layer_returns_at_once_and_stains_only_the_viewed_chunks(mak
     viewer.camera.center = (4101, 5101)  # panning within the view: every chunk comes from the cache
     qtbot.wait(300)
     assert level0.network_runs["student"] == before
+
+
+def test_a_multiscale_layer_is_stained_level_by_level_as_given(viewer_and_widget, qtbot, tiny_model_file,
+                                                               darkfield_tile):
+    viewer, widget = viewer_and_widget
+    widget.model.set_value(str(tiny_model_file))
+    mosaic = np.tile(darkfield_tile, (4, 4, 1))  # 1024 px
+    pyramid = [mosaic, mosaic[::2, ::2], mosaic[::4, ::4]]
+    source = viewer.add_image(pyramid, rgb=True, multiscale=True, name="pyr", scale=(0.5, 0.5), units="um")
+    assert widget.stain()
+    _finish(qtbot, widget)
+    layer = viewer.layers["pyr teacher"]
+    assert layer.multiscale and [level.shape for level in layer.data] == [(1024, 1024, 3), (512, 512, 3),
+                                                                          (256, 256, 3)]
+    np.testing.assert_allclose(layer.scale, source.scale)
+    assert layer.units == source.units
+    stains = widget.lazy_stains(layer)
+    assert len(stains) == 3
+    coarse = stains[2]
+    np.asarray(layer.data[2][:64, :64])  # read the coarsest level: placeholder at once, then the real one
+    assert coarse.wait(60)
+    expected = load_model(str(tiny_model_file), "cpu").stain(pyramid[2], ["teacher"])["teacher"]
+    np.testing.assert_allclose(np.asarray(layer.data[2]), expected, atol=2 / 255)
+
+
+def test_closing_an_output_layer_stops_its_background_work(viewer_and_widget, qtbot, tiny_model_file,
+                                                           darkfield_tile):
+    viewer, widget = viewer_and_widget
+    widget.model.set_value(str(tiny_model_file))
+    widget.mode.setCurrentIndex(widget.mode.findData("lazy"))
+    widget.output_boxes["enhanced"].setChecked(False)
+    widget.output_boxes["teacher"].setChecked(False)
+    viewer.add_image(darkfield_tile, rgb=True, name="df")
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    layer = viewer.layers["df student"]
+    (stain,) = widget.lazy_stains(layer)
+    np.asarray(layer.data[:10, :10])  # queues a chunk
+    viewer.layers.remove(layer)
+    assert widget.lazy_stains(layer) == [] and stain._closed
+    assert stain.wait(30) and stain._worker is None  # the worker ended
+    runs = stain.network_runs["student"]
+    stain.cancel_pending()
+    assert stain.network_runs["student"] == runs
+
+
+def test_stop_drops_waiting_chunks_but_keeps_lazy_layers_usable(viewer_and_widget, qtbot, tiny_model_file,
+                                                                darkfield_tile):
+    viewer, widget = viewer_and_widget
+    widget.model.set_value(str(tiny_model_file))
+    widget.mode.setCurrentIndex(widget.mode.findData("lazy"))
+    widget.tile.setValue(256)
+    viewer.add_image(np.tile(darkfield_tile, (2, 2, 1)), rgb=True, name="df")  # one level of 2 x 2 chunks
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    layer = viewer.layers["df teacher"]
+    (stain,) = widget.lazy_stains(layer)
+    with stain._net_lock:  # hold the worker back so chunks are still waiting when Stop is pressed
+        np.asarray(layer.data)  # every chunk queued (placeholders returned at once)
+        assert stain.pending > 1
+        widget.stop()
+        assert stain.pending <= 1  # at most the one in progress
+    assert stain.wait(60) and not stain._closed
+    stain.network_runs["teacher"] = 0
+    np.asarray(layer.data[:10, :10])  # looked at again: queued again and stained
+    assert stain.wait(60) and stain.network_runs["teacher"] <= 1
+    assert np.asarray(layer.data[:10, :10]).shape == (10, 10, 3)
+
+
+def test_a_users_layer_named_like_an_output_is_never_overwritten(viewer_and_widget, qtbot, darkfield_tile):
+    viewer, widget = viewer_and_widget
+    viewer.add_image(darkfield_tile, rgb=True, name="df")
+    mine = viewer.add_image(np.zeros((256, 256, 3), np.float32), rgb=True, name="df teacher")
+    widget.input_layer = viewer.layers["df"]
+    assert widget.input.findText("df teacher") >= 0  # still offered as an input: it is not ours
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    assert np.all(mine.data == 0) and "digital_stain" not in mine.metadata
+    ours = [layer for layer in viewer.layers if "digital_stain" in layer.metadata
+            and layer.metadata["digital_stain"]["output"] == "teacher"]
+    assert len(ours) == 1 and ours[0] is not mine
+
+
+def test_restaining_puts_moved_outputs_back_above_the_input(viewer_and_widget, qtbot, darkfield_tile):
+    viewer, widget = viewer_and_widget
+    viewer.add_image(darkfield_tile, rgb=True, name="src")
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    viewer.layers.move(viewer.layers.index("src teacher"), 0)  # the user drags one to the bottom
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["src", "src enhanced", "src teacher", "src student"]
+
+
+class _AlwaysFails(torch.nn.Module):
+    """Fault injection: a network that raises (a bug, a broken driver) on every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.size_multiple, self.min_size, self.config = net.size_multiple, net.min_size, net.config
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        raise RuntimeError("injected failure")
+
+
+def test_a_failing_chunk_is_reported_once_and_not_retried(viewer_and_widget, qtbot, tiny_model_file, darkfield_tile):
+    viewer, widget = viewer_and_widget
+    widget.model.set_value(str(tiny_model_file))
+    widget.output_boxes["enhanced"].setChecked(False)
+    widget.output_boxes["student"].setChecked(False)
+    viewer.add_image(np.stack([darkfield_tile, darkfield_tile[::-1], darkfield_tile[:, ::-1]]), rgb=True, name="z")
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    layer = viewer.layers["z teacher"]
+    (stain,) = widget.lazy_stains(layer)
+    assert stain.wait(30)
+    seen = {key[0] for key in stain._cache["teacher"]}
+    unseen = next(i for i in range(3) if i not in seen)
+    stain._teacher = failing = _AlwaysFails(stain._teacher)
+    messages = Messages()
+    for plane in (unseen, next(iter(seen)), unseen, next(iter(seen)), unseen):
+        viewer.dims.set_current_step(0, plane)
+        assert stain.wait(30)
+    qtbot.waitUntil(lambda: len(messages.warnings) >= 1, timeout=10_000)
+    assert len(messages.warnings) == 1 and "stay gray" in messages.warnings[0]
+    assert failing.calls == 1 and len(stain.errors) == 1  # tried once, then shown as the placeholder
+    assert np.asarray(layer.data[unseen]).shape == (256, 256, 3)  # the placeholder, at once

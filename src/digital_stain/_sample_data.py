@@ -27,8 +27,9 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _layer(path: Path, name: str) -> tuple:
+    kind = "H&E" if path.name.startswith("stained") else "dark-field"  # the Fine-tune widget reads this
     meta = {"name": name, "rgb": True, "scale": (PIXEL_SIZE_UM, PIXEL_SIZE_UM), "units": "um",
-            "metadata": {"source": path.name, "citation": CITATION}}
+            "metadata": {"source": path.name, "kind": kind, "citation": CITATION}}
     return (_read(path), meta, "image")
 
 

@@ -213,13 +213,16 @@ def _view(shown, model) -> None:
     except ImportError:
         print("napari is not installed: pip install 'napari-digital-stain[napari]' to view.", file=sys.stderr)
         return
+    from ._napari.layers import set_side_by_side, show_output
+
     viewer = napari.Viewer(title="napari-digital-stain")
     for name, image, results in shown[:8]:
-        viewer.add_image(image, name=name, rgb=image.ndim == 3 and image.shape[-1] in (3, 4))
-        for out, array in results.items():
-            viewer.add_image(array, name=f"{name} {out}", rgb=out != "enhanced", metadata=model.describe())
-    viewer.grid.enabled = True
-    viewer.grid.shape = (-1, 1 + len(shown[0][2]) if shown else -1)
+        source = viewer.add_image(image, name=name, rgb=image.ndim == 3 and image.shape[-1] in (3, 4))
+        for position, (out, array) in enumerate(results.items()):
+            show_output(viewer, source, out, array, {"digital_stain": {**model.describe(), "output": out}},
+                        multiscale=False, position=position)
+    set_side_by_side(viewer, True, columns=1 + len(shown[0][2]) if shown else None)  # a row per image
+    viewer.window.add_plugin_dock_widget("napari-digital-stain", "Digitally stain")
     napari.run()
 
 

@@ -45,6 +45,7 @@ import contextlib
 import copy
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -103,6 +104,15 @@ def _cpu_copy(net: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(net, memo)
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # background instances not yet closed
+
+
+def close_all(wait: bool = True) -> None:
+    """Close every background :class:`LazyStain` still open (shutdown, test teardown)."""
+    for stain in list(_LIVE):
+        stain.close(wait)
+
+
 class LazyStain:
     """Lazily stained outputs of one image (plane or stack).
 
@@ -124,6 +134,11 @@ class LazyStain:
         ``StainModel.stain(tile=stats_crop)``).
     cache_chunks : int
         How many computed chunks to keep (per output).
+    cache_bytes : int, optional
+        A memory budget per output instead of ``cache_chunks`` (at least 4 chunks are kept).
+    net_lock : threading.Lock, optional
+        Shared by instances that share networks (a pyramid's levels share the teacher), so that
+        only one of them runs a network at a time.
     background : bool
         Compute missing chunks in a worker thread and return placeholders
         meanwhile (see module docstring). Default: compute in the reading thread.
@@ -163,7 +178,8 @@ class LazyStain:
                  background: bool = False, on_ready: Callable[[], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None,
                  on_fallback: Callable[[str], None] | None = None, max_pending: int = 64,
-                 scaling: ValueScaling | None = None):
+                 scaling: ValueScaling | None = None, cache_bytes: int | None = None,
+                 net_lock: threading.Lock | None = None):
         import dask.array as da
 
         self.model = model
@@ -186,15 +202,21 @@ class LazyStain:
         self.background, self.max_pending = background, max_pending
         self.on_ready, self.on_error, self.on_fallback = on_ready, on_error, on_fallback
         self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in ("teacher", "student")}
+        if cache_bytes is not None:  # a memory budget rather than a count: chunks are float32 RGB
+            cache_chunks = max(4, cache_bytes // (self.chunk * self.chunk * 3 * 4))
         self._cache_chunks = cache_chunks
+        self._failed: set = set()  # (role, key) that raised in the worker: shown as placeholders, not retried
         self._stats_pixels, self._stats_crop = stats_pixels, stats_crop
         self._lock = threading.Lock()  # guards the caches, counters and the job queue; never held while a network runs
         self._changed = threading.Condition(self._lock)  # a job finished or was dropped
-        self._net_lock = threading.Lock()  # one network run at a time: the networks are not thread-safe
+        # one network run at a time: the networks are not thread-safe (a pyramid's levels share one lock)
+        self._net_lock = net_lock or threading.Lock()
         self._waiting: OrderedDict[tuple, None] = OrderedDict()  # (role, chunk key), oldest request first
         self._running: tuple | None = None
         self._worker: threading.Thread | None = None
         self._closed = False
+        if background:
+            _LIVE.add(self)
 
         source = image if not isinstance(image, np.ndarray) else da.from_array(image, chunks=-1)
         y_axis = self.stack_ndim
@@ -232,18 +254,29 @@ class LazyStain:
         with self._lock:
             return self._changed.wait_for(lambda: not self._waiting and self._running is None, timeout)
 
-    def close(self) -> None:
-        """Drop the waiting chunks and stop the worker (after the chunk in progress, which this waits for).
+    def close(self, wait: bool = True) -> None:
+        """Drop the waiting chunks and stop the worker after the chunk in progress.
 
-        Reads after closing compute synchronously, as with ``background=False``.
+        ``wait`` joins the worker (a GUI passes False: the chunk in progress
+        may take seconds). Reads after closing compute synchronously, as with
+        ``background=False``.
         """
         with self._lock:
             self._closed = True
             self._waiting.clear()
             worker = self._worker
             self._changed.notify_all()
-        if worker is not None and worker is not threading.current_thread():
+        _LIVE.discard(self)
+        if wait and worker is not None and worker is not threading.current_thread():
             worker.join()
+
+    def cancel_pending(self) -> int:
+        """Drop the waiting chunks (not the one in progress); returns how many. Reading them queues them again."""
+        with self._lock:
+            dropped = len(self._waiting)
+            self._waiting.clear()
+            self._changed.notify_all()
+        return dropped
 
     def __enter__(self) -> LazyStain:
         return self
@@ -275,9 +308,11 @@ class LazyStain:
                 self._compute(role, key)
                 if self.on_ready is not None and not self._closed:
                     self.on_ready()  # before the job counts as done, so wait() returns after it
-            except Exception as error:  # a failed chunk must not stop the worker
-                self.errors.append(f"{role} chunk {key[: self.stack_ndim + 2]}: "
-                                   f"{type(error).__name__}: {error}")
+            except Exception as error:  # a failed chunk must not stop the worker, nor be retried on every redraw
+                with self._lock:
+                    self._failed.add((role, key))
+                    self.errors = [*self.errors[-19:], f"{role} chunk {key[: self.stack_ndim + 2]}: "
+                                   f"{type(error).__name__}: {error}"]
                 if self.on_error is not None:
                     with contextlib.suppress(Exception):
                         self.on_error(error)
@@ -325,7 +360,7 @@ class LazyStain:
         with self._lock:
             hit = self._cached(role, key)
             queued = hit is None and self.background and not self._closed
-            if queued:
+            if queued and (role, key) not in self._failed:
                 self._submit((role, key))
         if hit is not None:
             return hit
@@ -517,7 +552,7 @@ def input_pyramid(image, min_side: int = 512) -> list:
     return levels
 
 
-def _memoized(array, max_blocks: int = 64):
+def _memoized(array, max_blocks: int = 32):
     """``array`` with its computed blocks kept (least recently used dropped), computed once per block."""
     import dask.array as da
 
@@ -584,6 +619,9 @@ def lazy_pyramid(model, image_or_levels, outputs: Sequence[str] | None = None, *
             raise InputError("a pyramid needs at least one level, all with the same stack axes, largest first.")
     else:
         levels = input_pyramid(image_or_levels, min_side)
+    # levels too small for the networks (OME-Zarr pyramids go down to a few pixels) are left out
+    levels = levels[:1] + [level for level in levels[1:] if min(split_planes(tuple(level.shape))[1][:2]) >= MIN_SIDE]
     scaling = options.pop("scaling", None) or _scaling(levels[0])
-    stains = [LazyStain(model, level, outputs, scaling=scaling, **options) for level in levels]
+    net_lock = options.pop("net_lock", None) or threading.Lock()  # the levels share the teacher
+    stains = [LazyStain(model, level, outputs, scaling=scaling, net_lock=net_lock, **options) for level in levels]
     return {name: [stain.arrays[name] for stain in stains] for name in stains[0].arrays}, stains

@@ -34,6 +34,7 @@ from .worker import start_job
 
 SECTION = "finetune"
 SIZES = ("auto", "full", "small", "fast", "tiny")
+_ACTIVE: dict = {}  # the one training of this process: {"stop": Event, "widget": FineTuneWidget}
 PREVIEW_EVERY = 200  # steps between previews (and one after the first step, to show it works)
 PREVIEW_SIDE = 256
 MAX_LAYER_PIXELS = 8192 * 8192  # larger layers: train on exported regions instead
@@ -61,7 +62,7 @@ class FineTuneWidget(QWidget):
         self.darkfield = _FolderField("Folder of dark-field images.")
         self.darkfield.set(saved.get("darkfield", ""))
         self.model = ModelPicker(saved.get("model_files", []))
-        self.steps = QSpinBox(minimum=1, maximum=500_000, singleStep=500, value=int(saved.get("steps", 2000)))
+        self.steps = QSpinBox(minimum=1, maximum=500_000, singleStep=500, value=_as_int(saved.get("steps"), 2000))
         self.scratch = QCheckBox("new student of size")
         self.scratch.setToolTip("Start a new student instead of fine-tuning the starting model's one.")
         self.size = QComboBox()
@@ -110,8 +111,8 @@ class FineTuneWidget(QWidget):
         layout.addStretch(1)
 
         self.source.setCurrentIndex(1 if saved.get("source") == "folder" else 0)
-        self.size.setCurrentText(saved.get("size", "auto"))
-        self.device.setCurrentText(saved.get("device", "auto"))
+        self.size.setCurrentText(saved.get("size") if saved.get("size") in SIZES else "auto")
+        self.device.setCurrentText(saved.get("device") if saved.get("device") in DEVICES else "auto")
         self.source.currentIndexChanged.connect(self._source_changed)
         self.scratch.toggled.connect(self.size.setEnabled)
         self.size.setEnabled(False)
@@ -121,6 +122,9 @@ class FineTuneWidget(QWidget):
         self._source_changed()
         self._suggest_output()
         self.reset_choices()
+        if _ACTIVE:  # a training started from a panel that was closed: this one can stop it
+            self.stop_button.setEnabled(True)
+            self.status.setText("a fine-tuning started earlier is still running; Stop stops it.")
 
     # -- public API ----------------------------------------------------------------------
     @property
@@ -129,18 +133,21 @@ class FineTuneWidget(QWidget):
 
     def start(self) -> bool:
         """Check the inputs and start training; returns whether it started (problems become notifications)."""
-        if self.running:
-            show_info("fine-tuning is already running; press Stop first.")
+        if self.running or _ACTIVE:
+            show_info("fine-tuning is already running; press Stop first (one training at a time).")
             return False
         try:
             stained = self._check_folder(self.stained.value(), "H&E")
-            darkfield, crop_source = self._darkfield()
+            darkfield, names, crop_source = self._darkfield()
             init = load_model(self.model.value, "cpu")
             if init.teacher is None:
                 raise InputError(f"{init.name} has no teacher to learn from; start from a model with a teacher.")
             output = self._output_path()
         except InputError as err:
             show_error(str(err))
+            return False
+        except Exception as err:  # unreadable folders or layers: say so, never raise into Qt
+            show_error(f"cannot start fine-tuning: {type(err).__name__}: {err}")
             return False
         self._save()
         self.plot.clear()
@@ -152,27 +159,33 @@ class FineTuneWidget(QWidget):
                        else self.size.currentText())
         crop = _center_crop(crop_source, PREVIEW_SIDE)
         self._set_running(True)
+        if init.student is not None and not self.scratch.isChecked():
+            self.status.setText(f"preparing to fine-tune the student of {init.name} (width "
+                                f"{init.student.config['width']}, {init.student.config['n_blocks']} blocks)…")
         self._worker, self._stop = start_job(
-            self._work(init, darkfield, stained, output, options, crop), on_event=self._on_event,
+            self._work(self.model.value, darkfield, names, stained, output, options, crop), on_event=self._on_event,
             on_done=lambda outcome: self._on_done(outcome, output), on_crash=self._on_crash,
             on_finished=self._on_finished)
+        _ACTIVE.update(stop=self._stop, widget=self)
         return True
 
     def stop(self) -> None:
         """Stop training: within a step, keeping (and writing) the best validated state so far."""
-        if self._stop is not None:
-            self._stop.set()
+        stop = self._stop or _ACTIVE.get("stop")
+        if stop is not None:
+            stop.set()
             self.status.setText("stopping: the best state so far is kept…")
 
     def wait(self, timeout_s: float = 3600.0) -> None:
         """Process Qt events until training ends (for scripts and notebooks)."""
         if self._worker is None:
             return
-        loop = QEventLoop()
-        self._worker.finished.connect(loop.quit)
+        loop, poll = QEventLoop(), QTimer(interval=50)
+        poll.timeout.connect(lambda: None if self.running else loop.quit())  # no race with a fast job
         QTimer.singleShot(int(timeout_s * 1000), loop.quit)
-        if self._worker is not None:
-            loop.exec_()
+        poll.start()
+        loop.exec_()
+        poll.stop()
 
     def reset_choices(self, *_) -> None:
         """Refill the list of image layers: ticks are kept, new input images come ticked (outputs do not)."""
@@ -185,7 +198,7 @@ class FineTuneWidget(QWidget):
             if isinstance(layer, Image):
                 item = QListWidgetItem(layer.name)
                 item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                tick = layer.name in ticked if layer.name in known else not _is_output(layer)
+                tick = layer.name in ticked if layer.name in known else _looks_darkfield(layer)
                 item.setCheckState(Qt.Checked if tick else Qt.Unchecked)
                 self.layers.addItem(item)
 
@@ -195,25 +208,25 @@ class FineTuneWidget(QWidget):
                 if self.layers.item(i).checkState() == Qt.Checked]
 
     def _darkfield(self):
-        """The dark-field training data (folder path or list of arrays) and an image to preview on."""
+        """The dark-field training data (folder path or list of arrays), their names, and an image to preview on."""
         if self.source.currentIndex() == 1:
             folder = self._check_folder(self.darkfield.value(), "dark-field")
             from ..io import read_image
 
-            return folder, np.asarray(read_image(list_images(folder)[0]))
+            return folder, None, np.asarray(read_image(list_images(folder)[0]))
         names = [n for n in self._ticked_names() if n in self.viewer.layers]
         if not names:
             raise InputError("no dark-field layer is ticked: tick the layers to learn from, or choose 'a folder'.")
         arrays = []
         for name in names:
-            data, multiscale = L.image_source(self.viewer.layers[name], self.viewer)
+            data, multiscale = L.image_source(self.viewer.layers[name])  # 3-D display does not matter here
             level = data[0] if multiscale else data
             plane = level.shape[-3:-1] if self.viewer.layers[name].rgb else level.shape[-2:]
             if plane[0] * plane[1] > MAX_LAYER_PIXELS:
                 raise InputError(f"{name!r} is too large to train on whole ({plane[0]} x {plane[1]}); "
                                  "save a few regions of it to a folder and choose 'a folder'.")
             arrays.append(np.asarray(level))
-        return arrays, arrays[0]
+        return arrays, names, arrays[0]
 
     @staticmethod
     def _check_folder(text: str, kind: str) -> Path:
@@ -240,28 +253,45 @@ class FineTuneWidget(QWidget):
 
     def _suggest_output(self) -> None:
         stem = Path(self.model.value).stem
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.output.setText(str(settings.models_dir() / f"{stem}-finetuned-{stamp}.safetensors"))
 
     # -- the work, in a worker thread -----------------------------------------------------
-    def _work(self, init, darkfield, stained, output, options, crop):
+    def _work(self, choice, darkfield, names, stained, output, options, crop):
+        import torch
+
+        from ..oom import is_out_of_memory, release_memory
         from ..train.finetune import fine_tune, preview_student
 
         checkpoint = settings.data_dir() / "checkpoints" / (output.name + ".ckpt.safetensors")
 
         def work(bridge, stop):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            init = load_model(choice, options["device"])  # the teacher's pass runs on the chosen device too
 
             def callback(step, student):
                 if step == 1 or step % PREVIEW_EVERY == 0:
                     bridge.event.emit(("preview", step, preview_student(init.enhancer, student, crop)))
 
-            done = fine_tune(init, darkfield, stained, name=output.stem, checkpoint=checkpoint,
-                             command="napari Fine-tune widget", progress=lambda p: bridge.event.emit(("progress", p)),
-                             stop=stop, callback=callback, **options)
+            failed = False
+            try:
+                done = fine_tune(init, darkfield, stained, name=output.stem, checkpoint=checkpoint,
+                                 darkfield_names=names,
+                                 command="napari Fine-tune widget", on_note=lambda text: None,  # the CLI's flags
+                                 progress=lambda p: bridge.event.emit(("progress", p)), stop=stop,
+                                 callback=callback, **options)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not is_out_of_memory(err):
+                    raise
+                failed = True  # reported outside the except block, which holds the GPU tensors
+            if failed:
+                release_memory()
+                raise MemoryError("the GPU ran out of memory while training; choose a smaller student (fast or "
+                                  "tiny, with 'new student of size') or the CPU. The last checkpoint is kept in "
+                                  f"{checkpoint.parent}.")
             if done.model is not None:
                 done.model.save(output)
-                checkpoint.unlink(missing_ok=True)  # the model holds the chosen state; the checkpoint is spent
+            checkpoint.unlink(missing_ok=True)  # the model holds the chosen state (or there was none to keep)
             return done
 
         return work
@@ -287,7 +317,13 @@ class FineTuneWidget(QWidget):
             show_warning(f"could not show training progress: {err}")
 
     def _on_done(self, outcome, output: Path) -> None:
-        if outcome.error:
+        try:
+            self._report(outcome, output)
+        except Exception as err:  # never raise into Qt's event loop
+            show_error(f"fine-tuning ended, but showing its result failed: {type(err).__name__}: {err}")
+
+    def _report(self, outcome, output: Path) -> None:
+        if outcome.error is not None:
             show_error(outcome.error)
             self.status.setText(outcome.error)
             return
@@ -312,6 +348,8 @@ class FineTuneWidget(QWidget):
                             f"{settings.data_dir() / 'checkpoints'}.")
 
     def _on_finished(self) -> None:
+        if _ACTIVE.get("stop") is self._stop:
+            _ACTIVE.clear()
         self._worker = self._stop = None
         self._set_running(False)
 
@@ -371,8 +409,16 @@ class _FolderField(QWidget):
             self.edit.setText(folder)
 
 
-def _is_output(layer) -> bool:
-    return "digital_stain" in layer.metadata
+def _looks_darkfield(layer) -> bool:
+    """Ticked by default: image layers that are neither our outputs nor marked as H&E (the H&E sample)."""
+    return not L.is_output(layer) and layer.metadata.get("kind") != "H&E"
+
+
+def _as_int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _center_crop(image: np.ndarray, side: int) -> np.ndarray:

@@ -78,7 +78,7 @@ def show_output(viewer, source, output: str, data, metadata: dict, *, multiscale
     """
     name = output_name(source, output)
     levels = [as_rgb(output, level) for level in data] if multiscale else as_rgb(output, data)
-    if name in viewer.layers:
+    if name in viewer.layers and is_output(viewer.layers[name]):  # never a user's own layer of that name
         layer = viewer.layers[name]
         if bool(layer.multiscale) == multiscale and layer.rgb:
             layer.data = levels
@@ -98,11 +98,17 @@ def show_output(viewer, source, output: str, data, metadata: dict, *, multiscale
 
 def _place(viewer, layer, source, position: int) -> None:
     """Put ``layer`` just above ``source`` (so the grid shows input, enhanced, teacher, student in order)."""
-    current, target = viewer.layers.index(layer), viewer.layers.index(source) + 1 + position
-    if current < target:
-        target -= 1  # napari's move() counts the target before the layer leaves its place
-    if current != target:
-        viewer.layers.move(current, min(target, len(viewer.layers) - 1))
+    current = viewer.layers.index(layer)
+    others = [other for other in viewer.layers if other is not layer]
+    final = min(others.index(source) + 1 + position, len(others))  # its index once moved
+    if current != final:
+        # napari's move() inserts before the given index as counted before the layer leaves its place
+        viewer.layers.move(current, final + 1 if current < final else final)
+
+
+def is_output(layer) -> bool:
+    """Whether a layer is one of our outputs (marked in its metadata, whatever its name)."""
+    return "digital_stain" in getattr(layer, "metadata", {})
 
 
 def grid_of(viewer):
@@ -111,10 +117,11 @@ def grid_of(viewer):
     return getattr(canvas, "grid", None) or viewer.grid
 
 
-def set_side_by_side(viewer, on: bool) -> None:
-    """Grid view, one layer per panel in one row (``on``), or everything overlaid."""
+def set_side_by_side(viewer, on: bool, columns: int | None = None) -> None:
+    """Grid view, one layer per panel (``on``; one row, or rows of ``columns``), or everything overlaid."""
     grid = grid_of(viewer)
     if on:
+        visible = len([layer for layer in viewer.layers if layer.visible])
         grid.stride = 1
-        grid.shape = (1, -1) if len([layer for layer in viewer.layers if layer.visible]) <= 4 else (-1, -1)
+        grid.shape = (-1, columns) if columns else (1, -1) if visible <= 4 else (-1, -1)
     grid.enabled = on

@@ -15,6 +15,7 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QPushButton, QWidget
 
 from .. import settings
+from ..devices import resolve_device
 from ..model import DEFAULT_MODEL, StainModel, available_models, resolve_model_path
 
 OTHER = "Other model file…"
@@ -36,6 +37,7 @@ def registry() -> _Registry:
 
 
 _CACHE: dict[tuple, StainModel] = {}
+_LOCKS: dict[int, threading.Lock] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -43,18 +45,28 @@ def load_model(choice: str, device: str = "cpu") -> StainModel:
     """The model for a picker value (shipped name or file path), loaded once per file version and device.
 
     Raises :class:`~digital_stain.arrays.InputError` (or its subclass
-    ``ModelFileError``) with a message for the user.
+    ``ModelFileError``) with a message for the user. The same object is
+    returned to every caller: hold :func:`model_lock` while staining with it.
     """
     path = resolve_model_path(choice)
+    where = str(resolve_device(device))  # "auto" and "cuda" are one device, one copy
     stat = path.stat()
     base_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     with _CACHE_LOCK:
         if (*base_key, "cpu") not in _CACHE:
             _CACHE[(*base_key, "cpu")] = StainModel.load(path, device="cpu")
-        if (*base_key, device) not in _CACHE:
+        if (*base_key, where) not in _CACHE:
             # a private copy per device: moving one never moves another a job may be using
-            _CACHE[(*base_key, device)] = copy.deepcopy(_CACHE[(*base_key, "cpu")]).to(device)
-        return _CACHE[(*base_key, device)]
+            _CACHE[(*base_key, where)] = copy.deepcopy(_CACHE[(*base_key, "cpu")]).to(where)
+        model = _CACHE[(*base_key, where)]
+        _LOCKS.setdefault(id(model), threading.Lock())
+        return model
+
+
+def model_lock(model: StainModel) -> threading.Lock:
+    """The lock of a cached model: staining changes its student's normalisation state while it runs."""
+    with _CACHE_LOCK:
+        return _LOCKS.setdefault(id(model), threading.Lock())
 
 
 def model_label(choice: str) -> str:
@@ -81,6 +93,8 @@ class ModelPicker(QWidget):
         row.addWidget(self.combo, 1)
         row.addWidget(self.browse)
         self.files: list[str] = [p for p in (remembered or []) if Path(p).is_file()]
+        self.bad: set[str] = set()  # files that failed to load: not offered again this session
+        self._last = DEFAULT_MODEL
         self.refresh()
         self.combo.activated.connect(self._activated)
         self.browse.clicked.connect(self._browse)
@@ -91,19 +105,29 @@ class ModelPicker(QWidget):
         return self.combo.currentData() or DEFAULT_MODEL
 
     def set_value(self, choice: str) -> None:
+        self.bad.discard(choice)  # picked again on purpose: try it again
         if choice not in available_models() and choice not in self.files:
             self.files.insert(0, choice)
             self.refresh()
         index = self.combo.findData(choice)
         if index >= 0:
             self.combo.setCurrentIndex(index)
+        self._last = self.value
         self.changed.emit(self.value)
+
+    def reject(self, choice: str) -> None:
+        """Forget a model that cannot be used and go back to the default one."""
+        self.bad.add(choice)
+        self.files = [f for f in self.files if f != choice]
+        self.refresh()
+        self.combo.setCurrentIndex(max(self.combo.findData(DEFAULT_MODEL), 0))
+        self._last = self.value
 
     def refresh(self) -> None:
         """List the shipped models, the fine-tuned ones in the user's models folder, and picked files."""
         current = self.combo.currentData()
         user = [str(p) for p in settings.user_models()]
-        choices = available_models() + list(dict.fromkeys(user + self.files))
+        choices = available_models() + [c for c in dict.fromkeys(user + self.files) if c not in self.bad]
         self.combo.blockSignals(True)
         self.combo.clear()
         for choice in choices:
@@ -117,6 +141,7 @@ class ModelPicker(QWidget):
         if self.combo.itemData(index) is None:  # "Other model file…"
             self._browse()
         else:
+            self._last = self.value
             self.changed.emit(self.value)
 
     def _browse(self) -> None:
@@ -124,8 +149,8 @@ class ModelPicker(QWidget):
                                               "Model files (*.safetensors)")
         if path:
             self.set_value(path)
-        else:
-            self.refresh()
+        else:  # cancelled: back to what was chosen before
+            self.combo.setCurrentIndex(max(self.combo.findData(self._last), 0))
 
     def _announced(self, path: str) -> None:
         if path not in self.files:

@@ -24,19 +24,22 @@ from .. import __version__, settings
 from ..arrays import InputError
 from ..devices import DEVICES
 from ..model import OUTPUTS
+from ..tiling import Cancelled
 from . import layers as L
-from .models import ModelPicker, load_model
+from .models import ModelPicker, load_model, model_lock
 from .worker import start_job
 
 SECTION = "stain"
 MODES = {"auto": "auto (lazy for large, dask, pyramid or stack)", "now": "whole image now", "lazy": "lazily, as viewed"}
 LAZY_STATS_PIXELS = 1024 * 1024  # statistics per pyramid level: enough crops to be stable, cheap on a CPU
+LAZY_CACHE_BYTES = 256 * 2**20  # stained chunks kept per output and pyramid level
 
 
-class _Ready(QObject):
-    """Lazy chunks finished in a background thread → one coalesced refresh in the GUI thread."""
+class _Signals(QObject):
+    """Lazy chunks finished (or failed) in a background thread → handled in the GUI thread."""
 
-    ready = Signal()
+    ready = Signal(object)  # the LazyStain that finished a chunk
+    failed = Signal(object, object)  # the LazyStain, the error
     warning = Signal(str)
 
 
@@ -49,11 +52,16 @@ class StainWidget(QWidget):
         saved = settings.load_settings(SECTION)
         self._worker = None
         self._stop = None
-        self._lazy: dict[str, list] = {}  # output layer name -> LazyStain objects behind it
-        self._signals = _Ready()
+        # output layer's unique_id -> (layer, the LazyStains behind it); not id(): napari hands plugins proxies
+        self._lazy: dict[str, tuple] = {}
+        self._ready: set = set()  # LazyStains with new chunks since the last refresh
+        self._failures_shown: set = set()
+        self._layout_chosen = False  # once the user picks overlay or grid, staining leaves it alone
+        self._signals = _Signals()
         self._refresh_timer = QTimer(self, singleShot=True, interval=150)
         self._refresh_timer.timeout.connect(self._refresh_lazy_layers)
-        self._signals.ready.connect(self._refresh_timer.start)
+        self._signals.ready.connect(self._chunk_ready)
+        self._signals.failed.connect(self._chunk_failed)
         self._signals.warning.connect(show_warning)
         self.last_layers: dict[str, object] = {}
 
@@ -106,6 +114,7 @@ class StainWidget(QWidget):
         self.run_button.clicked.connect(lambda: self.stain())
         self.stop_button.clicked.connect(self.stop)
         self.side_by_side.toggled.connect(self._toggle_grid)
+        self.side_by_side.clicked.connect(self._layout_clicked)
         self.model.changed.connect(self._model_changed)
         for widget in (self.device, self.mode):
             widget.currentIndexChanged.connect(self._save)
@@ -161,6 +170,9 @@ class StainWidget(QWidget):
         except InputError as err:
             show_error(str(err))
             return False
+        except Exception as err:  # e.g. a model file deleted since it was picked: say so, never raise into Qt
+            show_error(f"cannot stain: {type(err).__name__}: {err}")
+            return False
         self._save()
         settings_used = dict(model=self.model.value, device=self.device.currentText(), tile=self.tile.value(),
                              outputs=list(outputs), mode="lazy" if lazy else "now")
@@ -173,13 +185,21 @@ class StainWidget(QWidget):
         return True
 
     def stop(self) -> None:
-        """Stop the running staining (returns within one tile); lazy layers stop their background work."""
+        """Stop the running staining (within one tile) and drop the chunks waiting to be stained.
+
+        Lazy layers stay usable: chunks looked at again are queued again.
+        """
         if self._stop is not None:
             self._stop.set()
             self.status.setText("stopping…")
-        for stains in self._lazy.values():
-            for stain in stains:
-                stain.close()
+        dropped = sum(stain.cancel_pending() for _, stains in self._lazy.values() for stain in stains)
+        if dropped and self._stop is None:
+            self.status.setText(f"stopped: {dropped} chunk(s) waiting to be stained were dropped.")
+        self.stop_button.setEnabled(self.running)
+
+    def lazy_stains(self, layer) -> list:
+        """The :class:`~digital_stain.lazy.LazyStain` objects behind a lazily stained output layer."""
+        return list(self._lazy.get(layer.unique_id, (None, []))[1])
 
     def run(self, layer=None, timeout_s: float = 600.0) -> dict:
         """Stain and wait (for scripts and notebooks): returns ``{output: layer}`` of this run."""
@@ -193,19 +213,19 @@ class StainWidget(QWidget):
         """Process Qt events until the running job ends (its results are then in the viewer)."""
         if self._worker is None:
             return
-        loop = QEventLoop()
-        self._worker.finished.connect(loop.quit)
+        loop, poll = QEventLoop(), QTimer(interval=50)
+        poll.timeout.connect(lambda: None if self.running else loop.quit())  # no race with a fast job
         QTimer.singleShot(int(timeout_s * 1000), loop.quit)
-        if self._worker is not None:
-            loop.exec_()
+        poll.start()
+        loop.exec_()
+        poll.stop()
 
     def reset_choices(self, *_) -> None:
         """Refill the input list with the viewer's image layers (napari calls this when layers change)."""
         from napari.layers import Image
 
         current = self.input.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)
-                 and not layer.name.endswith(tuple(f" {o}" for o in OUTPUTS))]
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image) and not L.is_output(layer)]
         self.input.blockSignals(True)
         self.input.clear()
         self.input.addItems(names)
@@ -219,11 +239,14 @@ class StainWidget(QWidget):
     def _eager_work(self, data, used):
         from ..oom import stain_with_fallback
 
+        signals = self._signals
+
         def work(bridge, stop):
             model = load_model(used["model"], used["device"])
-            results, actual = stain_with_fallback(
-                model, np.asarray(data), used["outputs"], tile=used["tile"], device=used["device"], precision="auto",
-                progress=bridge.progress.emit, stop=stop, notify=self._signals.warning.emit)
+            with model_lock(model):
+                results, actual = stain_with_fallback(
+                    model, np.asarray(data), used["outputs"], tile=used["tile"], device=used["device"],
+                    precision="auto", progress=bridge.progress.emit, stop=stop, notify=signals.warning.emit)
             return model, results, actual
 
         return work
@@ -231,12 +254,23 @@ class StainWidget(QWidget):
     def _lazy_work(self, data, used):
         from ..lazy import lazy_pyramid
 
+        signals = self._signals  # the closures hold the QObject: it must outlive the background threads
+
         def work(bridge, stop):
-            model = copy.deepcopy(load_model(used["model"], used["device"]))  # the background threads' own copy
+            shared = load_model(used["model"], used["device"])
+            with model_lock(shared):
+                model = copy.deepcopy(shared)  # the background threads' own copy
             arrays, stains = lazy_pyramid(
                 model, data, used["outputs"], chunk=used["tile"], stats_pixels=LAZY_STATS_PIXELS,
-                stats_crop=min(512, used["tile"]), background=True, on_ready=self._signals.ready.emit,
-                on_fallback=self._signals.warning.emit)
+                stats_crop=min(512, used["tile"]), background=True, cache_bytes=LAZY_CACHE_BYTES,
+                on_fallback=signals.warning.emit)
+            for stain in stains:  # bound here, so each report says which pyramid level it is from
+                stain.on_ready = lambda s=stain: signals.ready.emit(s)
+                stain.on_error = lambda error, s=stain: signals.failed.emit(s, error)
+            if stop.is_set():
+                for stain in stains:
+                    stain.close(wait=False)
+                raise Cancelled("stopped by the user")
             actual = {"tile": used["tile"], "device": str(model._device), "fallbacks": []}
             return model, (arrays, stains), actual
 
@@ -245,7 +279,7 @@ class StainWidget(QWidget):
     # -- results, in the GUI thread ------------------------------------------------------
     def _on_done(self, outcome, source, used, multiscale) -> None:
         try:
-            if outcome.error:
+            if outcome.error is not None:
                 show_error(outcome.error)
                 return
             if outcome.stopped:
@@ -271,12 +305,11 @@ class StainWidget(QWidget):
                                       {"digital_stain": {**metadata["digital_stain"], "output": output}},
                                       multiscale=pyramid, position=position)
                 self.last_layers[output] = layer
-                if lazy:
-                    self._lazy[layer.name] = stains
-            if not self.side_by_side.isChecked():
-                self.side_by_side.setChecked(True)  # the first result is shown side by side
-            else:
-                L.set_side_by_side(self.viewer, True)
+                self._track(layer, stains if lazy else [])
+            if not self._layout_chosen and not self.side_by_side.isChecked():
+                self.side_by_side.setChecked(True)  # results are shown side by side until the user chooses
+            elif self.side_by_side.isChecked():
+                L.set_side_by_side(self.viewer, True)  # new panels joined the grid
             where = "as you view it" if lazy else f"in {actual['tile']}-px tiles"
             self.progress.setValue(100)
             self.status.setText(f"stained {source.name!r} with {model.name} on {actual['device']} {where}.")
@@ -301,46 +334,74 @@ class StainWidget(QWidget):
             self.status.setText(text + "…")
 
     # -- lazy layers ---------------------------------------------------------------------
+    def _track(self, layer, stains: list) -> None:
+        """Remember the LazyStains behind ``layer``; those it showed before are closed if nothing else shows them."""
+        _, old = self._lazy.pop(layer.unique_id, (None, []))
+        if stains:
+            self._lazy[layer.unique_id] = (layer, stains)
+        self._close_unused(old)
+
+    def _close_unused(self, stains: list) -> None:
+        in_use = {id(s) for _, others in self._lazy.values() for s in others}
+        for stain in stains:
+            if id(stain) not in in_use:
+                stain.close(wait=False)  # never join in the GUI thread: a chunk may take seconds
+
+    def _chunk_ready(self, stain) -> None:
+        self._ready.add(stain)
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start()  # many chunks in quick succession → one redraw
+
     def _refresh_lazy_layers(self) -> None:
-        for name in list(self._lazy):
-            if name in self.viewer.layers and self.viewer.layers[name].visible:
-                self.viewer.layers[name].refresh()
-        pending = sum(stain.pending for stains in self._lazy.values() for stain in stains)
-        if pending:
-            self._refresh_timer.start()  # keep the view fresh while chunks arrive
+        ready, self._ready = self._ready, set()
+        try:
+            for layer, stains in list(self._lazy.values()):
+                if layer.visible and any(stain in ready for stain in stains):
+                    layer.refresh()
+        except Exception as err:  # never raise into Qt's event loop
+            show_warning(f"could not redraw a stained layer: {err}")
+
+    def _chunk_failed(self, stain, error) -> None:
+        if id(stain) in self._failures_shown:
+            return  # one message per pyramid level, not one per chunk
+        self._failures_shown.add(id(stain))
+        show_warning(f"some chunks could not be stained and stay gray ({type(error).__name__}: {error}).")
 
     def _layer_removed(self, event) -> None:
-        name = getattr(event.value, "name", None)
-        stains = self._lazy.pop(name, None)
-        if stains and not any(s is t for others in self._lazy.values() for s in others for t in stains):
-            for stain in stains:
-                stain.close()  # no layer shows them any more: stop their background work
+        _, stains = self._lazy.pop(getattr(event.value, "unique_id", None), (None, []))
+        self._close_unused(stains)  # no layer shows them any more: stop their background work
 
     # -- settings and small slots --------------------------------------------------------------
     def _model_changed(self, choice: str) -> None:
         try:
             model = load_model(choice, "cpu")
-        except InputError as err:
+        except Exception as err:  # a corrupt or vanished file: say so and go back to a usable model
             show_error(f"cannot use this model: {err}")
-            self.model.files = [f for f in self.model.files if f != choice]
-            self.model.refresh()
+            self.model.reject(choice)
+            if self.model.value != choice:
+                self._model_changed(self.model.value)
             return
         for name, box in self.output_boxes.items():
             box.setEnabled(name in model.outputs)
             box.setToolTip("" if name in model.outputs else f"{model.name} has no {name} network")
         self._save()
 
+    def _layout_clicked(self) -> None:
+        self._layout_chosen = True
+
     def _toggle_grid(self, on: bool) -> None:
         L.set_side_by_side(self.viewer, on)
         self.side_by_side.setText("Overlay" if on else "Side by side")
 
     def _restore(self, saved: dict) -> None:
-        if saved.get("model"):
-            index = self.model.combo.findData(saved["model"])
-            if index >= 0:
-                self.model.combo.setCurrentIndex(index)
-        self.device.setCurrentText(saved.get("device", "auto"))
-        self.tile.setValue(int(saved.get("tile", 512)))
+        """Put back the last session's choices (values that do not fit are ignored)."""
+        index = self.model.combo.findData(saved.get("model"))
+        if index >= 0:
+            self.model.combo.setCurrentIndex(index)
+            self.model._last = self.model.value
+        if saved.get("device") in DEVICES:
+            self.device.setCurrentText(saved["device"])
+        self.tile.setValue(_as_int(saved.get("tile"), 512))
         index = self.mode.findData(saved.get("mode", "auto"))
         self.mode.setCurrentIndex(max(index, 0))
 
@@ -355,5 +416,13 @@ class StainWidget(QWidget):
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
         self.stop()
+        self._close_unused([s for _, stains in self._lazy.values() for s in stains])
         super().closeEvent(event)
+
+
+def _as_int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 

@@ -75,7 +75,7 @@ def start_job(work: Callable[[Bridge, threading.Event], object], *, on_progress=
         except Cancelled:
             return Outcome(stopped=True)
         except (InputError, MemoryError) as err:
-            return Outcome(error=str(err))
+            return Outcome(error=str(err) or f"{type(err).__name__} (no details)")
 
     worker = create_worker(job, _start_thread=False, _worker_class=_StoppableWorker,
                            _connect={"returned": on_done, "errored": on_crash})
