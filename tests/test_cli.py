@@ -384,3 +384,53 @@ def test_view_without_display_writes_outputs_and_says_so(capsys, monkeypatch, ti
     assert code == 0, err
     assert "no display" in err
     assert (out / "teacher" / "darkfield_0_0.png").is_file()
+
+
+# -- train --paired --------------------------------------------------------------
+@pytest.fixture
+def paired_dirs(tmp_path, darkfield_dir, hne_dir):
+    """The dark-field sample tiles and, under the same names, stained tiles as their 'sections'."""
+    sections = tmp_path / "sections"
+    sections.mkdir()
+    for dark, stained in zip(sorted(darkfield_dir.glob("*.png")), sorted(hne_dir.glob("*.png"))):
+        shutil.copy2(stained, sections / dark.name)
+    return darkfield_dir, sections
+
+
+@pytest.mark.slow
+def test_train_paired_end_to_end(capsys, tiny_model_file, paired_dirs, tmp_path):
+    from digital_stain.modelfile import load_bundle
+
+    darkfield, sections = paired_dirs
+    output = tmp_path / "paired.safetensors"
+    argv = ["train", "--paired", "--darkfield", str(darkfield), "--stained", str(sections), "--output", str(output),
+            "--init", str(tiny_model_file), "--from-scratch", "--size", "tiny", "--steps", "2", "--crop", "64", *FAST]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "chosen at step" in capsys.readouterr().err
+    model = StainModel.load(output)
+    student = model.metadata["provenance"]["student"]
+    assert student["mode"] == "paired" and student["steps"] == 2 and student["stained"] == str(sections)
+    assert (student["config"]["lambda_kd"], student["config"]["lambda_con"]) == (2.0, 20.0)
+    assert "aligned_l1" in student["history"][-1]
+    assert model.metadata["provenance"]["command"].startswith("digital-stain train --paired")
+    tensors, _ = load_bundle(output)
+    assert not any("registration" in k for k in tensors)
+    checkpoint, _ = load_bundle(output.with_name(output.name + ".ckpt.safetensors"))
+    assert any(k.startswith("registration.") for k in checkpoint)
+    # the same checkpoint, resumed without --paired: refused, naming the mode
+    assert main([a for a in argv if a != "--paired"] + ["--resume"]) == 2
+    assert "made by paired training and this run is unpaired" in capsys.readouterr().err
+
+
+def test_train_paired_refuses_folders_that_do_not_pair(capsys, tiny_model_file, paired_dirs, hne_dir, tmp_path):
+    darkfield, sections = paired_dirs
+    output = tmp_path / "never.safetensors"
+    base = ["train", "--paired", "--darkfield", str(darkfield), "--output", str(output), "--init", str(tiny_model_file),
+            "--size", "tiny", "--steps", "1", "--crop", "64", *FAST]
+    assert main(base + ["--stained", str(hne_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "do not pair by name" in err and "darkfield_0_0.png" in err and "without --paired" in err
+    Image.fromarray(read_png(sections / "darkfield_0_5.png")[:, :128]).save(sections / "darkfield_0_5.png")
+    assert main(base + ["--stained", str(sections)]) == 2
+    assert "differ in size (darkfield_0_5.png: dark-field 256 x 256, stained 128 x 256)" in capsys.readouterr().err
+    assert not output.exists()

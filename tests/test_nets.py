@@ -16,6 +16,7 @@ from digital_stain.nets import (
     warp,
 )
 from digital_stain.nets.norm import set_norm_mode
+from digital_stain.nets.registration import smoothness_loss
 
 
 @pytest.fixture(autouse=True)
@@ -168,6 +169,40 @@ def test_warp_constant_y_displacement_shifts_rows_not_columns():
     field[:, 1] = -2.0
     out = warp(image, field)
     torch.testing.assert_close(out[:, :, 2:], image[:, :, :-2], atol=1e-10, rtol=0)
+
+
+def test_warp_integer_shift_moves_a_pixel_by_that_shift():
+    image = torch.zeros(1, 1, 12, 16, dtype=torch.float64)
+    image[0, 0, 7, 9] = 1.0
+    field = torch.zeros(1, 2, 12, 16, dtype=torch.float64)
+    field[:, 0], field[:, 1] = 4.0, -3.0  # out(y, x) = image(y - 3, x + 4)
+    out = warp(image, field)
+    assert out[0, 0, 10, 5] == 1.0 and out.sum() == 1.0  # the bright pixel moved 4 px left and 3 px down
+
+
+def test_smoothness_loss_is_zero_for_a_constant_field_with_a_finite_gradient():
+    field = torch.full((2, 2, 8, 9), 3.5, requires_grad=True)
+    loss = smoothness_loss(field)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(field.grad).all()
+
+
+def test_smoothness_loss_is_positive_for_a_varying_field():
+    assert smoothness_loss(torch.randn(1, 2, 8, 8)).item() > 0.1
+
+
+def test_smoothness_loss_matches_a_hand_computation():
+    # eq. 6: 1/(W H) sum_ij ||(grad_h phi)_ij||_2 + ||(grad_v phi)_ij||_2, forward differences, zero past the edge
+    field = torch.tensor([[[0.0, 1.0, 3.0], [0.0, 1.0, 3.0]],  # x: grad_h 1, 2 per row; grad_v 0
+                          [[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]])[None]  # y: grad_h 0; grad_v 2 per column
+    # horizontal norms 1 + 2 + 1 + 2 = 6, vertical 2 + 2 + 2 = 6, over H W = 6 pixels: 2
+    torch.testing.assert_close(smoothness_loss(field, eps=0.0), torch.tensor(2.0))
+    torch.testing.assert_close(smoothness_loss(field), torch.tensor(2.0), atol=2e-3, rtol=0)  # sqrt(eps) per norm
+    diagonal = torch.tensor([[[0.0, 3.0]], [[0.0, 4.0]]])[None]  # one step of (3, 4): its 2-norm is 5, over 2 pixels
+    torch.testing.assert_close(smoothness_loss(diagonal, eps=0.0), torch.tensor(2.5))
+    batch = torch.cat([field, torch.zeros_like(field)])  # a batch averages the images' losses
+    torch.testing.assert_close(smoothness_loss(batch, eps=0.0), torch.tensor(1.0))
 
 
 def test_warp_half_pixel_is_bilinear():

@@ -69,9 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--input-noise", type=float, default=None,
                        help="largest std of Gaussian noise added to the gray input (default 0.04; 0 = paper)")
     _add_run_options(teach)
-    train = sub.add_parser("train", help="train (or fine-tune) the student by knowledge distillation, unpaired")
+    train = sub.add_parser("train", help="train (or fine-tune) the student by knowledge distillation, unpaired "
+                           "(or paired-but-misaligned with --paired)")
     train.add_argument("--darkfield", type=Path, required=True, help="folder of dark-field images")
-    train.add_argument("--stained", type=Path, required=True, help="folder of (unpaired) RGB H&E images")
+    train.add_argument("--stained", type=Path, required=True,
+                       help="folder of RGB H&E images: unpaired, or with --paired the stained adjacent section of "
+                            "each dark-field image, with the same file name and pixel size")
+    train.add_argument("--paired", action="store_true",
+                       help="paired-but-misaligned training (the paper's Learning to Align): pairs --darkfield and "
+                            "--stained images by file name; a registration network aligns the output with each "
+                            "section during training (losses 2 kd, 10 cyc, 20 con, 10 smooth)")
     train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (.safetensors)")
     train.add_argument("--init", default="dsd-unpaired", help="model whose enhancer and teacher are used "
                        "(and whose student is fine-tuned if it has one); default dsd-unpaired")
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--crop", type=int, default=None)
     train.add_argument("--batch", type=int, default=None)
     train.add_argument("--lambda-kd", type=float, default=None,
-                       help="weight of the distillation loss (default 5, the paper's; 0 = CycleGAN, the ablation)")
+                       help="weight of the distillation loss (default the paper's: 5, or 2 with --paired; "
+                            "0 = CycleGAN, the ablation)")
     train.add_argument("--from-scratch", action="store_true",
                        help="start a new student even if --init has one (default: fine-tune its student)")
     _add_run_options(train)
@@ -282,7 +290,7 @@ def cmd_train(args) -> int:
         lambda_kd=args.lambda_kd, seed=args.seed, device=args.device, precision=args.precision,
         from_scratch=args.from_scratch, checkpoint=checkpoint, resume=args.resume,
         name=args.name or args.output.stem, command=_command(args), progress=progress, stop=stop,
-        on_note=lambda text: print(text, file=sys.stderr)))
+        on_note=lambda text: print(text, file=sys.stderr), paired=args.paired))
     result = tuned.result
     if tuned.model is None:
         print(f"stopped at step {result.steps_done}, before the first validation: no validated student, "

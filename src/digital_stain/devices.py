@@ -25,11 +25,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU; use --device auto or cpu.")
+            raise InputError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU; choose device auto or cpu.")
         return torch.device(name)
     if name == "mps":
         if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise InputError("device 'mps' was asked for, but Apple's Metal backend is not available; use auto or cpu.")
+            raise InputError("device 'mps' was asked for, but Apple's Metal backend is not available; choose device auto or cpu.")
         return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")

@@ -88,7 +88,7 @@ class FineTuneWidget(QWidget):
         size_row.addWidget(self.scratch)
         size_row.addWidget(self.size, 1)
         form = QFormLayout()
-        form.addRow("H&E folder", self.stained)
+        form.addRow("H&&E folder", self.stained)  # && shows one & (a single one marks a shortcut)
         form.addRow("Dark-field", self.source)
         form.addRow("", self.layers)
         form.addRow("", self.darkfield)

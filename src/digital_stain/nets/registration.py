@@ -2,7 +2,9 @@
 
 ``R(moving, fixed)`` returns a dense displacement field ``phi`` of shape
 ``(N, 2, H, W)`` in pixels (x then y). Its last layer starts at zero, so
-training starts from the identity field. Used in paired training only.
+training starts from the identity field. Used in paired training only
+(:mod:`digital_stain.train.student` with ``mode="paired"``); it is never part of a
+model file. :func:`smoothness_loss` is the paper's ``L_smoo`` (eq. 6) on such a field.
 """
 
 from __future__ import annotations
@@ -63,3 +65,29 @@ def warp(image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     y = ys.unsqueeze(0) + displacement[:, 1]
     grid = torch.stack([2.0 * x / max(w - 1, 1) - 1.0, 2.0 * y / max(h - 1, 1) - 1.0], dim=-1)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def smoothness_loss(displacement: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Isotropic total variation of a displacement field: the paper's ``L_smoo`` (eq. 6).
+
+    ``1/(W H) sum_ij ( ||(grad_h phi)_ij||_2 + ||(grad_v phi)_ij||_2 )``, averaged over the batch,
+    where ``(grad_h phi)_ij = phi[:, i, j+1] - phi[:, i, j]`` is the 2-vector of forward differences
+    of both field channels (zero past the last column, likewise for ``grad_v`` and the last row).
+    Each norm is ``sqrt(d^2 + eps) - sqrt(eps)``: exactly 0 for a constant field, within
+    ``sqrt(eps)`` (1e-3 px by default) of the plain norm otherwise, and with a finite gradient at 0.
+
+    Parameters
+    ----------
+    displacement : Tensor, shape (N, 2, H, W)
+        In pixels, as :class:`RegistrationNet` returns it.
+    eps : float
+        In squared pixels.
+    """
+    phi = displacement.float()
+    n, _, h, w = phi.shape
+    root = eps**0.5
+    dh = phi[..., :, 1:] - phi[..., :, :-1]
+    dv = phi[..., 1:, :] - phi[..., :-1, :]
+    norm_h = (dh.pow(2).sum(1) + eps).sqrt() - root
+    norm_v = (dv.pow(2).sum(1) + eps).sqrt() - root
+    return (norm_h.sum() + norm_v.sum()) / (n * h * w)

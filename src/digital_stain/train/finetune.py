@@ -113,6 +113,7 @@ def fine_tune(
     darkfield_names: Sequence[str] | None = None,
     on_note: Callable[[str], None] | None = None,
     config_overrides: dict | None = None,
+    paired: bool = False,
 ) -> FineTuneResult:
     """Train (or fine-tune) the student of ``init`` by knowledge distillation from its teacher.
 
@@ -126,11 +127,13 @@ def fine_tune(
         Dark-field images: a folder, or in-memory ``(Y, X)`` / ``(Y, X, C)`` arrays (stacks are
         split into planes), e.g. napari layers' data; see :func:`train_student`.
     stained_dir : folder path (or sequence of RGB arrays)
-        Unpaired real H&E images.
+        Unpaired real H&E images; with ``paired``, the stained adjacent section of each
+        dark-field image, of the same name (without extension) and size.
     size : ``full|small|fast|tiny``, optional
         Student preset for a new student; default :func:`default_size` of ``device``.
     steps, crop, batch, lambda_kd : optional
-        Override the preset (``lambda_kd=0``: the paper's CycleGAN ablation).
+        Override the preset (``lambda_kd=0``: the paper's CycleGAN ablation; default the paper's
+        weight for the mode, 5 unpaired, 2 paired).
     seed, device, precision : as for :class:`StudentConfig`.
     from_scratch : bool
         Start a new student of ``size`` even if ``init`` has one.
@@ -151,7 +154,13 @@ def fine_tune(
         notes go to ``progress`` as messages. They are also in :attr:`FineTuneResult.notes`.
     config_overrides : dict, optional
         Further :class:`StudentConfig` fields (e.g. ``val_every``, ``report_every``,
-        ``disc_width``); a fine-tuned student's width and blocks still come from ``init``.
+        ``disc_width``, ``lambda_con``); a fine-tuned student's width and blocks still come from
+        ``init``. The mode is chosen by ``paired``, not here.
+    paired : bool
+        Paired-but-misaligned training (paper section IV-C, Learning to Align): ``darkfield`` and
+        ``stained_dir`` are paired by name (:func:`digital_stain.train.paired.load_pairs`) and a
+        registration network, used in training only, aligns the student's output with each
+        section. Same progress, stop, callback, checkpoint and result as unpaired.
 
     Returns
     -------
@@ -172,11 +181,15 @@ def fine_tune(
         return _stopped_early(TrainResult(None, 0, True), started, notes)
     model = init if isinstance(init, StainModel) else StainModel.load(init, device=device)
     overrides = {k: v for k, v in dict(steps=steps, crop=crop, batch=batch, lambda_kd=lambda_kd).items() if v is not None}
-    cfg = StudentConfig.preset(size or default_size(device), seed=seed, device=device, precision=precision, **overrides)
     extra = dict(config_overrides or {})
     unknown = set(extra) - {f.name for f in fields(StudentConfig)}
     if unknown:
         raise TypeError(f"unknown StudentConfig field(s): {', '.join(sorted(unknown))}")
+    if "mode" in extra:
+        raise TypeError("choose the training mode with fine_tune(..., paired=True), not config_overrides['mode']")
+    mode = "paired" if paired else "unpaired"
+    cfg = StudentConfig.preset(size or default_size(device), seed=seed, device=device, precision=precision,
+                               mode=mode, **overrides)
     for key, value in extra.items():
         setattr(cfg, key, value)
     init_state = None
@@ -198,14 +211,15 @@ def fine_tune(
         summary = (f"stopped at step {result.steps_done}, before the first validation: "
                    "no validated student")
         return FineTuneResult(None, result, seconds, summary, notes)
+    aligned = " (paired-but-misaligned sections, Learning to Align)" if paired else ""
     meta = {
         "name": name or default_output_name(model.name),
-        "description": "histogram-matching enhancer + colorization teacher + distilled student",
+        "description": f"histogram-matching enhancer + colorization teacher + distilled student{aligned}",
         "provenance": {
             **model.metadata.get("provenance", {}),
             **provenance(
                 command=command,
-                student=dict(darkfield=_describe_data(darkfield, darkfield_names),
+                student=dict(mode=mode, darkfield=_describe_data(darkfield, darkfield_names),
                              stained=_describe_data(stained_dir, None),
                              init=_init_description(init, model),
                              steps=result.steps_done, best_step=result.best_step, selection_score=result.best_score,

@@ -1,4 +1,4 @@
-"""Training the student ``G`` (unpaired setting, paper section IV-B).
+"""Training the student ``G`` (unpaired setting, paper section IV-B; paired-but-misaligned, IV-C).
 
 ``G(x ‖ z)`` (dark-field RGB + enhanced gray -> stained RGB) is trained with
 ``L_adv + λ1 L_kd + λ2 L_cyc``: LSGAN against a PatchGAN ``D`` whose patch map
@@ -13,6 +13,16 @@ Dark-field (and H&E) images come from a folder or from memory (e.g. napari
 layers), through :mod:`digital_stain.train.data`; both end up as the same RGB
 uint8 images. :func:`digital_stain.train.finetune.fine_tune` wraps this loop
 with the choices the CLI and the napari Fine-tune widget share.
+
+Paired-but-misaligned (``StudentConfig(mode="paired")``, Learning to Align after
+RegGAN): each dark-field image has a stained adjacent section of the same name and
+size (:mod:`digital_stain.train.paired`). Crops are taken at the same place in both;
+the sections are the discriminator's real images, and a registration network ``R``
+(:class:`~digital_stain.nets.registration.RegistrationNet`, identity at the start)
+warps the student's output onto its section: ``L_U + λ3 ‖G(x‖z)∘φ − y‖₁ + λ4 L_smoo(φ)``
+with ``φ = R(G(x‖z), y)`` and the paper's weights ``λ1 = 2, λ2 = 10, λ3 = 20, λ4 = 10``.
+``R`` has its own Adam (as in RegGAN) and is trained jointly with ``G`` on the same loss;
+it is saved in checkpoints (so a resumed run is exact) and never in a model file.
 """
 
 from __future__ import annotations
@@ -31,23 +41,35 @@ from ..devices import autocast, resolve_device, resolve_training_precision
 from ..metrics import lab_pixels, sliced_wasserstein, structure_score
 from ..nets import PatchDiscriminator, ResnetGenerator
 from ..nets.norm import set_norm_mode
+from ..nets.registration import RegistrationNet, smoothness_loss, warp
 from ..tiling import Cancelled
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_images, random_crops, validation_split
 from .events import Meter, Progress, TrainResult, stop_requested
+from .paired import load_pairs
 from .schedule import constant_then_linear, set_lr, snapshot
 
 PRESETS = {
     "full": dict(width=64, blocks=9),  # the paper's generator, 11.4 M parameters: GPU work
     "small": dict(width=32, blocks=6),  # about 4x cheaper: trains usefully on a laptop CPU
-    "fast": dict(width=16, blocks=4),  # for staining whole slides on a CPU (dsd-unpaired-fast)
-    "tiny": dict(width=8, blocks=2),  # tests and smoke runs only
+    "fast": dict(width=16, blocks=4, reg_width=16),  # for staining whole slides on a CPU (dsd-unpaired-fast)
+    "tiny": dict(width=8, blocks=2, reg_width=8),  # tests and smoke runs only
 }
+
+MODES = ("unpaired", "paired")
+# the paper's loss weights per setting (section V): λ1 (kd) and λ2 (cyc); λ3 (con) and λ4 (smooth) are paired only
+PAPER_WEIGHTS = {"unpaired": dict(lambda_kd=5.0, lambda_cyc=80.0), "paired": dict(lambda_kd=2.0, lambda_cyc=10.0)}
 
 
 @dataclass
 class StudentConfig:
-    """Student training settings; defaults are the paper's losses and optimiser."""
+    """Student training settings; defaults are the paper's losses and optimiser.
+
+    ``mode`` is ``"unpaired"`` (section IV-B) or ``"paired"`` (paired-but-misaligned, IV-C:
+    adds the registration network and ``lambda_con``, ``lambda_smooth``). ``lambda_kd`` and
+    ``lambda_cyc`` left at ``None`` become the paper's for the mode (5 and 80 unpaired,
+    2 and 10 paired).
+    """
 
     width: int = 32
     blocks: int = 6
@@ -56,8 +78,8 @@ class StudentConfig:
     batch: int = 1
     crop: int = 128
     lr: float = 1e-4
-    lambda_kd: float = 5.0
-    lambda_cyc: float = 80.0
+    lambda_kd: float | None = None
+    lambda_cyc: float | None = None
     structure_floor: float = 0.85  # fraction of the teacher's structure a chosen student keeps
     pool_size: int = 50
     seed: int = 0
@@ -66,6 +88,22 @@ class StudentConfig:
     val_fraction: float = 0.1
     val_every: int = 500
     report_every: int = 10
+    mode: str = "unpaired"
+    lambda_con: float = 20.0  # paired: L1 of the registered output to its stained section
+    lambda_smooth: float = 10.0  # paired: isotropic TV of the deformation field
+    reg_width: int = 32  # paired: the registration network (training only)
+    reg_depth: int = 3
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"unknown training mode {self.mode!r}; choose from {', '.join(MODES)}.")
+        for key, value in PAPER_WEIGHTS[self.mode].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    @property
+    def paired(self) -> bool:
+        return self.mode == "paired"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> StudentConfig:
@@ -142,13 +180,18 @@ def _structure(rgb: torch.Tensor, enhanced: torch.Tensor) -> float:
 VAL_SIDE = 1024  # validation views larger than this are centre crops (memory and time on whole slides)
 
 
-def _val_view(item: np.ndarray, device: torch.device):
+def _val_crop(item: np.ndarray) -> np.ndarray:
     """The largest top-left square on the generator's grid; for images over ``VAL_SIDE``, a centred ``VAL_SIDE`` square."""
     side = min(item.shape[:2]) // 4 * 4
     if side > VAL_SIDE:
         y, x = (item.shape[0] - VAL_SIDE) // 2, (item.shape[1] - VAL_SIDE) // 2
-        return _split(item[None, y : y + VAL_SIDE, x : x + VAL_SIDE], device)
-    return _split(item[None, :side, :side], device)
+        return item[None, y : y + VAL_SIDE, x : x + VAL_SIDE]
+    return item[None, :side, :side]
+
+
+def _val_view(item: np.ndarray, device: torch.device):
+    """(dark-field, enhanced, teacher) of :func:`_val_crop`, each in [-1, 1]."""
+    return _split(_val_crop(item), device)
 
 
 def teacher_structure(cached_val: list, device: torch.device) -> float:
@@ -161,7 +204,8 @@ def teacher_structure(cached_val: list, device: torch.device) -> float:
 
 
 def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.device,
-                      reference_lab: np.ndarray | None = None, stop: threading.Event | None = None) -> dict | None:
+                      reference_lab: np.ndarray | None = None, stop: threading.Event | None = None,
+                      registration: RegistrationNet | None = None) -> dict | None:
     """Scores of the student on held-out dark-field images (the largest top-left square on its grid, at most ``VAL_SIDE``).
 
     ``kd_l1``: L1 to the teacher; ``structure``: correlation between the gray
@@ -170,11 +214,17 @@ def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.
     Lab pixels of held-out real H&E): sliced Wasserstein distance of the
     output colours to real H&E, lower is more H&E-like.
 
+    With ``registration`` (paired mode; ``cached_val`` items then carry their stained section
+    in channels 7-9), also ``aligned_l1`` (the held-out ``L_con``: L1, on the network's
+    [-1, 1] scale, of the output registered by ``R`` onto its section) and ``aligned_psnr``
+    (PSNR in dB over [0, 1] of the same, averaged over images). They are recorded, not used
+    for selection.
+
     Returns ``None`` if ``stop`` is set before it is done (checked between images).
     The student is back in train mode afterwards.
     """
     student.eval()
-    kd, corr, outputs = [], [], []
+    kd, corr, outputs, aligned, aligned_psnr = [], [], [], [], []
     with torch.no_grad():
         for item in cached_val:
             if stop_requested(stop):
@@ -185,10 +235,19 @@ def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.
             kd.append(F.l1_loss(out, teacher).item())
             corr.append(_structure(out, z))
             outputs.append(((out[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).reshape(-1, 3).cpu().numpy())
+            if registration is not None:
+                section = _signed(_val_crop(item), device)[:, 7:10]
+                registered = warp(out, registration(out, section).float())
+                aligned.append(F.l1_loss(registered, section).item())
+                mse = F.mse_loss(registered.clamp(-1, 1), section).item() / 4  # on the [0, 1] scale
+                aligned_psnr.append(10 * np.log10(1 / max(mse, 1e-10)))
     student.train()
     if stop_requested(stop):  # the style score below takes a second or more: do not make a stop wait for it
         return None
     scores = {"kd_l1": float(np.mean(kd)), "structure": float(np.nanmean(corr))}
+    if registration is not None:
+        scores["aligned_l1"] = float(np.mean(aligned))
+        scores["aligned_psnr"] = float(np.mean(aligned_psnr))
     if reference_lab is not None:
         scores["style"] = sliced_wasserstein(lab_pixels(np.concatenate(outputs)[None]), reference_lab)
     return scores
@@ -234,7 +293,10 @@ def train_student(
         A folder of images, or a sequence of arrays ``(Y, X)`` / ``(Y, X, C)`` (a stack is
         split into planes; any dtype :mod:`digital_stain.arrays` accepts), brought to RGB
         uint8 as a folder's images are (:func:`digital_stain.train.data.images_from_arrays`).
-        Images smaller than the crop are skipped; nothing usable is refused.
+        Images smaller than the crop are skipped; nothing usable is refused. In paired mode
+        (``config.mode == "paired"``) ``stained`` holds each dark-field image's stained
+        adjacent section, paired by name and of the same size
+        (:func:`digital_stain.train.paired.load_pairs`, which says what it refuses).
     darkfield_names, stained_names : sequence of str, optional
         Names of in-memory images (they choose the validation split, as file names do).
     config : StudentConfig
@@ -255,15 +317,25 @@ def train_student(
     Returns the student chosen on the validation split (:func:`selection_score`;
     eval mode, on the CPU) and a :class:`TrainResult`; on ``stop`` it returns within one
     step. ``result.best_step is None`` means no validation ran yet: the
-    returned weights are then the current, unvalidated ones.
+    returned weights are then the current, unvalidated ones. In paired mode the split is
+    the same (by the dark-field names; a held-out pair's section is the colour reference and
+    is never shown to the discriminator), the selection rule is the same, and the history also
+    records ``aligned_l1`` and ``aligned_psnr`` (:func:`validation_scores`). The registration
+    network is not returned (it is in the checkpoint).
     """
     cfg = config or StudentConfig()
     if model.teacher is None:
         raise InputError(f"model {model.name!r} has no teacher to distil from; train one with `digital-stain train-teacher`.")
     device = resolve_device(cfg.device)
     precision = resolve_training_precision(cfg.precision, device)
-    dark = load_images(darkfield, darkfield_names, min_side=cfg.crop, kind="dark-field")
-    stained = load_images(stained, stained_names, min_side=cfg.crop, kind="H&E")
+    if cfg.paired:
+        pairs = load_pairs(darkfield, stained, darkfield_names, stained_names, min_side=cfg.crop)
+        dark = pairs.darkfield
+        if progress:
+            progress(Progress(0, 0, message=f"paired training: {pairs.summary()}, matched by name"))
+    else:
+        dark = load_images(darkfield, darkfield_names, min_side=cfg.crop, kind="dark-field")
+        stained = load_images(stained, stained_names, min_side=cfg.crop, kind="H&E")
     held_out = validation_split(dark.names, cfg.val_fraction)
     if not held_out.any() or held_out.all():
         held_out = np.zeros(len(dark.names), bool)
@@ -271,9 +343,15 @@ def train_student(
     cached = cache_teacher(model, dark.images, progress, stop)
     if cached is None:
         return ResnetGenerator(4, 3, cfg.width, cfg.blocks).eval(), TrainResult(None, 0, True)
+    if cfg.paired:  # the section rides along (channels 7-9), so crops, flips and turns are the same in both
+        cached = [np.concatenate([c, section], -1) for c, section in zip(cached, pairs.stained)]
     train_items = [c for c, h in zip(cached, held_out) if not h] or cached
     val_items = [c for c, h in zip(cached, held_out) if h]
-    stained_train, reference_lab = _carve_reference(stained.images, stained.names, cfg.val_fraction)
+    if cfg.paired:  # the held-out pairs' sections are the colour reference (the discriminator sees the others)
+        stained_train = None
+        reference_lab = lab_pixels(np.concatenate([c[..., 7:10].reshape(-1, 3) for c in val_items]))
+    else:
+        stained_train, reference_lab = _carve_reference(stained.images, stained.names, cfg.val_fraction)
     floor = cfg.structure_floor * teacher_structure(val_items, device) if val_items else 0.0
     if progress and len(dark.images) < 2:
         progress(Progress(0, 0, message="only one dark-field image: it is used for training and for validation"))
@@ -291,6 +369,11 @@ def train_student(
     pool = ImagePool(cfg.pool_size)
     nets = {"student": student, "reverse": reverse, "disc": disc}
     opts = {"g": opt_g, "d": opt_d}
+    reg = None
+    if cfg.paired:  # made after the others, so the unpaired networks start as in the unpaired mode
+        reg = RegistrationNet(6, cfg.reg_width, cfg.reg_depth).to(device)
+        nets["registration"] = reg
+        opts["r"] = torch.optim.Adam(reg.parameters(), lr=cfg.lr, betas=(0.5, 0.999))  # as RegGAN: R's own Adam
     start, best, best_step, history = 0, -float("inf"), None, []
     due = False  # a validation of the current step is owed (a stop interrupted it)
     best_state = snapshot(student)
@@ -317,7 +400,8 @@ def train_student(
     while True:
         message = ""
         if due and val_items:  # after a step on the validation grid, or owed by a stop during validation
-            scores = validation_scores(student, val_items, device, reference_lab, stop)
+            extra = {} if reg is None else {"registration": reg}
+            scores = validation_scores(student, val_items, device, reference_lab, stop, **extra)
             if scores is None:  # stopped during validation: owed, and done first on --resume
                 cancelled = True
                 break
@@ -327,8 +411,10 @@ def train_student(
                 best, best_step = selection_score(scores, floor), step
                 best_state = snapshot(student)
             save(step)
+            aligned = f", aligned L1 {scores['aligned_l1']:.3f}" if "aligned_l1" in scores else ""
             message = (f"validation structure {scores['structure']:.3f} (floor {floor:.3f}), style "
-                       f"{scores.get('style', float('nan')):.2f}, kd {scores['kd_l1']:.3f} (best at step {best_step})")
+                       f"{scores.get('style', float('nan')):.2f}, kd {scores['kd_l1']:.3f}{aligned} "
+                       f"(best at step {best_step})")
         if progress and (message or trained and (step % cfg.report_every == 0 or step == cfg.steps)):
             progress(meter.report(step, message))
         if callback is not None and trained:
@@ -339,8 +425,12 @@ def train_student(
             cancelled = True
             break
         rng = np.random.default_rng([cfg.seed, step])
-        x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
-        real = _signed(random_crops(stained_train, cfg.batch, cfg.crop, rng), device)
+        if reg is None:
+            x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
+            real = _signed(random_crops(stained_train, cfg.batch, cfg.crop, rng), device)
+        else:  # the stained section of the same crop: the reference of L_con and the discriminator's real image
+            crops = _signed(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
+            x, z, teacher, real = crops[:, :3], crops[:, 3:4], crops[:, 4:7], crops[:, 7:10]
         set_lr(opts.values(), constant_then_linear(cfg.lr, step, cfg.steps))
         with autocast(device, precision):
             fake = student(torch.cat([x, z], 1))
@@ -349,9 +439,18 @@ def train_student(
             kd = F.l1_loss(fake.float(), teacher)
             cyc = F.l1_loss(reverse(fake).float(), x)
             loss_g = adv + cfg.lambda_kd * kd + cfg.lambda_cyc * cyc
+            if reg is not None:  # Learning to Align: phi = R(y_hat, y), L_con = |y_hat o phi - y|_1, L_smoo(phi)
+                phi = reg(fake, real).float()
+                con = F.l1_loss(warp(fake.float(), phi), real)
+                smooth = smoothness_loss(phi)
+                loss_g = loss_g + cfg.lambda_con * con + cfg.lambda_smooth * smooth
         opt_g.zero_grad(set_to_none=True)
+        if reg is not None:
+            opts["r"].zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        if reg is not None:
+            opts["r"].step()
         disc.requires_grad_(True)
         with autocast(device, precision):
             pooled = pool.query(fake.detach().float(), rng)
@@ -362,7 +461,10 @@ def train_student(
         step += 1
         trained = True
         due = step % cfg.val_every == 0 or step == cfg.steps
-        meter.add({"adv": adv.item(), "kd": kd.item(), "cyc": cyc.item(), "d": loss_d.item()}, cfg.batch)
+        losses = {"adv": adv.item(), "kd": kd.item(), "cyc": cyc.item(), "d": loss_d.item()}
+        if reg is not None:
+            losses.update(con=con.item(), smooth=smooth.item())
+        meter.add(losses, cfg.batch)
     if cancelled:
         save(step)
     result_net = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
@@ -383,12 +485,19 @@ def _call_restoring(callback, step: int, student: torch.nn.Module) -> None:
 
 
 def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
-    """Refuse a checkpoint made with other networks or data settings, saying which differ."""
+    """Refuse a checkpoint made in the other mode or with other networks or data settings, saying which differ."""
     from ..modelfile import load_bundle
 
     _, metadata = load_bundle(checkpoint)
     saved = metadata.get("meta", {}).get("config", {})
+    saved_mode = saved.get("mode", "unpaired")  # checkpoints from before the paired mode are unpaired
+    if saved_mode != cfg.mode:
+        how = "with --paired (mode='paired')" if saved_mode == "paired" else "without --paired (mode='unpaired')"
+        raise InputError(f"checkpoint {checkpoint} was made by {saved_mode} training and this run is {cfg.mode}; "
+                         f"resume it {how}, or start afresh without --resume (or with another --checkpoint).")
     keys = ("width", "blocks", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc", "lr")
+    if cfg.paired:
+        keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth")
     differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
     if differ:
         raise InputError(f"checkpoint {checkpoint} was made with other settings ({', '.join(differ)}); "
