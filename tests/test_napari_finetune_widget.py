@@ -114,3 +114,23 @@ def test_no_layer_ticked_and_existing_output_are_refused(viewer_and_widgets):
     start = len(notification_manager.records)
     assert tune.start() is False
     assert any("already exists" in m for m in _errors(start))
+
+
+def test_paired_sections_train_with_learning_to_align(viewer_and_widgets, qtbot, hne_dir, darkfield_tile):
+    viewer, stain, tune = viewer_and_widgets
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    for path in sorted(hne_dir.glob("*.png")):  # dark-field layers named like their adjacent H&E sections
+        viewer.add_image(darkfield_tile, rgb=True, name=path.stem)
+    tune.paired.setChecked(True)
+    tune.steps.setValue(3)
+    assert tune.start()
+    qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
+    record = StainModel.load(tune.last_output, device="cpu").metadata["provenance"]["student"]
+    assert record["mode"] == "paired" and record["steps"] == 3
+    viewer.layers[0].name = "not a section"  # now one layer has no section of its name
+    start = len(notification_manager.records)
+    tune._suggest_output()
+    assert tune.start()
+    qtbot.waitUntil(lambda: not tune.running, timeout=60_000)
+    assert any("pair" in m for m in _errors(start)), _errors(start)

@@ -54,6 +54,10 @@ class FineTuneWidget(QWidget):
 
         self.stained = _FolderField("Folder of H&E images from your lab (unpaired: any tissue, any size ≥ 128 px).")
         self.stained.set(saved.get("stained", ""))
+        self.paired = QCheckBox("paired sections: the adjacent H&&E section of each dark-field image, same name")
+        self.paired.setToolTip("Learning to Align: each H&E image is the stained neighbour section of the dark-field "
+                               "image (or layer) of the same name; alignment is learned, not required.")
+        self.paired.setChecked(bool(saved.get("paired", False)))
         self.source = QComboBox()
         self.source.addItems(["open image layers", "a folder"])
         self.layers = QListWidget()
@@ -89,6 +93,7 @@ class FineTuneWidget(QWidget):
         size_row.addWidget(self.size, 1)
         form = QFormLayout()
         form.addRow("H&&E folder", self.stained)  # && shows one & (a single one marks a shortcut)
+        form.addRow("", self.paired)
         form.addRow("Dark-field", self.source)
         form.addRow("", self.layers)
         form.addRow("", self.darkfield)
@@ -154,6 +159,7 @@ class FineTuneWidget(QWidget):
         steps = self.steps.value()
         val_every = self.val_every or min(500, max(50, steps // 10))
         options = dict(steps=steps, device=self.device.currentText(), config_overrides={"val_every": val_every},
+                       paired=self.paired.isChecked(),
                        from_scratch=self.scratch.isChecked(),
                        size=None if not self.scratch.isChecked() or self.size.currentText() == "auto"
                        else self.size.currentText())
@@ -371,6 +377,7 @@ class FineTuneWidget(QWidget):
         try:
             settings.save_settings(SECTION, {
                 "stained": self.stained.value(), "darkfield": self.darkfield.value(),
+                "paired": self.paired.isChecked(),
                 "source": "folder" if self.source.currentIndex() == 1 else "layers", "steps": self.steps.value(),
                 "size": self.size.currentText(), "device": self.device.currentText(),
                 "model_files": self.model.files})
