@@ -54,7 +54,7 @@ class FineTuneWidget(QWidget):
 
         self.stained = _FolderField("Folder of H&E images from your lab (unpaired: any tissue, any size ≥ 128 px).")
         self.stained.set(saved.get("stained", ""))
-        self.paired = QCheckBox("paired sections: the adjacent H&&E section of each dark-field image, same name")
+        self.paired = QCheckBox("paired sections (same names)")
         self.paired.setToolTip("Learning to Align: each H&E image is the stained neighbour section of the dark-field "
                                "image (or layer) of the same name; alignment is learned, not required.")
         self.paired.setChecked(bool(saved.get("paired", False)))

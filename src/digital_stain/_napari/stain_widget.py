@@ -63,6 +63,8 @@ class StainWidget(QWidget):
         self._signals.ready.connect(self._chunk_ready)
         self._signals.failed.connect(self._chunk_failed)
         self._signals.warning.connect(show_warning)
+        self._pending_timer = QTimer(self, interval=500)  # Stop stays usable while lazy chunks wait
+        self._pending_timer.timeout.connect(self._update_stop_button)
         self.last_layers: dict[str, object] = {}
 
         self.input = QComboBox()
@@ -267,6 +269,8 @@ class StainWidget(QWidget):
             for stain in stains:  # bound here, so each report says which pyramid level it is from
                 stain.on_ready = lambda s=stain: signals.ready.emit(s)
                 stain.on_error = lambda error, s=stain: signals.failed.emit(s, error)
+            if len(stains) > 1 and stains[-1].stack_ndim == 0:
+                _stain_coarsest_level(stains[-1], stop)
             if stop.is_set():
                 for stain in stains:
                     stain.close(wait=False)
@@ -339,6 +343,7 @@ class StainWidget(QWidget):
         _, old = self._lazy.pop(layer.unique_id, (None, []))
         if stains:
             self._lazy[layer.unique_id] = (layer, stains)
+            self._pending_timer.start()
         self._close_unused(old)
 
     def _close_unused(self, stains: list) -> None:
@@ -346,6 +351,12 @@ class StainWidget(QWidget):
         for stain in stains:
             if id(stain) not in in_use:
                 stain.close(wait=False)  # never join in the GUI thread: a chunk may take seconds
+
+    def _update_stop_button(self) -> None:
+        pending = sum(stain.pending for _, stains in self._lazy.values() for stain in stains)
+        self.stop_button.setEnabled(self.running or pending > 0)
+        if not self._lazy:
+            self._pending_timer.stop()
 
     def _chunk_ready(self, stain) -> None:
         self._ready.add(stain)
@@ -390,8 +401,7 @@ class StainWidget(QWidget):
         self._layout_chosen = True
 
     def _toggle_grid(self, on: bool) -> None:
-        L.set_side_by_side(self.viewer, on)
-        self.side_by_side.setText("Overlay" if on else "Side by side")
+        L.set_side_by_side(self.viewer, on)  # pressed in: side by side; released: overlaid
 
     def _restore(self, saved: dict) -> None:
         """Put back the last session's choices (values that do not fit are ignored)."""
@@ -418,6 +428,19 @@ class StainWidget(QWidget):
         self.stop()
         self._close_unused([s for _, stains in self._lazy.values() for s in stains])
         super().closeEvent(event)
+
+
+def _stain_coarsest_level(stain, stop) -> None:
+    """Stain a pyramid's coarsest level (at most 512 px) before it is shown.
+
+    napari reads the coarsest level of a 2-D pyramid once and keeps it (for the
+    thumbnail and the zoomed-out view), so a placeholder there would stay gray.
+    """
+    for array in stain.arrays.values():
+        np.asarray(array)  # queues its chunks (placeholders come back at once)
+    while not stain.wait(0.2):
+        if stop.is_set():
+            return
 
 
 def _as_int(value, default: int) -> int:
