@@ -253,3 +253,31 @@ def test_paired_stop_and_resume_equal_a_straight_run_and_the_other_mode_is_refus
         train_student(tiny_model, darkfield_dir, sections_dir, paired_config(steps=6, val_every=1, pool_size=2,
                                                                              lambda_con=5.0),
                       checkpoint=ckpt, resume=True)
+
+
+@pytest.mark.slow
+def test_pix2pix_baseline_is_lta_with_the_field_held_at_identity(tiny_model, darkfield_dir, sections_dir, tmp_path):
+    """``registration=False`` (benchmarks/lta_synthetic.py's baseline): no R, L_con on the unregistered output, no L_smoo.
+
+    R starts at the identity, so the first step of both runs is the same; afterwards only LtA's field moves.
+    """
+    assert StudentConfig(mode="paired").registration is True  # the default is Learning to Align
+    runs = {}
+    for registration in (True, False):
+        events = []
+        ckpt = tmp_path / f"r{registration}.ckpt.safetensors"
+        _, result = train_student(tiny_model, darkfield_dir, sections_dir,
+                                  paired_config(steps=3, val_every=3, registration=registration),
+                                  checkpoint=ckpt, progress=events.append)
+        runs[registration] = ([e.losses for e in events if e.total and e.losses], load_bundle(ckpt), result)
+    (lta_losses, (lta_tensors, _), _), (base_losses, (tensors, meta), result) = runs[True], runs[False]
+    assert result.steps_done == 3 and result.best_step == 3
+    assert not any(k.startswith(("registration.", "opt.r.")) for k in tensors)  # R is never built
+    assert any(k.startswith("registration.") for k in lta_tensors)
+    assert meta["meta"]["config"]["registration"] is False
+    assert all(losses["smooth"] == 0.0 and losses["con"] > 0 for losses in base_losses)
+    assert base_losses[0]["con"] == pytest.approx(lta_losses[0]["con"], abs=1e-5)  # step 1: identity field in both
+    assert "aligned_l1" not in result.history[-1]  # nothing registers the held-out pairs
+    with pytest.raises(InputError, match=r"other settings \(registration False -> True\)"):
+        train_student(tiny_model, darkfield_dir, sections_dir, paired_config(steps=3, val_every=3), checkpoint=ckpt,
+                      resume=True)

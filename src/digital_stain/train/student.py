@@ -68,7 +68,8 @@ class StudentConfig:
     ``mode`` is ``"unpaired"`` (section IV-B) or ``"paired"`` (paired-but-misaligned, IV-C:
     adds the registration network and ``lambda_con``, ``lambda_smooth``). ``lambda_kd`` and
     ``lambda_cyc`` left at ``None`` become the paper's for the mode (5 and 80 unpaired,
-    2 and 10 paired).
+    2 and 10 paired). ``registration=False`` (paired only) is a pix2pix-style baseline for
+    benchmarks: no ``R`` (the field stays the identity), ``L_con = ‖G(x‖z) − y‖₁``, no ``L_smoo``.
     """
 
     width: int = 32
@@ -93,6 +94,7 @@ class StudentConfig:
     lambda_smooth: float = 10.0  # paired: isotropic TV of the deformation field
     reg_width: int = 32  # paired: the registration network (training only)
     reg_depth: int = 3
+    registration: bool = True  # paired: False = pix2pix-style baseline, L_con on the unregistered output (no R)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -370,7 +372,7 @@ def train_student(
     nets = {"student": student, "reverse": reverse, "disc": disc}
     opts = {"g": opt_g, "d": opt_d}
     reg = None
-    if cfg.paired:  # made after the others, so the unpaired networks start as in the unpaired mode
+    if cfg.paired and cfg.registration:  # made after the others, so the unpaired networks start as in the unpaired mode
         reg = RegistrationNet(6, cfg.reg_width, cfg.reg_depth).to(device)
         nets["registration"] = reg
         opts["r"] = torch.optim.Adam(reg.parameters(), lr=cfg.lr, betas=(0.5, 0.999))  # as RegGAN: R's own Adam
@@ -425,7 +427,7 @@ def train_student(
             cancelled = True
             break
         rng = np.random.default_rng([cfg.seed, step])
-        if reg is None:
+        if not cfg.paired:
             x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
             real = _signed(random_crops(stained_train, cfg.batch, cfg.crop, rng), device)
         else:  # the stained section of the same crop: the reference of L_con and the discriminator's real image
@@ -444,6 +446,10 @@ def train_student(
                 con = F.l1_loss(warp(fake.float(), phi), real)
                 smooth = smoothness_loss(phi)
                 loss_g = loss_g + cfg.lambda_con * con + cfg.lambda_smooth * smooth
+            elif cfg.paired:  # pix2pix-style baseline (registration=False): the identity field, nothing to smooth
+                con = F.l1_loss(fake.float(), real)
+                smooth = torch.zeros((), device=device)
+                loss_g = loss_g + cfg.lambda_con * con
         opt_g.zero_grad(set_to_none=True)
         if reg is not None:
             opts["r"].zero_grad(set_to_none=True)
@@ -462,7 +468,7 @@ def train_student(
         trained = True
         due = step % cfg.val_every == 0 or step == cfg.steps
         losses = {"adv": adv.item(), "kd": kd.item(), "cyc": cyc.item(), "d": loss_d.item()}
-        if reg is not None:
+        if cfg.paired:
             losses.update(con=con.item(), smooth=smooth.item())
         meter.add(losses, cfg.batch)
     if cancelled:
@@ -497,7 +503,7 @@ def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
                          f"resume it {how}, or start afresh without --resume (or with another --checkpoint).")
     keys = ("width", "blocks", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc", "lr")
     if cfg.paired:
-        keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth")
+        keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration")
     differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
     if differ:
         raise InputError(f"checkpoint {checkpoint} was made with other settings ({', '.join(differ)}); "
