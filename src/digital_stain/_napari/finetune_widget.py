@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEventLoop, Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
@@ -30,7 +30,7 @@ from ..io import list_images
 from . import layers as L
 from .lossplot import LossPlot
 from .models import ModelPicker, load_model, registry
-from .worker import start_job
+from .worker import start_job, wait_while
 
 SECTION = "finetune"
 SIZES = ("auto", "full", "small", "fast", "tiny")
@@ -184,14 +184,7 @@ class FineTuneWidget(QWidget):
 
     def wait(self, timeout_s: float = 3600.0) -> None:
         """Process Qt events until training ends (for scripts and notebooks)."""
-        if self._worker is None:
-            return
-        loop, poll = QEventLoop(), QTimer(interval=50)
-        poll.timeout.connect(lambda: None if self.running else loop.quit())  # no race with a fast job
-        QTimer.singleShot(int(timeout_s * 1000), loop.quit)
-        poll.start()
-        loop.exec_()
-        poll.stop()
+        wait_while(lambda: self.running, timeout_s)
 
     def reset_choices(self, *_) -> None:
         """Refill the list of image layers: ticks are kept, new input images come ticked (outputs do not)."""

@@ -14,7 +14,7 @@ import copy
 
 from napari.utils.notifications import show_error, show_info, show_warning
 import numpy as np
-from qtpy.QtCore import QEventLoop, QObject, QTimer, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
     QWidget,
@@ -27,7 +27,7 @@ from ..model import OUTPUTS
 from ..tiling import Cancelled
 from . import layers as L
 from .models import ModelPicker, load_model, model_lock
-from .worker import start_job
+from .worker import start_job, wait_while
 
 SECTION = "stain"
 MODES = {"auto": "auto (lazy for large, dask, pyramid or stack)", "now": "whole image now", "lazy": "lazily, as viewed"}
@@ -213,14 +213,7 @@ class StainWidget(QWidget):
 
     def wait(self, timeout_s: float = 600.0) -> None:
         """Process Qt events until the running job ends (its results are then in the viewer)."""
-        if self._worker is None:
-            return
-        loop, poll = QEventLoop(), QTimer(interval=50)
-        poll.timeout.connect(lambda: None if self.running else loop.quit())  # no race with a fast job
-        QTimer.singleShot(int(timeout_s * 1000), loop.quit)
-        poll.start()
-        loop.exec_()
-        poll.stop()
+        wait_while(lambda: self.running, timeout_s)
 
     def reset_choices(self, *_) -> None:
         """Refill the input list with the viewer's image layers (napari calls this when layers change)."""

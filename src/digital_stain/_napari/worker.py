@@ -104,5 +104,23 @@ def stop_all(timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def wait_while(busy: Callable[[], bool], timeout_s: float) -> None:
+    """Run a local Qt event loop while ``busy()`` (scripts and notebooks wait for a job this way).
+
+    Polling ``busy`` (rather than waiting for a ``finished`` signal) cannot miss a job that ended
+    before the loop started.
+    """
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    if not busy():
+        return
+    loop, poll = QEventLoop(), QTimer(interval=50)
+    poll.timeout.connect(lambda: None if busy() else loop.quit())
+    QTimer.singleShot(int(timeout_s * 1000), loop.quit)
+    poll.start()
+    loop.exec_()
+    poll.stop()
+
+
 def running() -> int:
     return len(_RUNNING)
