@@ -83,6 +83,16 @@ def tiny_model_file(tiny_model, tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def sections_dir(tmp_path, darkfield_dir, hne_dir) -> Path:
+    """One stained tile per dark-field tile, saved under the dark-field tile's name (paired sections)."""
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    for dark, stained in zip(sorted(darkfield_dir.glob("*.png")), sorted(hne_dir.glob("*.png"))):
+        shutil.copy2(stained, folder / dark.name)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _private_settings(tmp_path_factory, monkeypatch):
     """Every test gets its own settings and models folders (never the user's)."""

@@ -388,13 +388,9 @@ def test_view_without_display_writes_outputs_and_says_so(capsys, monkeypatch, ti
 
 # -- train --paired --------------------------------------------------------------
 @pytest.fixture
-def paired_dirs(tmp_path, darkfield_dir, hne_dir):
-    """The dark-field sample tiles and, under the same names, stained tiles as their 'sections'."""
-    sections = tmp_path / "sections"
-    sections.mkdir()
-    for dark, stained in zip(sorted(darkfield_dir.glob("*.png")), sorted(hne_dir.glob("*.png"))):
-        shutil.copy2(stained, sections / dark.name)
-    return darkfield_dir, sections
+def paired_dirs(darkfield_dir, sections_dir):
+    """The dark-field sample tiles and their 'sections' (conftest's ``sections_dir``)."""
+    return darkfield_dir, sections_dir
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ Pairs are made from the shipped sample tiles: each dark-field tile gets a staine
 name (the tissue differs, which does not matter for the machinery tested here).
 """
 
-import shutil
 import threading
 import time
 
@@ -27,16 +26,6 @@ def paired_config(**overrides):
     base = dict(steps=4, batch=1, crop=64, disc_width=8, val_every=2, report_every=1, precision="fp32",
                 device="cpu", mode="paired")
     return StudentConfig.preset("tiny", **{**base, **overrides})
-
-
-@pytest.fixture
-def sections_dir(tmp_path, darkfield_dir, hne_dir):
-    """One stained tile per dark-field tile, saved under the dark-field tile's name."""
-    folder = tmp_path / "sections"
-    folder.mkdir()
-    for dark, stained in zip(sorted(darkfield_dir.glob("*.png")), sorted(hne_dir.glob("*.png"))):
-        shutil.copy2(stained, folder / dark.name)
-    return folder
 
 
 def _same_weights(a, b) -> bool:
