@@ -325,3 +325,39 @@ def test_loaded_model_survives_its_file_being_overwritten_in_place(tiny_model_fi
     after = model.stain(darkfield_tile, precision="fp32")
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
+
+
+@pytest.mark.parametrize("output", ["teacher", "student"])
+def test_batched_tiles_stain_the_same(tiny_model, darkfield_tile, output):
+    """``stain(batch=4)`` equals one tile at a time (fp32, CPU): tiles are independent."""
+    image = darkfield_tile[:200, :232]
+    seen = []
+    one = tiny_model.stain(image, [output], tile=64, overlap=16, **FAST)[output]
+    four = tiny_model.stain(image, [output], tile=64, overlap=16, batch=4, progress=lambda d, t: seen.append(d),
+                            **FAST)[output]
+    assert one.std() > 0.01
+    np.testing.assert_allclose(four, one, atol=1e-5)
+    assert seen[-1] == 100 and seen == sorted(seen)
+
+
+@pytest.mark.parametrize("kind", ["uint8-rgb", "uint16-gray", "float-rgba"])
+def test_plane_prepared_in_bands_equals_one_pass(tiny_model, darkfield_tile, monkeypatch, kind):
+    """Large planes are prepared in row bands on threads; forced here on a small plane: identical results."""
+    from digital_stain import model as model_module
+    from digital_stain.arrays import to_unit_rgb, value_scaling
+    from digital_stain.model import enhance_rgb, prepare_plane, student_input, to_yxc
+
+    plane = {"uint8-rgb": darkfield_tile[:250],
+             "uint16-gray": darkfield_tile[:250, :, 1].astype(np.uint16) * 257,
+             "float-rgba": np.dstack([darkfield_tile[:250] / 97.0, np.ones((250, 256))]).astype(np.float32)}[kind]
+    scaling = value_scaling(plane)
+    rgb = to_unit_rgb(plane, scaling)
+    enhanced = enhance_rgb(tiny_model.enhancer, rgb, plane.dtype)
+    monkeypatch.setattr(model_module, "HOST_BAND_PIXELS", 64 * 64)
+    assert len(model_module._row_bands(250, 256)) == 3
+    banded, banded_in = prepare_plane(tiny_model.enhancer, plane, scaling)
+    assert np.array_equal(banded, enhanced) and np.array_equal(banded_in, student_input(rgb, enhanced))
+    assert prepare_plane(tiny_model.enhancer, plane, scaling, student=False)[1] is None
+    out = np.random.default_rng(0).random((3, 250, 256), dtype=np.float32) * 1.4 - 0.2
+    assert np.array_equal(to_yxc(out, clip=True), np.clip(out, 0, 1).transpose(1, 2, 0))
+    assert to_yxc(out).flags.c_contiguous and np.array_equal(to_yxc(out), out.transpose(1, 2, 0))

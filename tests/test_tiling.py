@@ -273,3 +273,92 @@ def test_tile_starts_stay_on_the_network_grid(overlap):
     assert all(s % 16 == 0 for s in starts)
     assert starts[-1] + 256 == 1008
     assert all(b - a <= 256 - overlap for a, b in zip(starts, starts[1:]))
+
+
+# -- batched tiles -----------------------------------------------------------
+@pytest.fixture
+def frozen_student():
+    """A tiny random ResnetGenerator with norm statistics frozen on a test image, and that image (4, 150, 170)."""
+    from digital_stain.nets import ResnetGenerator, frozen_norm_statistics
+
+    torch.manual_seed(0)
+    net = ResnetGenerator(4, 3, width=8, n_blocks=2).eval()
+    image = np.random.default_rng(0).random((4, 150, 170), dtype=np.float32) * 2 - 1
+    padded, _ = pad_image(image, net.size_multiple, net.min_size)
+    with frozen_norm_statistics(net, torch.from_numpy(padded)[None]):
+        yield net, image
+
+
+def _apply(net, image, fn=None, **kwargs):
+    return tiled_apply(fn or net, image, out_channels=3, tile=64, overlap=16, multiple=net.size_multiple,
+                       min_size=net.min_size, **kwargs)
+
+
+@pytest.mark.parametrize("batch", [2, 4, 7, 100])
+def test_batched_tiles_equal_one_tile_at_a_time(frozen_student, batch):
+    """A real network with frozen statistics: batching changes the number of calls, not the result."""
+    net, image = frozen_student
+    shapes = []
+
+    def fn(x):
+        shapes.append(tuple(x.shape))
+        return net(x)
+
+    reference = _apply(net, image)
+    batched = _apply(net, image, fn, batch=batch)
+    assert batched.shape == reference.shape == (3, 150, 170) and batched.dtype == np.float32
+    assert reference.std() > 0.01
+    np.testing.assert_allclose(batched, reference, atol=1e-5)
+    tiles = len(tile_starts(152, 64, 16, net.size_multiple)) * len(tile_starts(176, 64, 16, net.size_multiple))
+    assert len(shapes) == -(-tiles // batch)
+    assert [s[0] for s in shapes] == [min(batch, tiles - i * batch) for i in range(len(shapes))]
+    assert all(s[1:] == (4, 64, 64) for s in shapes)
+
+
+def test_blending_on_the_device_equals_blending_on_the_host(frozen_student, monkeypatch):
+    """The GPU path (tiles cut and blended where the network runs), exercised on the CPU."""
+    from digital_stain import tiling
+
+    net, image = frozen_student
+    reference = _apply(net, image)
+    seen = []
+    monkeypatch.setattr(tiling, "_blend_on_device", lambda *args: True)
+    on_device = _apply(net, image, batch=3, progress=lambda d, t: seen.append((d, t)))
+    np.testing.assert_allclose(on_device, reference, atol=1e-5)
+    assert [d for d, _ in seen] == list(range(1, len(seen) + 1)) and all(t == len(seen) for _, t in seen)
+
+
+def test_batched_progress_counts_tiles():
+    image = np.random.default_rng(3).random((1, 100, 90), dtype=np.float32)
+    seen = []
+    out = tiled_apply(lambda x: x * 2.0, image, out_channels=1, tile=32, overlap=8,
+                      progress=lambda d, t: seen.append((d, t)), batch=4)
+    np.testing.assert_allclose(out, image * 2.0, rtol=1e-6)
+    total = len(tile_starts(104, 32, 8, 8)) * len(tile_starts(96, 32, 8, 8))
+    assert seen == [(i, total) for i in range(1, total + 1)]
+
+
+def test_stop_is_checked_between_batches():
+    import threading
+
+    from digital_stain.tiling import Cancelled
+
+    image = np.zeros((1, 128, 128), np.float32)
+    stop, calls, seen = threading.Event(), [], []
+
+    def fn(x):
+        calls.append(x.shape[0])
+        return x
+
+    def progress(done, total):
+        seen.append(done)
+        stop.set()  # ask to stop after the first tile: the rest of its batch is still blended
+
+    with pytest.raises(Cancelled):
+        tiled_apply(fn, image, out_channels=1, tile=32, overlap=8, progress=progress, stop=stop, batch=4)
+    assert calls == [4] and seen == [1, 2, 3, 4]
+
+
+def test_batch_must_be_positive():
+    with pytest.raises(ValueError, match="batch"):
+        tiled_apply(lambda x: x, np.zeros((1, 16, 16), np.float32), out_channels=1, batch=0)

@@ -90,46 +90,141 @@ def tiled_apply(
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
+    batch: int = 1,
 ) -> np.ndarray:
-    """Apply ``fn`` tile by tile and blend.
+    """Apply ``fn`` to overlapping tiles, ``batch`` tiles per call, and blend.
 
     Parameters
     ----------
     fn : callable
-        Maps a float32 tensor ``(1, C, h, w)`` to ``(1, out_channels, h, w)``.
+        Maps a float32 tensor ``(B, C, h, w)`` on ``device`` to ``(B, out_channels, h, w)``
+        (any float dtype), tile by tile independently: ``B`` is at most ``batch``
+        and every tile of one image has the same ``(h, w)``.
     image : ndarray, shape (C, H, W), float32
+    out_channels : int
     tile, overlap : int
         Tile side and overlap in pixels; ``tile`` is rounded down to ``multiple``.
     multiple, min_size : int
         The network's size multiple and smallest input side; the image is padded to both.
+    device : torch.device or str
+        Where ``fn`` runs. On CUDA, when the padded image and the blend buffers fit
+        in a third of the free GPU memory, tiles are cut, blended and normalised on
+        the GPU (no host round trip per tile); otherwise, and on other devices,
+        each batch comes back to the host and is blended there.
+    progress : callable(done, total), optional
+        Called once per tile (``done`` counts tiles, ``total`` is the number of tiles),
+        after its batch has been computed.
+    stop : threading.Event, optional
+        Checked before every batch; when set, :class:`Cancelled` is raised.
+    batch : int
+        Tiles per ``fn`` call (default 1). The result does not depend on it (within
+        float rounding) as long as ``fn`` treats the tiles of a batch independently,
+        e.g. a network with frozen norm statistics.
 
     Returns
     -------
     ndarray, shape (out_channels, H, W), float32
     """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     tile = max(multiple, min_size + (-min_size) % multiple, tile - tile % multiple)
     overlap = min(overlap, tile // 2)
     padded, (h, w) = pad_image(image, multiple, min_size)
     ph, pw = padded.shape[1:]
     th, tw = min(tile, ph), min(tile, pw)
     ys, xs = tile_starts(ph, th, overlap, multiple), tile_starts(pw, tw, overlap, multiple)
-    out = np.zeros((out_channels, ph, pw), dtype=np.float32)
-    norm = np.zeros((ph, pw), dtype=np.float32)
-    total, done = len(ys) * len(xs), 0
+    boxes = [(y, x) for y in ys for x in xs]
+    groups = [boxes[i : i + batch] for i in range(0, len(boxes), batch)]
+    device = torch.device(device)
+
+    def window(y: int, x: int) -> np.ndarray:
+        return np.outer(ramp(th, overlap, y > 0, y + th < ph), ramp(tw, overlap, x > 0, x + tw < pw)) + 1e-6
+
     with torch.no_grad():
-        for y in ys:
-            for x in xs:
-                if stop is not None and stop.is_set():
-                    raise Cancelled("stopped by the user")
-                window = np.outer(ramp(th, overlap, y > 0, y + th < ph), ramp(tw, overlap, x > 0, x + tw < pw)) + 1e-6
-                crop = torch.from_numpy(np.ascontiguousarray(padded[None, :, y : y + th, x : x + tw])).to(device)
-                result = fn(crop).float().cpu().numpy()[0]
-                out[:, y : y + th, x : x + tw] += result * window
-                norm[y : y + th, x : x + tw] += window
+        if _blend_on_device(padded, out_channels, device):
+            return _tiled_apply_on_device(fn, padded, (h, w), (th, tw), groups, window, out_channels, device,
+                                          progress, stop)
+        out = np.zeros((out_channels, ph, pw), dtype=np.float32)
+        norm = np.zeros((ph, pw), dtype=np.float32)
+        total, done = len(boxes), 0
+        for group in groups:
+            if stop is not None and stop.is_set():
+                raise Cancelled("stopped by the user")
+            crops = np.stack([padded[:, y : y + th, x : x + tw] for y, x in group])
+            result = fn(torch.from_numpy(crops).to(device)).float().cpu().numpy()
+            for (y, x), res in zip(group, result):
+                weights = window(y, x)
+                out[:, y : y + th, x : x + tw] += res * weights
+                norm[y : y + th, x : x + tw] += weights
                 done += 1
                 if progress is not None:
                     progress(done, total)
     return out[:, :h, :w] / norm[:h, :w]
+
+
+def _blend_on_device(padded: np.ndarray, out_channels: int, device: torch.device) -> bool:
+    """Whether to cut and blend tiles on ``device``: CUDA, when the padded input and the
+    blend buffers take at most a third of the free GPU memory."""
+    if device.type != "cuda":
+        return False
+    need = padded.nbytes + (out_channels + 1) * padded.shape[1] * padded.shape[2] * 4
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except (RuntimeError, AssertionError):  # pragma: no cover - no usable CUDA context
+        return False
+    return need <= free // 3
+
+
+def _tiled_apply_on_device(fn, padded, size, tile_shape, groups, window, out_channels, device, progress, stop):
+    """:func:`tiled_apply` with the padded image ``(C, H', W')`` and the blend buffers on ``device``.
+
+    ``groups`` are lists of ``(y, x)`` tile origins, one list per ``fn`` call; ``window(y, x)``
+    gives a tile's ``(h, w)`` float32 blend weights. On CUDA, batches are queued
+    asynchronously and a batch's progress is reported once the GPU has finished it
+    (one batch behind), so the GPU always has work queued. Returns ``(out_channels, H, W)``
+    float32 (numpy, on the host).
+    """
+    (h, w), (th, tw) = size, tile_shape
+    ph, pw = padded.shape[1:]
+    source = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
+    out = torch.zeros((out_channels, ph, pw), dtype=torch.float32, device=device)
+    norm = torch.zeros((ph, pw), dtype=torch.float32, device=device)
+    windows: dict[tuple[bool, ...], torch.Tensor] = {}
+    total, done = sum(len(g) for g in groups), 0
+    queued: list[tuple[torch.cuda.Event | None, int]] = []
+
+    def report(count: int) -> None:
+        nonlocal done
+        for _ in range(count):
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+    for group in groups:
+        if stop is not None and stop.is_set():
+            raise Cancelled("stopped by the user")
+        crops = torch.stack([source[:, y : y + th, x : x + tw] for y, x in group])
+        result = fn(crops).float()
+        for (y, x), res in zip(group, result):
+            key = (y > 0, y + th < ph, x > 0, x + tw < pw)
+            if key not in windows:
+                windows[key] = torch.from_numpy(window(y, x)).to(device)
+            weights = windows[key]
+            out[:, y : y + th, x : x + tw] += res * weights
+            norm[y : y + th, x : x + tw] += weights
+        event = torch.cuda.Event() if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        queued.append((event, len(group)))
+        if len(queued) > 1:  # wait for the previous batch only: this one keeps the GPU busy meanwhile
+            previous, count = queued.pop(0)
+            if previous is not None:
+                previous.synchronize()
+            report(count)
+    result = (out[:, :h, :w] / norm[:h, :w]).cpu().numpy()
+    for _, count in queued:
+        report(count)
+    return result
 
 
 def stats_boxes(height: int, width: int, multiple: int, max_pixels: int, crop: int,
