@@ -185,7 +185,7 @@ def train_method(label: str, cached, pair_dir: Path, workdir: Path, args):
 
     mode, extra = METHODS[label]
     cfg = StudentConfig.preset(args.size, mode=mode, steps=args.steps, crop=args.crop, seed=args.seed,
-                               device="cpu", precision="fp32", val_every=max(1, args.steps // 5),
+                               device=args.device, precision=args.precision, val_every=max(1, args.steps // 5),
                                report_every=max(1, args.steps // 20), **extra)
     path, ckpt = workdir / f"{label}.safetensors", workdir / f"{label}.ckpt.safetensors"
     base = cached.model
@@ -327,6 +327,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-rotate", type=float, default=2.0, help="rigid rotation, degrees")
     parser.add_argument("--margin", type=int, default=16, help="border left out of the end-point error, px")
     parser.add_argument("--methods", default="lta,unpaired,pix2pix")
+    parser.add_argument("--device", default="cpu", help="training device (scoring runs on the CPU)")
+    parser.add_argument("--precision", default="fp32", help="training precision (auto, fp32, bf16)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs/lta-synthetic")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/lta-synthetic.md")
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
 """The default model shipped in the package: loads, is what its card says, and stains like H&E."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,37 @@ def test_fast_model_is_shipped_smaller_and_keeps_structure():
     for path in sample_paths("darkfield"):
         out = fast.stain(_read(path), ["enhanced", "student"])
         assert structure_score(out["student"], out["enhanced"]) > 0.8
+
+
+PAIRED_DIR = Path(__file__).parent / "data" / "dsd_p"  # 3 held-out DSD_P pairs (see tests/data/README.md)
+
+
+def test_paired_model_is_shipped_with_its_provenance():
+    model = StainModel.load("dsd-paired", device="cpu")
+    assert model.outputs == ("enhanced", "teacher", "student")
+    student = model.metadata["provenance"]["student"]
+    assert student["mode"] == "paired" and "DSD_P/train/stained" in student["stained"]
+    assert student["config"]["width"] == 64 and student["config"]["blocks"] == 9  # the paper's generator
+    assert student["config"]["registration"] is True
+
+
+def test_paired_student_stains_closer_to_the_adjacent_section_than_the_teacher():
+    """On held-out pairs: nearer the real H&E of the next section (PSNR despite the misalignment,
+    colour distribution) than the teacher, while keeping the dark-field's structure."""
+    from digital_stain.metrics import psnr, stain_style_distance, structure_score
+
+    model = StainModel.load("dsd-paired", device="cpu")
+    names = sorted((PAIRED_DIR / "darkfield").glob("*.png"))
+    assert len(names) == 3
+    refs, outs = [], []
+    for path in names:
+        out = model.stain(_read(path))
+        ref = _read(PAIRED_DIR / "stained" / path.name) / 255.0
+        assert psnr(out["student"], ref) > psnr(out["teacher"], ref) + 1.0
+        assert structure_score(out["student"], out["enhanced"]) > 0.75
+        refs.append(ref)
+        outs.append(out)
+    refs = np.stack(refs)
+    student = stain_style_distance(np.stack([o["student"] for o in outs]), refs)
+    teacher = stain_style_distance(np.stack([o["teacher"] for o in outs]), refs)
+    assert student < 0.6 * teacher
