@@ -355,3 +355,85 @@ def test_16_bit_rgb_png_is_read_at_full_precision_or_refused(tmp_path):
         return
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, rgb16)
+
+
+# ---------------------------------------------------------------- whole-slide reading
+
+
+def test_plain_zarr_array_is_refused_saying_what_to_do(tmp_path):
+    path = tmp_path / "plain.zarr"
+    zarr.create_array(str(path), shape=(16, 16), dtype=np.uint8)
+    with pytest.raises(InputError, match="plain Zarr array.*not OME-Zarr") as info:
+        read_image(path)
+    assert "dask.array.from_zarr" in str(info.value)
+
+
+def test_folder_that_is_not_zarr_is_refused(tmp_path):
+    folder = tmp_path / "images.zarr"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x")
+    with pytest.raises(InputError, match="not a Zarr store.*OME-Zarr store itself"):
+        read_image(folder, lazy=True)
+
+
+def test_bioformats2raw_store_reads_its_first_image(tmp_path, rgb):
+    path = tmp_path / "converted.zarr"
+    _write_ome_zarr(path / "0", np.moveaxis(rgb, -1, 0), "cyx")
+    root = zarr.open_group(str(path), mode="a", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    np.testing.assert_array_equal(read_image(path), rgb)
+
+
+def test_ome_zarr_pixel_size(tmp_path, rgb):
+    from digital_stain.io import ome_zarr_pixel_size
+
+    path = tmp_path / "scaled.ome.zarr"
+    _write_ome_zarr(path, np.moveaxis(rgb, -1, 0), "cyx")
+    assert ome_zarr_pixel_size(path) is None  # no scale given
+    group = zarr.open_group(str(path), mode="a")
+    multiscales = group.attrs["multiscales"]
+    multiscales[0]["axes"][1]["unit"] = multiscales[0]["axes"][2]["unit"] = "micrometer"
+    multiscales[0]["datasets"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [1, 0.25, 0.5]}]
+    group.attrs["multiscales"] = multiscales
+    assert ome_zarr_pixel_size(path) == {"y": (0.25, "micrometer"), "x": (0.5, "micrometer")}
+
+
+def test_chunking_note_bounds():
+    from digital_stain.io import chunking_note
+
+    assert chunking_note((1024, 1024), (9000, 9000), 1024, "x") is None
+    assert chunking_note((256, 4096), (9000, 9000), 1024, "x") is None
+    assert chunking_note((100, 100), (100, 100), 1024, "x") is None  # one chunk spans a small image
+    assert "smaller than 256" in chunking_note((64, 1024), (9000, 9000), 1024, "x")
+    assert "larger than 4096" in chunking_note((8192, 1024), (9000, 9000), 1024, "x")
+
+
+def test_lazy_read_recuts_tiny_stored_chunks_and_says_so(tmp_path, caplog):
+    import logging
+
+    data = np.random.default_rng(4).integers(0, 256, (3, 600, 500), dtype=np.uint8)
+    path = tmp_path / "tiny-chunks.ome.zarr"
+    _write_ome_zarr(path, data, "cyx")  # 16-px chunks
+    notes: list[str] = []
+    lazy = read_image(path, lazy=True, chunk=256, notes=notes)
+    assert lazy.chunks[0] == (256, 256, 88) and lazy.chunks[1] == (256, 244) and lazy.shape == (600, 500, 3)
+    assert "chunks of 16 x 16 px" in notes[0] and "256-px pieces" in notes[0]
+    np.testing.assert_array_equal(lazy.compute(), np.moveaxis(data, 0, -1))
+    with caplog.at_level(logging.WARNING, logger="digital_stain.io"):
+        read_image(path, lazy=True, chunk=256)
+    assert any("smaller than 256" in r.getMessage() for r in caplog.records)
+    assert read_image(path, lazy=True).chunks[0][0] == 16  # without chunk=: as stored
+
+
+def test_open_source_from_png_numpy_and_dask(tmp_path, rgb):
+    from digital_stain.io import open_source
+
+    path = tmp_path / "a.png"
+    Image.fromarray(rgb).save(path)
+    for source in (path, rgb, da.from_array(rgb)):
+        opened = open_source(source, chunk=256)
+        assert isinstance(opened.array, da.Array) and opened.array.shape == (40, 48, 3)
+        np.testing.assert_array_equal(opened.array.compute(), rgb)
+    assert open_source(path).name == str(path) and open_source(rgb).name == "numpy array"
+    with pytest.raises(InputError, match="cannot stain a dict"):
+        open_source({})

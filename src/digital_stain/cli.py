@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -36,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     stain = sub.add_parser("stain", help="stain an image or a folder of images",
                            epilog=EPILOG.format(models=_models_text()))
-    stain.add_argument("input", type=Path, help="image file (PNG, TIFF, OME-Zarr) or a folder of them")
+    stain.add_argument("input", type=Path, help="image file (PNG, TIFF/BigTIFF, OME-Zarr) or a folder of them")
     stain.add_argument("--output", "-o", type=Path, required=True,
-                       help="output folder (or an image file when staining one file to one output)")
+                       help="output folder (or an image file when staining one file to one output); a name ending "
+                            "in .zarr (e.g. OUT.ome.zarr) writes one OME-Zarr store with a pyramid, chunk by chunk "
+                            "(whole slides: bounded memory, resumable)")
     stain.add_argument("--model", "-m", default="dsd-unpaired", help="shipped model name or model file path")
     stain.add_argument("--device", default="auto", choices=DEVICES)
     stain.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -52,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--compile", action="store_true",
                        help="torch.compile the networks (compiles once, 15-60 s; faster on large images)")
     stain.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    stain.add_argument("--resume", action="store_true",
+                       help="OME-Zarr output: finish an interrupted run, redoing only unfinished chunks "
+                            "(same model and settings)")
+    stain.add_argument("--chunk", type=int, default=None,
+                       help="OME-Zarr output: chunk side in pixels, 256..4096 (default 1024; memory grows with it)")
     stain.add_argument("--view", action="store_true", help="open the input and outputs in napari when a display is present")
     stain.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -153,12 +161,21 @@ def _destination(root: Path, output: str, several: bool, stem: str, suffix: str)
     return (root / output if several else root) / f"{stem}{suffix}"
 
 
+def _is_zarr_output(path: Path) -> bool:
+    return path.name.lower().endswith(".zarr")
+
+
 def cmd_stain(args) -> int:
     from tqdm import tqdm
 
     from .io import atomic_path, read_image, write_image
     from .model import StainModel
 
+    if _is_zarr_output(args.output):
+        return cmd_stain_slide(args)
+    for option, given in (("--resume", args.resume), ("--chunk", args.chunk is not None)):
+        if given:
+            raise InputError(f"{option} is for OME-Zarr output; give an output ending in .zarr (e.g. -o OUT.ome.zarr).")
     inputs = _inputs(args.input)
     model = StainModel.load(args.model, device=args.device)
     wanted = model.check_outputs(args.outputs.split(",") if args.outputs else None)
@@ -174,6 +191,7 @@ def cmd_stain(args) -> int:
             staging.mkdir(parents=True)
         for path in tqdm(inputs, desc="images", disable=args.quiet or len(inputs) == 1, unit="image"):
             try:
+                _note_whole_slide(path)
                 image = read_image(path)
                 image = np.asarray(image)
                 bar = tqdm(total=100, desc=path.name, disable=args.quiet, unit="%", leave=False)
@@ -210,6 +228,107 @@ def cmd_stain(args) -> int:
     if args.view:
         _view(shown, model)
     return 1 if failed else 0
+
+
+# Planes above this many pixels are better written as OME-Zarr than stained in memory (a note says so).
+WHOLE_SLIDE_PIXELS = 8192 * 8192
+
+
+def _note_whole_slide(path: Path) -> None:
+    """Before a large TIFF or OME-Zarr is loaded whole, say that OME-Zarr output would stain it in bounded memory."""
+    from .io import read_image
+
+    if not path.name.lower().endswith((".tif", ".tiff", ".zarr")):
+        return
+    shape = read_image(path, lazy=True).shape  # metadata only
+    plane = shape[-3:-1] if len(shape) >= 3 and shape[-1] in (3, 4) else shape[-2:]
+    if plane[0] * plane[1] > WHOLE_SLIDE_PIXELS:
+        stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+        print(f"note: {path.name} is {plane[0]} x {plane[1]} px and is stained in memory (several GB). For whole "
+              f"slides write OME-Zarr instead (chunk by chunk, bounded memory, resumable): "
+              f"-o {stem}-stained.ome.zarr", file=sys.stderr)
+
+
+def cmd_stain_slide(args) -> int:
+    """``stain INPUT -o OUT.ome.zarr``: :func:`digital_stain.slide.stain_to_zarr`, with a progress bar and Ctrl-C."""
+    from tqdm import tqdm
+
+    from .model import StainModel
+    from .ngff import looks_like_zarr
+    from .slide import open_source, stain_to_zarr
+
+    path = args.input
+    if not path.exists():
+        raise InputError(f"{path} does not exist.")
+    if path.is_dir() and not path.name.lower().endswith(".zarr") and not looks_like_zarr(path):
+        raise InputError(f"{path} is a folder of images; an OME-Zarr output holds one image (a whole slide). "
+                         "Give one image or OME-Zarr store as INPUT, or write the folder to a folder (-o OUT/).")
+    if args.format is not None:
+        raise InputError(f"--format {args.format} does not apply to an OME-Zarr output ({args.output}); "
+                         "leave it out, or give an output folder or image file.")
+    for option, given in (("--view", args.view), ("--compile", args.compile)):
+        if given:
+            print(f"note: {option} is not used for OME-Zarr output.", file=sys.stderr)
+    chunk = args.chunk or 1024
+    source = open_source(path, chunk=chunk)
+    for note in source.notes:
+        print(f"note: {note}", file=sys.stderr)
+    model = StainModel.load(args.model, device=args.device)
+    wanted = model.check_outputs(args.outputs.split(",") if args.outputs else None)
+    print(f"model {model.name} ({', '.join(model.outputs)}) on {model._device}; outputs: {', '.join(wanted)}; "
+          f"{source.array.shape[0]} x {source.array.shape[1]} px in {chunk}-px chunks", file=sys.stderr)
+    bar = tqdm(total=None, disable=args.quiet, unit="chunk", desc=path.name)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    stop = threading.Event()
+    try:
+        with _ctrl_c_sets(stop):
+            result = stain_to_zarr(model, source, args.output, wanted, chunk=chunk, overlap=args.overlap,
+                                   device=None, precision=args.precision, resume=args.resume,
+                                   overwrite=args.overwrite, progress=progress, stop=stop)
+    except KeyboardInterrupt:
+        print(f"aborted. {args.output} can be finished with the same command and --resume.", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    for note in result.notes[len(source.notes):]:
+        print(f"note: {note}", file=sys.stderr)
+    if result.stopped:
+        print(f"stopped: {result.units_skipped + result.units_done} of {result.units_total} chunks are written. "
+              f"Finish with the same command and --resume.", file=sys.stderr)
+        return 130
+    if result.units_done == 0 and result.units_skipped:
+        print(f"{args.output} is already complete; nothing to do.", file=sys.stderr)
+        return 0
+    kept = f", {result.units_skipped} were done before" if result.units_skipped else ""
+    levels = " ".join(f"{y}x{x}" for y, x in result.levels)
+    print(f"wrote {args.output} ({', '.join(result.outputs)}; levels {levels}; {result.units_done} chunks "
+          f"in {result.seconds:.0f} s{kept})", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(stop: threading.Event):
+    """Inside the block, a first Ctrl-C sets ``stop`` (the run ends after the current chunk); a second aborts."""
+    import signal
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the current chunk (Ctrl-C again aborts; the store stays resumable)...",
+              file=sys.stderr)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler) if main_thread else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _view(shown, model) -> None:

@@ -2,21 +2,24 @@
 
 Readers return numpy arrays with channels last, ``(..., Y, X[, C])``;
 ``read_image(..., lazy=True)`` returns a dask array for TIFF and OME-Zarr so
-that whole slides are not loaded into memory.
+that whole slides are not loaded into memory, and :func:`open_source` opens
+one whole-slide plane lazily for :mod:`digital_stain.slide`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .arrays import InputError
+from .arrays import InputError, split_planes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
@@ -35,19 +38,26 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_path(p))
 
 
-def read_image(path: str | os.PathLike, *, lazy: bool = False):
+def read_image(path: str | os.PathLike, *, lazy: bool = False, chunk: int | None = None,
+               notes: list | None = None):
     """Read one image.
 
     Parameters
     ----------
     path : path-like
-        PNG/JPEG/BMP (via Pillow), TIFF (tifffile) or OME-Zarr (level 0).
+        PNG/JPEG/BMP (via Pillow), TIFF/BigTIFF (tifffile) or OME-Zarr (level 0).
     lazy : bool
-        Return a dask array for TIFF and OME-Zarr instead of loading them.
+        Return a dask array for TIFF and OME-Zarr instead of loading them
+        (TIFF through tifffile's Zarr store: tiles or strips are read on demand).
+    chunk : int, optional
+        With ``lazy``: when the stored chunks' Y or X side is outside
+        ``GOOD_CHUNK_SIDES`` (256..4096 px), read in ``chunk``-px pieces
+        instead, and say so: appended to ``notes`` when given, else logged as
+        a warning (``digital_stain.io`` logger).
 
     Returns
     -------
-    ndarray or dask array, channels last.
+    ndarray or dask array, channels last ``(..., Y, X[, C])``, in the file's own dtype.
     """
     path = Path(path)
     if not path.exists():
@@ -55,9 +65,9 @@ def read_image(path: str | os.PathLike, *, lazy: bool = False):
     name = path.name.lower()
     try:
         if path.is_dir() or name.endswith(ZARR_SUFFIXES):
-            return _read_zarr(path, lazy=lazy)
+            return _read_zarr(path, lazy=lazy, chunk=chunk, notes=notes)
         if name.endswith((".tif", ".tiff")):
-            return _read_tiff(path, lazy=lazy)
+            return _read_tiff(path, lazy=lazy, chunk=chunk, notes=notes)
         from PIL import Image, UnidentifiedImageError
 
         _refuse_16bit_colour_png(path)
@@ -87,7 +97,7 @@ def _refuse_16bit_colour_png(path: Path) -> None:
         )
 
 
-def _read_tiff(path: Path, *, lazy: bool):
+def _read_tiff(path: Path, *, lazy: bool, chunk: int | None = None, notes: list | None = None):
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -96,12 +106,11 @@ def _read_tiff(path: Path, *, lazy: bool):
         if not lazy:
             data = series.asarray()
     if lazy:
-        import dask.array as da
         import zarr
 
         store = tifffile.imread(path, aszarr=True)
         node = zarr.open(store, mode="r")
-        data = da.from_zarr(node if hasattr(node, "shape") else node["0"])
+        data = _lazy_array(node if hasattr(node, "shape") else node["0"], axes, chunk, path, notes)
     return _channels_last(data, axes)
 
 
@@ -117,27 +126,213 @@ def _channels_last(data, axes: str):
     return data
 
 
-def _read_zarr(path: Path, *, lazy: bool):
+# Stored chunks whose sides lie in this range are read as they are; others are read in pieces
+# of the caller's chunk (a whole-slide reader needs regions, not one-pixel strips or whole images).
+GOOD_CHUNK_SIDES = (256, 4096)
+
+
+def chunking_note(sides: tuple[int, int], shape: tuple[int, int], chunk: int, what: str) -> str | None:
+    """A sentence saying why an input's (Y, X) chunk sides are re-cut into ``chunk``-px pieces, or None if fine.
+
+    ``shape`` is the image's (Y, X): a chunk spanning a whole (short) axis is never "too small".
+    """
+    low, high = GOOD_CHUNK_SIDES
+    small = [s < low and s < n for s, n in zip(sides, shape)]
+    large = [s > high for s in sides]
+    if not any(small) and not any(large):
+        return None
+    if any(large):
+        why = (f"larger than {high} px: every read decodes a whole stored chunk, so reading is slower and "
+               "memory grows with the stored chunk")
+    else:
+        why = f"smaller than {low} px: each region needs many small reads, which is slow"
+    return (f"{what} is stored in chunks of {sides[0]} x {sides[1]} px, {why}; it is read in {chunk}-px pieces. "
+            f"Rewrite it with chunks of {low}-{high} px (e.g. 1024) to make this faster.")
+
+
+def _lazy_array(node, axes: str | None, chunk: int | None, path: Path, notes: list | None = None):
+    """A dask array over a zarr array; Y/X re-cut into ``chunk``-px pieces when the stored chunks are out of range.
+
+    The note saying so goes to ``notes`` when given, else to the ``digital_stain.io`` log as a warning.
+    """
     import dask.array as da
+
+    if chunk is None or not axes or "Y" not in axes or "X" not in axes:
+        return da.from_zarr(node)
+    y, x = axes.index("Y"), axes.index("X")
+    stored = tuple(node.chunks)
+    note = chunking_note((stored[y], stored[x]), (node.shape[y], node.shape[x]), chunk, str(path))
+    if note is None:
+        return da.from_zarr(node)
+    if notes is not None:
+        notes.append(note)
+    else:
+        logging.getLogger("digital_stain.io").warning(note)
+    # whole stored chunks on the other axes (channels, planes); zarr slices each piece out of the stored chunks
+    chunks = [chunk if i in (y, x) else stored[i] for i in range(len(stored))]
+    return da.from_zarr(node, chunks=tuple(chunks))
+
+
+def _not_zarr_message(path: Path) -> str:
+    return (f"{path} is a folder but not a Zarr store (it has no .zgroup, .zarray or zarr.json); "
+            "give the OME-Zarr store itself (the folder holding .zattrs or zarr.json), an image file, "
+            "or a folder of image files.")
+
+
+def open_ome_zarr(path: Path):
+    """The level-0 array of an OME-Zarr image, its axis names (e.g. ``"CYX"``) and its multiscale entry.
+
+    Accepts NGFF 0.4 (``multiscales`` in the group's attributes) and 0.5
+    (under ``ome``), and bioformats2raw stores (the first image, ``0/``).
+    A plain Zarr array or a group without ``multiscales`` is refused: nothing
+    says which of its axes is Y, X or colour.
+    """
     import zarr
 
+    path = Path(path)
+    if path.is_dir() and not any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json")):
+        raise InputError(_not_zarr_message(path))
     try:
         group = zarr.open(str(path), mode="r")
     except Exception as err:
-        raise InputError(f"{path} is not a readable Zarr store ({err}).") from err
-    if hasattr(group, "shape"):  # a bare array
-        array, axes = group, None
-    else:
-        multiscales = group.attrs.get("multiscales") or group.attrs.get("ome", {}).get("multiscales")
-        if not multiscales:
-            raise InputError(f"{path} is a Zarr group without OME-Zarr 'multiscales' metadata; write it as OME-Zarr.")
-        first = multiscales[0]
+        raise InputError(f"{path} is not a readable Zarr store ({type(err).__name__}: {err}).") from err
+    if hasattr(group, "shape"):
+        raise InputError(
+            f"{path} is a plain Zarr array {tuple(group.shape)}, not OME-Zarr: nothing says which axis is Y, X or "
+            "colour. Write it as OME-Zarr (a group with 'multiscales' metadata), or open it in Python and pass "
+            "dask.array.from_zarr(...) with axes (Y, X[, C])."
+        )
+    attrs = dict(group.attrs)
+    if "bioformats2raw.layout" in attrs and "0" in group:  # a converted slide: its first image
+        group = group["0"]
+        attrs = dict(group.attrs)
+    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if not multiscales:
+        raise InputError(f"{path} is a Zarr group without OME-Zarr 'multiscales' metadata; write it as OME-Zarr.")
+    first = multiscales[0]
+    try:
         array = group[first["datasets"][0]["path"]]
-        axes = "".join(a["name"] if isinstance(a, dict) else a for a in first.get("axes", [])).upper() or None
-    data = da.from_zarr(array)
+    except (KeyError, IndexError, TypeError) as err:
+        raise InputError(f"{path}: its OME-Zarr metadata names level-0 data that is not in the store ({err}).") from err
+    axes = "".join(a["name"] if isinstance(a, dict) else a for a in first.get("axes", [])).upper() or None
+    return array, axes, first
+
+
+def ome_zarr_pixel_size(path: str | os.PathLike) -> dict | None:
+    """Level 0's pixel size of an OME-Zarr image: ``{"y": (size, unit), "x": (size, unit)}``, or None if not given."""
+    _, axes, multiscale = open_ome_zarr(Path(path))
+    if not axes or "Y" not in axes or "X" not in axes:
+        return None
+    scale = next((t.get("scale") for t in multiscale["datasets"][0].get("coordinateTransformations", [])
+                  if t.get("type") == "scale"), None)
+    if not scale or len(scale) != len(axes):
+        return None
+    named = [a if isinstance(a, dict) else {"name": a} for a in multiscale.get("axes", [])]
+    return {name: (float(scale[axes.index(name.upper())]), named[axes.index(name.upper())].get("unit"))
+            for name in ("y", "x")}
+
+
+def _read_zarr(path: Path, *, lazy: bool, chunk: int | None = None, notes: list | None = None):
+    array, axes, _ = open_ome_zarr(path)
+    data = _lazy_array(array, axes, chunk if lazy else None, path, notes)
     if axes and "C" in axes:
         data = _channels_last(data, axes)
     return data if lazy else data.compute()
+
+
+# -- whole slides -----------------------------------------------------------------
+@dataclass
+class Source:
+    """A lazily read dark-field plane.
+
+    Attributes
+    ----------
+    array : dask array, shape (Y, X) or (Y, X, C), C in {1, 3, 4}
+        Level 0 in its own dtype (uint8, uint16 or float); chunked for reading.
+    name : str
+        The path it came from, or what kind of array it was (for provenance).
+    pixel_size : dict, optional
+        ``{"y": (size, unit), "x": (size, unit)}`` from OME-Zarr metadata, copied to the output.
+    notes : list of str
+        What was done to read it (e.g. re-cut chunks); also logged as warnings.
+    """
+
+    array: object
+    name: str
+    pixel_size: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def open_source(source, *, chunk: int = 1024) -> Source:
+    """Open a dark-field slide lazily.
+
+    Parameters
+    ----------
+    source : path-like, ndarray, dask array, zarr array or Source
+        An OME-Zarr store (level 0; NGFF 0.4/0.5, bioformats2raw), a TIFF or
+        BigTIFF (tiles or strips read on demand), a PNG/JPEG (read whole), or
+        an array ``(Y, X[, C])`` already in memory or lazy. Leading axes of
+        length 1 (OME-Zarr ``t``, ``z``) are dropped.
+    chunk : int
+        Reading piece for inputs whose stored chunks are under 256 px or over
+        4096 px on a side (they are re-cut, with a warning in the
+        ``digital_stain.io`` log and in ``notes``).
+
+    Returns
+    -------
+    Source
+
+    Raises
+    ------
+    InputError
+        A path that does not exist, a folder that is not a Zarr store, a Zarr
+        store that is not OME-Zarr, a stack of several planes, a plane under
+        8 x 8 px, or a pixel type that cannot be stained.
+    """
+    import dask.array as da
+
+    if isinstance(source, Source):
+        return source
+    notes: list[str] = []
+    pixel_size = None
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"{path} does not exist.")
+        name = str(path)
+        array = read_image(path, lazy=True, chunk=chunk, notes=notes)
+        if path.is_dir():
+            pixel_size = ome_zarr_pixel_size(path)
+        if isinstance(array, np.ndarray):  # PNG/JPEG: small enough to have been read whole
+            array = da.from_array(array, chunks=(chunk, chunk, *array.shape[2:]))
+    elif isinstance(source, da.Array):
+        array, name = source, "dask array"
+    elif hasattr(source, "shape") and hasattr(source, "dtype"):
+        name = f"{type(source).__module__.split('.')[0]} array"
+        array = da.from_zarr(source) if name == "zarr array" else da.asarray(source)
+        if isinstance(source, np.ndarray):
+            array = array.rechunk((chunk, chunk, *array.shape[2:]))
+    else:
+        raise InputError(f"cannot stain a {type(source).__name__}; give a path, a numpy array or a dask array.")
+    array = _one_plane(array, name)
+    if name in ("dask array", "zarr array"):
+        note = chunking_note((max(array.chunks[0]), max(array.chunks[1])), array.shape[:2], chunk, f"the {name}")
+        if note is not None:
+            notes.append(note)
+            array = array.rechunk({0: chunk, 1: chunk})
+    for note in notes:
+        logging.getLogger("digital_stain.io").warning(note)
+    return Source(array, name, pixel_size, notes)
+
+
+def _one_plane(array, name: str):
+    stack, _ = split_planes(tuple(array.shape))
+    if any(n != 1 for n in stack):
+        raise InputError(
+            f"{name} is a stack of {int(np.prod(stack))} planes (shape {tuple(array.shape)}); an OME-Zarr output "
+            "holds one plane. Pick one plane (e.g. array[0]) or stain the stack to TIFF (--output a folder)."
+        )
+    return array[(0,) * len(stack)] if stack else array
 
 
 @contextlib.contextmanager

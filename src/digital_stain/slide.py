@@ -1,0 +1,436 @@
+"""Whole slides: stain an image of any size into an OME-Zarr store, chunk by chunk, resumably.
+
+>>> from digital_stain import StainModel
+>>> from digital_stain.slide import stain_to_zarr
+>>> model = StainModel.load("dsd-unpaired-fast")                          # doctest: +SKIP
+>>> result = stain_to_zarr(model, "slide.ome.zarr", "stained.ome.zarr")   # doctest: +SKIP
+>>> result.complete                                                       # doctest: +SKIP
+True
+
+The input is read lazily (OME-Zarr level 0, TIFF/BigTIFF through tifffile's
+Zarr store, or any dask array) and never held whole in memory. Each work
+unit is one level-0 chunk (default 1024 px) of every output asked for: it
+reads the chunk plus ``overlap`` pixels of its neighbours, stains it exactly
+as :class:`digital_stain.lazy.LazyStain` does (the same code, so the store
+holds what the napari plugin shows), rounds to uint8 and writes it into the
+store (layout: :mod:`digital_stain.ngff`). Then the lower pyramid levels
+are made from the stored level above, one chunk at a time. Peak memory
+depends on the chunk size, not on the slide's size.
+
+Statistics. The student normalises with whole-image statistics. They are
+recorded once per slide on a bounded sample (the whole plane up to
+2048 x 2048 px, else 16 crops of 512 px spread over it, as ``LazyStain``
+does), written to the store's attributes before the first chunk, and every
+chunk, in this run or a resumed one, is stained with the stored values. The
+input's value scaling is stored the same way.
+
+Resume. A unit counts as done once its progress element is written, after
+its data (both flushed to disk). ``resume=True`` skips the done units and
+redoes the others, so a run stopped by ``stop``, Ctrl-C, an exception, a
+killed process or a full disk ends, once resumed, with the very bytes an
+uninterrupted run writes. Resuming with another model, other outputs or
+other settings (chunk, overlap, device, precision, pyramid), or on another
+input, is refused with what differs.
+
+Distribution. :func:`stain_chunk` / :func:`process_chunk` (level 0) and
+:meth:`SlideStore.build_level_unit` (lower levels) are functions of picklable
+arguments (the model, the source array, the :class:`SlideJob`, the store's
+path and a unit key); no unit shares a file with another, so units of one
+level may run in parallel processes, each loading the model once.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .arrays import InputError, ValueScaling, to_uint8
+from .io import Source, open_source
+from .lazy import LazyStain
+from .ngff import FORMAT, FORMAT_VERSION, Grid, SlideStore, level_shapes, prepare_output
+
+log = logging.getLogger(__name__)
+__all__ = ["DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk", "stain_chunk",
+           "stain_to_zarr"]
+
+CHUNK_RANGE = (256, 4096)
+STATS_PIXELS, STATS_CROP = 2048 * 2048, 512  # LazyStain's defaults: the same statistics as the napari view
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class DiskFullError(InputError):
+    """The disk filled up while writing; the store is intact and the run can be resumed."""
+
+
+def _fingerprint(array) -> str:
+    """Shape, dtype and the bytes of a central 256-px square: tells one slide from another without reading it all."""
+    height, width = array.shape[:2]
+    side = min(256, height, width)
+    y, x = (height - side) // 2, (width - side) // 2
+    block = np.ascontiguousarray(np.asarray(array[y : y + side, x : x + side].compute(scheduler="sync")))
+    digest = hashlib.sha256(repr((tuple(array.shape), str(array.dtype))).encode())
+    digest.update(block.tobytes())
+    return digest.hexdigest()[:32]
+
+
+# -- one unit of work ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlideJob:
+    """Everything a worker needs besides the model, the source and the store (picklable, small).
+
+    Attributes
+    ----------
+    grid : Grid
+        Chunk size, level-0 units, pyramid levels.
+    outputs : tuple of str
+    overlap : int
+        Pixels borrowed from each neighbour (on the networks' 16-px grid).
+    precision : str
+        Resolved: ``fp32``, ``bf16`` or ``fp16``.
+    scaling : tuple (offset, scale, description)
+        Raw values -> [0, 1], decided once for the slide.
+    statistics : tuple, optional
+        The student's frozen norm statistics, ``((mean, var), ...)`` per norm layer as float tuples.
+    token : str
+        Identifies this job (a worker keeps one stainer per model, source and token).
+    """
+
+    grid: Grid
+    outputs: tuple[str, ...]
+    overlap: int
+    precision: str
+    scaling: tuple
+    statistics: tuple | None
+    token: str
+
+    @classmethod
+    def from_store(cls, store: SlideStore) -> SlideJob:
+        """The job recorded in a store :func:`stain_to_zarr` started (what a worker needs to resume its units)."""
+        state = store.state
+        settings = state["settings"]
+        return cls(Grid.from_dict(state["grid"]), tuple(settings["outputs"]), settings["overlap"],
+                   settings["precision"], _scaling_tuple(state), _as_tuples(state.get("statistics")), state["token"])
+
+
+class _ChunkStain(LazyStain):
+    """LazyStain with the slide's value scaling and stored statistics, computing one unit at a time (no cache)."""
+
+    def __init__(self, model, array, job: SlideJob):
+        super().__init__(model, array, job.outputs, chunk=job.grid.chunk, overlap=job.overlap,
+                         precision=job.precision, cache_chunks=0,
+                         scaling=ValueScaling(*job.scaling) if job.scaling is not None else None,
+                         stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP)
+        if job.statistics is not None:
+            self.use_statistics(job.statistics)
+
+    def record_statistics(self) -> tuple:
+        """Record the plane's student statistics (bounded sample) as float tuples, the form they are stored in."""
+        stats = self._statistics(())
+        return tuple((tuple(m.float().cpu().tolist()), tuple(v.float().cpu().tolist())) for m, v in stats)
+
+    def use_statistics(self, statistics: tuple) -> None:
+        import torch
+
+        self._plane_stats[()] = [(torch.tensor(m, dtype=torch.float32, device=self.device),
+                                  torch.tensor(v, dtype=torch.float32, device=self.device)) for m, v in statistics]
+
+    def unit(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
+        """uint8 outputs of level-0 unit ``key``: enhanced ``(h, w)``, teacher/student ``(h, w, 3)``."""
+        block = (*key, 0)  # the unit-RGB array has one chunk along its channel axis
+        rgb = self.rgb[self._region(block)].compute(scheduler="sync")  # the chunk and its borrowed margins
+        results = {}
+        if "enhanced" in self.wanted:
+            results["enhanced"] = to_uint8(self._trim(self._enhanced_block(rgb), block))
+        for role in ("teacher", "student"):
+            if role in self.wanted:
+                results[role] = to_uint8(self._compute(role, block, rgb))
+        return results
+
+
+_STAINERS: OrderedDict = OrderedDict()  # (id(model), source name, job token) -> _ChunkStain; the model is kept alive
+
+
+def _stainer(model, array, job: SlideJob) -> _ChunkStain:
+    key = (id(model), array.name, job.token)
+    if key not in _STAINERS:
+        _STAINERS[key] = _ChunkStain(model, array, job)
+        while len(_STAINERS) > 2:
+            _STAINERS.popitem(last=False)
+    return _STAINERS[key]
+
+
+def stain_chunk(model, array, job: SlideJob, key: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Stain level-0 unit ``key`` of a slide; writes nothing.
+
+    Parameters
+    ----------
+    model : StainModel
+        On the device it should run on.
+    array : dask array (Y, X[, C])
+        :attr:`Source.array`.
+    job : SlideJob
+    key : (int, int)
+        Unit row and column (:meth:`Grid.units`).
+
+    Returns
+    -------
+    dict of output name to uint8 array: ``enhanced`` ``(h, w)``, ``teacher``/``student`` ``(h, w, 3)``,
+    ``(h, w)`` being :meth:`Grid.box` of the unit. The same key, job and model give the same bytes.
+    """
+    return _stainer(model, array, job).unit(key)
+
+
+def process_chunk(model, array, store: SlideStore, job: SlideJob, key: tuple[int, int]) -> None:
+    """Stain level-0 unit ``key``, write it into ``store`` and mark it done (the unit of work to distribute)."""
+    results = stain_chunk(model, array, job, key)
+    box = job.grid.box(0, key)
+    for output in job.outputs:
+        store.write(output, 0, box, results[output])
+    store.mark_done(0, key)
+
+
+# -- the whole slide -------------------------------------------------------------------------
+@dataclass
+class SlideResult:
+    """What :func:`stain_to_zarr` did.
+
+    Attributes
+    ----------
+    path : Path
+        The store.
+    outputs : tuple of str
+    levels : list of (int, int)
+        ``(Y, X)`` of each pyramid level.
+    units_total, units_done, units_skipped : int
+        Work units of all levels; those done by this call; those found done (resume).
+    complete : bool
+        Every unit of every level is written.
+    stopped : bool
+        ``stop`` was set; the store is resumable.
+    seconds : float
+    notes : list of str
+        Input re-chunking and resume notes (also logged).
+    """
+
+    path: Path
+    outputs: tuple[str, ...]
+    levels: list
+    units_total: int
+    units_done: int = 0
+    units_skipped: int = 0
+    complete: bool = False
+    stopped: bool = False
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[str] | None = None, *,
+                  chunk: int = 1024, overlap: int = 128, device: str | None = "auto", precision: str = "auto",
+                  min_side: int = 512, resume: bool = False, overwrite: bool = False,
+                  progress: Callable[[int, int], None] | None = None,
+                  stop: threading.Event | None = None) -> SlideResult:
+    """Stain a whole slide into an OME-Zarr store (one image group per output, with a pyramid).
+
+    Parameters
+    ----------
+    model : StainModel or str
+        A loaded model, or a shipped model's name or a model file's path.
+    source : path-like, array or Source
+        The dark-field slide (see :func:`open_source`).
+    output : path-like
+        The store to write (``*.ome.zarr``); layout in :mod:`digital_stain.ngff`.
+    outputs : sequence of str, optional
+        ``enhanced``, ``teacher``, ``student``; default all the model has.
+    chunk : int
+        Side of a work unit and of the stored chunks, 256..4096 px (rounded
+        down to the networks' 16-px grid). Memory grows with its square.
+    overlap : int
+        Pixels each chunk borrows from its neighbours (rounded up to 16);
+        128 makes chunked staining match one pass to about 1/255.
+    device, precision : str
+        As for :meth:`StainModel.stain`; ``None`` keeps the model where it is.
+    min_side : int
+        Pyramid levels are added until the longer side is at most this.
+    resume : bool
+        Continue a store this function started: done units are kept, the rest
+        is done with the stored statistics. Refused if the model, outputs,
+        settings or input differ. A missing store is simply started.
+    overwrite : bool
+        Replace an existing store (only a Zarr store or an empty folder is deleted).
+    progress : callable(done, total), optional
+        Called after every unit (all levels), counting units already done.
+    stop : threading.Event, optional
+        Set it to stop after the current unit; the result then has ``stopped``
+        and the store can be resumed.
+
+    Returns
+    -------
+    SlideResult
+
+    Raises
+    ------
+    InputError
+        Bad input or settings, an existing output without ``resume`` or
+        ``overwrite``, a resume that does not match the store.
+    DiskFullError
+        The disk filled up; units written so far are kept and marked, so the
+        same call with ``resume=True`` continues once space is freed.
+    """
+    from . import __version__
+    from .model import StainModel, provenance
+
+    started = time.perf_counter()
+    output = Path(output)
+    if not CHUNK_RANGE[0] <= chunk <= CHUNK_RANGE[1]:
+        raise InputError(f"chunk {chunk} px is out of range; use {CHUNK_RANGE[0]}..{CHUNK_RANGE[1]} (default 1024).")
+    if resume and overwrite:
+        raise InputError("resume and overwrite exclude each other: resume continues the store, overwrite replaces it.")
+    src = open_source(source, chunk=chunk)
+    if isinstance(source, (str, os.PathLike)) and _inside(output, Path(source)):
+        raise InputError(f"the output {output} is the input or inside it; write the stained slide somewhere else.")
+    if not isinstance(model, StainModel):
+        model = StainModel.load(model, device=device or "auto")
+    elif device is not None:
+        model.to(device)
+    wanted = model.check_outputs(outputs)
+    stored = prepare_output(output, resume=resume, overwrite=overwrite)
+
+    stainer = _ChunkStain(model, src.array, SlideJob(Grid(chunk, (), (), ()), wanted, overlap, precision,
+                                                     _scaling_tuple(stored), None, "probe"))
+    grid = Grid(stainer.chunk, tuple(stainer.rgb.chunks[0]), tuple(stainer.rgb.chunks[1]),
+                level_shapes(tuple(src.array.shape[:2]), min_side))
+    settings = {"outputs": list(wanted), "chunk": stainer.chunk, "overlap": stainer.overlap,
+                "precision": stainer.precision, "device": stainer.device.type, "min_side": min_side,
+                "stats_pixels": STATS_PIXELS, "stats_crop": STATS_CROP}
+    identity = {"shape": list(src.array.shape), "dtype": str(src.array.dtype), "fingerprint": _fingerprint(src.array)}
+    model_id = {"name": model.name, "checksum": model.checksum, "path": str(model.path) if model.path else None}
+    notes = list(src.notes)
+    if stored is not None:
+        _check_resume(output, stored, model_id, settings, identity)
+        if stored.get("package") != f"napari-digital-stain {__version__}":
+            notes.append(f"{output} was started by {stored.get('package')}; continuing with {__version__}.")
+        statistics = _as_tuples(stored.get("statistics"))
+        scaling = _scaling_tuple(stored)
+    else:
+        scaling = (stainer.scaling.offset, stainer.scaling.scale, stainer.scaling.source)
+        statistics = stainer.record_statistics() if "student" in wanted else None
+    job = SlideJob(grid, wanted, stainer.overlap, stainer.precision, scaling, statistics,
+                   token=stored["token"] if stored else uuid.uuid4().hex)
+    if statistics is not None:
+        stainer.use_statistics(statistics)  # the stored (rounded-trip) values, exactly as a resumed run uses them
+    cache_key = (id(model), src.array.name, job.token)
+    _STAINERS[cache_key] = stainer  # what stain_chunk uses; dropped at the end (it holds the model and the source)
+
+    result = SlideResult(output, wanted, [list(level) for level in grid.levels],
+                         sum(len(grid.units(level)) for level in range(len(grid.levels))), notes=notes)
+    try:
+        if stored is None:
+            store = SlideStore.create(output, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "token": job.token, "complete": False,
+                **provenance(), "model": model_id, "settings": settings, "source": {"name": src.name, **identity},
+                "scaling": {"offset": scaling[0], "scale": scaling[1], "source": scaling[2]},
+                "statistics": _as_lists(statistics), "grid": grid.as_dict()}, src.pixel_size)
+        else:
+            store = SlideStore(output)
+            if not stored.get("complete"):
+                SlideStore.create(output, stored, src.pixel_size)  # arrays a crash during creation left unmade
+            cleaned = store.clean_partial_files()
+            if cleaned:
+                notes.append(f"removed {cleaned} temporary file(s) left by an interrupted write.")
+        for note in notes[len(src.notes):]:
+            log.warning(note)
+        _run_units(model, src, store, job, result, progress, stop)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(
+            f"the disk holding {output} is full ({err.strerror or err}). {result.units_skipped + result.units_done} "
+            f"of {result.units_total} chunks are written and kept; free some space, then run the same command "
+            "with --resume (resume=True) to finish the rest."
+        ) from err
+    finally:
+        _STAINERS.pop(cache_key, None)
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: SlideResult, progress, stop) -> None:
+    """Level 0, then each pyramid level, unit by unit; done units skipped; stops cleanly when ``stop`` is set."""
+    count = 0
+    for level in range(len(job.grid.levels)):
+        done = store.done(level)
+        for key in job.grid.units(level):
+            count += 1
+            if done[key]:
+                result.units_skipped += 1
+            else:
+                if stop is not None and stop.is_set():
+                    result.stopped = True
+                    return
+                if level == 0:
+                    process_chunk(model, src.array, store, job, key)
+                else:
+                    store.build_level_unit(level, key)
+                result.units_done += 1
+            if progress is not None:
+                progress(count, result.units_total)
+    if not store.state.get("complete"):
+        from .model import provenance
+
+        store.finish(finished=provenance()["date"])
+    result.complete = True
+
+
+def _inside(path: Path, other: Path) -> bool:
+    path, other = path.resolve(), other.resolve()
+    return path == other or other in path.parents
+
+
+def _check_resume(output: Path, stored: dict, model_id: dict, settings: dict, identity: dict) -> None:
+    """Refuse to resume with anything that would change the pixels; name every difference."""
+    differences = []
+    if stored["model"].get("checksum") != model_id["checksum"]:
+        differences.append(f"model: stored {stored['model'].get('name')} (checksum "
+                           f"{str(stored['model'].get('checksum'))[:12]}), now {model_id['name']} "
+                           f"(checksum {str(model_id['checksum'])[:12]})")
+    for key, value in settings.items():
+        if stored["settings"].get(key) != value:
+            differences.append(f"{key}: stored {_text(stored['settings'].get(key))}, now {_text(value)}")
+    source = stored.get("source", {})
+    for key in ("shape", "dtype", "fingerprint"):
+        if source.get(key) != identity[key]:
+            differences.append(f"input {key}: stored {_text(source.get(key))}, now {_text(identity[key])}")
+    if differences:
+        raise InputError(f"cannot resume {output}: it was started with other settings ("
+                         + "; ".join(differences) + "). Resume with the settings it was started with, "
+                         "or pass --overwrite (overwrite=True) to start again.")
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _scaling_tuple(stored: dict | None) -> tuple | None:
+    if stored is None:
+        return None
+    scaling = stored["scaling"]
+    return float(scaling["offset"]), float(scaling["scale"]), str(scaling["source"])
+
+
+def _as_tuples(statistics) -> tuple | None:
+    return None if statistics is None else tuple((tuple(m), tuple(v)) for m, v in statistics)
+
+
+def _as_lists(statistics) -> list | None:
+    return None if statistics is None else [[list(m), list(v)] for m, v in statistics]
