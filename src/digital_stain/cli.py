@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(same model and settings)")
     stain.add_argument("--chunk", type=int, default=None,
                        help="OME-Zarr output: chunk side in pixels, 256..4096 (default 1024; memory grows with it)")
+    stain.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="OME-Zarr output: run the chunks on this dask.distributed scheduler (tcp://host:8786); "
+                            "every worker needs the package and the model file")
+    stain.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="OME-Zarr output: run the chunks on a local dask.distributed cluster of N processes")
     stain.add_argument("--view", action="store_true", help="open the input and outputs in napari when a display is present")
     stain.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -173,7 +178,8 @@ def cmd_stain(args) -> int:
 
     if _is_zarr_output(args.output):
         return cmd_stain_slide(args)
-    for option, given in (("--resume", args.resume), ("--chunk", args.chunk is not None)):
+    for option, given in (("--resume", args.resume), ("--chunk", args.chunk is not None),
+                          ("--scheduler", args.scheduler is not None), ("--workers", args.workers is not None)):
         if given:
             raise InputError(f"{option} is for OME-Zarr output; give an output ending in .zarr (e.g. -o OUT.ome.zarr).")
     inputs = _inputs(args.input)
@@ -249,6 +255,21 @@ def _note_whole_slide(path: Path) -> None:
               f"-o {stem}-stained.ome.zarr", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _maybe_cluster(args):
+    """A dask.distributed client for ``--scheduler``/``--workers``, else None (this process does the work)."""
+    if args.scheduler is None and args.workers is None:
+        yield None
+        return
+    from .cluster import cluster_client
+
+    with cluster_client(args.scheduler, args.workers) as client:
+        where = args.scheduler or f"a local cluster of {args.workers} worker process(es)"
+        print(f"running the chunks on {where} ({len(client.scheduler_info()['workers'])} worker(s) now)",
+              file=sys.stderr)
+        yield client
+
+
 def cmd_stain_slide(args) -> int:
     """``stain INPUT -o OUT.ome.zarr``: :func:`digital_stain.slide.stain_to_zarr`, with a progress bar and Ctrl-C."""
     from tqdm import tqdm
@@ -285,10 +306,10 @@ def cmd_stain_slide(args) -> int:
 
     stop = threading.Event()
     try:
-        with _ctrl_c_sets(stop):
+        with _ctrl_c_sets(stop), _maybe_cluster(args) as client:
             result = stain_to_zarr(model, source, args.output, wanted, chunk=chunk, overlap=args.overlap,
                                    device=None, precision=args.precision, resume=args.resume,
-                                   overwrite=args.overwrite, progress=progress, stop=stop)
+                                   overwrite=args.overwrite, progress=progress, stop=stop, client=client)
     except KeyboardInterrupt:
         print(f"aborted. {args.output} can be finished with the same command and --resume.", file=sys.stderr)
         return 130

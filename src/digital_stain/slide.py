@@ -239,7 +239,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
                   chunk: int = 1024, overlap: int = 128, device: str | None = "auto", precision: str = "auto",
                   min_side: int = 512, resume: bool = False, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None,
-                  stop: threading.Event | None = None) -> SlideResult:
+                  stop: threading.Event | None = None, client=None) -> SlideResult:
     """Stain a whole slide into an OME-Zarr store (one image group per output, with a pyramid).
 
     Parameters
@@ -273,6 +273,11 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     stop : threading.Event, optional
         Set it to stop after the current unit; the result then has ``stopped``
         and the store can be resumed.
+    client : distributed.Client, optional
+        Spread the units over this dask.distributed cluster
+        (:func:`digital_stain.cluster.cluster_client`); each worker loads the
+        model file once. This process still decides the scaling and statistics,
+        so the store's bytes are those of a run without a cluster.
 
     Returns
     -------
@@ -350,7 +355,12 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
                 notes.append(f"removed {cleaned} temporary file(s) left by an interrupted write.")
         for note in notes[len(src.notes):]:
             log.warning(note)
-        _run_units(model, src, store, job, result, progress, stop)
+        if client is None:
+            _run_units(model, src, store, job, result, progress, stop)
+        else:
+            from .cluster import run_units, source_reference
+
+            run_units(client, model, source_reference(source, src), store, job, result, progress, stop)
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise
