@@ -41,3 +41,18 @@ def test_report_on_a_tiny_image(throughput, tmp_path, capsys):
                   "1.00x", "50k x 50k projected", "Command: `", "device: CPU"):
         assert words in text, words
     assert "failed" not in text
+
+
+def test_slide_throughput_report(tmp_path, capsys):
+    """``benchmarks/slide_throughput.py`` end to end on a 512² slide: one row per thread count, a projection."""
+    spec = importlib.util.spec_from_file_location("slide_throughput", SCRIPT.parent / "slide_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "slide.md"
+    code = module.main(["--device", "cpu", "--side", "512", "--chunk", "256", "--model", "dsd-unpaired-fast",
+                        "--threads", "1,2", "--no-warmup", "--workdir", str(tmp_path), "--out", str(out)])
+    assert code == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and "1.00x" in rows[0]
+    assert all(float(row.split("|")[-2].split()[0]) > 0 for row in rows)  # projected seconds
+    assert list(tmp_path.iterdir()) == [out]  # the generated slide and stores are removed

@@ -158,6 +158,27 @@ def test_stop_then_resume_equals_uninterrupted(tiny_model, slide, reference, tmp
     assert_same_store(path, reference)
 
 
+def test_units_in_threads_write_the_same_bytes(tiny_model, slide, reference, tmp_path):
+    """threads > 1 (the GPU default): reading and writing overlap the network; the bytes do not change."""
+    path = tmp_path / "threads.ome.zarr"
+    seen = []
+    result = stain_to_zarr(tiny_model, slide, path, threads=3, progress=lambda d, t: seen.append(d), **SMALL)
+    assert result.complete and result.units_done == result.units_total
+    assert seen == list(range(1, result.units_total + 1))
+    assert_same_store(path, reference)
+
+
+def test_stop_with_threads_keeps_a_resumable_store(tiny_model, slide, reference, tmp_path):
+    path = tmp_path / "threads-stopped.ome.zarr"
+    stop = threading.Event()
+    first = stain_to_zarr(tiny_model, slide, path, threads=3, stop=stop,
+                          progress=lambda done, total: done >= 2 and stop.set(), **SMALL)
+    assert first.stopped and not first.complete and 2 <= first.units_done < first.units_total
+    second = stain_to_zarr(tiny_model, slide, path, threads=3, resume=True, **SMALL)
+    assert second.complete and second.units_skipped == first.units_done
+    assert_same_store(path, reference)
+
+
 def test_failure_mid_run_then_resume_uses_stored_statistics(tiny_model, slide, reference, tmp_path, monkeypatch):
     import digital_stain.slide as slide_module
 

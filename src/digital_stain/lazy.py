@@ -228,6 +228,7 @@ class LazyStain:
         source = source.rechunk(chunks)
         # explicit task names: otherwise dask tokenizes our bound methods by pickling the whole model (~0.3 s each)
         self._token = uuid.uuid4().hex
+        self._source = source  # raw, for readers that convert only the region they need (slide units)
         self.rgb = self._unit_rgb(source)
         self.arrays: dict = {}
         if "enhanced" in self.wanted:
@@ -324,21 +325,24 @@ class LazyStain:
     # -- per-chunk work ------------------------------------------------------
     def _unit_rgb(self, source):
         """Raw chunks -> float32 RGB in [0, 1], ``(..., Y, X, 3)``."""
-        scaling, has_channels = self.scaling, source.ndim == self.stack_ndim + 3
-
-        def block(raw):
-            unit = (raw.astype(np.float32) - np.float32(scaling.offset)) / np.float32(scaling.scale)
-            unit = np.clip(unit, 0.0, 1.0)
-            if not has_channels:
-                unit = unit[..., None]
-            unit = unit[..., :3]
-            return np.ascontiguousarray(np.broadcast_to(unit, (*unit.shape[:-1], 3)) if unit.shape[-1] == 1 else unit)
+        has_channels = source.ndim == self.stack_ndim + 3
+        block = self._to_unit_rgb
 
         chunks = (*source.chunks[: self.stack_ndim + 2], (3,))
         if has_channels:
             return source.map_blocks(block, chunks=chunks, dtype=np.float32, name=f"unit-rgb-{self._token}")
         return source.map_blocks(block, chunks=chunks, new_axis=source.ndim, dtype=np.float32,
                                  name=f"unit-rgb-{self._token}")
+
+    def _to_unit_rgb(self, raw: np.ndarray) -> np.ndarray:
+        """Raw pixels ``(..., Y, X[, C])`` -> float32 RGB in [0, 1], ``(..., Y, X, 3)`` (elementwise)."""
+        scaling = self.scaling
+        unit = (raw.astype(np.float32) - np.float32(scaling.offset)) / np.float32(scaling.scale)
+        unit = np.clip(unit, 0.0, 1.0)
+        if raw.ndim == self.stack_ndim + 2:
+            unit = unit[..., None]
+        unit = unit[..., :3]
+        return np.ascontiguousarray(np.broadcast_to(unit, (*unit.shape[:-1], 3)) if unit.shape[-1] == 1 else unit)
 
     def _enhanced_block(self, rgb: np.ndarray) -> np.ndarray:
         return enhance_rgb(self.model.enhancer, rgb, self.input_dtype)
@@ -382,18 +386,27 @@ class LazyStain:
         return np.repeat(gray[..., None], 3, axis=-1).reshape(*rgb.shape[:y_axis], *gray.shape, 3)
 
     def _compute(self, role: str, key: tuple, rgb: np.ndarray | None = None) -> np.ndarray:
-        """Stain chunk ``key`` (its overlapped input ``rgb``, read here when not given), cache and return it."""
+        """Stain chunk ``key`` (its overlapped input ``rgb``, read here when not given), cache and return it.
+
+        Reading and preparing the input happen outside the network lock, so that several threads
+        (the whole-slide pipeline) keep a GPU busy: only the network itself is serialised.
+        """
+        with self._lock:
+            hit = self._cached(role, key)
+        if hit is not None:
+            return hit
+        if rgb is None:
+            rgb = self.rgb[self._region(key)].compute()
+        y_axis = self.stack_ndim
+        plane = rgb.reshape(rgb.shape[y_axis:])
+        prepared = self._prepare(role, plane)
         with self._net_lock:
             with self._lock:
                 hit = self._cached(role, key)  # another thread may have computed it while this one waited
             if hit is not None:
                 return hit
-            if rgb is None:
-                rgb = self.rgb[self._region(key)].compute()
-            y_axis = self.stack_ndim
-            plane = rgb.reshape(rgb.shape[y_axis:])
             try:
-                out = self._run(role, plane, key[:y_axis])
+                out = self._forward(role, prepared, key[:y_axis])
             except Exception as error:
                 if self.device.type == "cpu" or not is_out_of_memory(error):
                     raise
@@ -401,9 +414,9 @@ class LazyStain:
             if out is None:
                 self._fall_back(f"GPU ran out of memory staining a {self.chunk}-px chunk; "
                                 "the rest of this image is stained on the CPU")
-                out = self._run(role, plane, key[:y_axis])
-            out = np.ascontiguousarray(self._trim(out, key))
-            out = out.reshape(*rgb.shape[:y_axis], *out.shape)
+                out = self._forward(role, prepared, key[:y_axis])
+        out = np.ascontiguousarray(self._trim(out, key))
+        out = out.reshape(*rgb.shape[:y_axis], *out.shape)
         with self._lock:
             self.network_runs[role] += 1
             cache = self._cache[role]
@@ -431,16 +444,23 @@ class LazyStain:
             index[axis] = slice(index[axis].start - before, index[axis].stop + after)
         return tuple(index)
 
-    def _run(self, role: str, plane: np.ndarray, plane_index: tuple) -> np.ndarray:
-        """One network on one (overlapped) plane ``(y, x, 3)`` -> ``(y, x, 3)`` in [0, 1]."""
+    def _prepare(self, role: str, plane: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """A network's padded input ``(C, Y', X')`` float32 for one plane ``(y, x, 3)``, and ``(y, x)`` (host work only)."""
         net = self._teacher if role == "teacher" else self._student
         if role == "teacher":
             x = self._enhanced_block(plane)[None]
         else:
-            self._freeze(self._statistics(plane_index))
             x = student_input(plane, self._enhanced_block(plane))
         padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
-        tensor = torch.from_numpy(np.ascontiguousarray(padded[None])).to(self.device)
+        return np.ascontiguousarray(padded), h, w
+
+    def _forward(self, role: str, prepared: tuple, plane_index: tuple) -> np.ndarray:
+        """The network on a :meth:`_prepare`-d input: ``(y, x, 3)`` in [0, 1]. Call with the network lock held."""
+        padded, h, w = prepared
+        net = self._teacher if role == "teacher" else self._student
+        if role == "student":
+            self._freeze(self._statistics(plane_index))
+        tensor = torch.from_numpy(padded[None]).to(self.device)
         with torch.no_grad(), autocast(self.device, self.precision):
             if role == "teacher":
                 out = colorize(net, tensor)

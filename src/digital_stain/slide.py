@@ -148,7 +148,10 @@ class _ChunkStain(LazyStain):
     def unit(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
         """uint8 outputs of level-0 unit ``key``: enhanced ``(h, w)``, teacher/student ``(h, w, 3)``."""
         block = (*key, 0)  # the unit-RGB array has one chunk along its channel axis
-        rgb = self.rgb[self._region(block)].compute(scheduler="sync")  # the chunk and its borrowed margins
+        # the chunk and its borrowed margins, converted after slicing: converting the whole
+        # neighbouring chunks (what self.rgb would do) costs more than the read on a fast GPU
+        raw = self._source[self._region(block)[:2]].compute(scheduler="sync")
+        rgb = self._to_unit_rgb(np.asarray(raw))
         results = {}
         if "enhanced" in self.wanted:
             results["enhanced"] = to_uint8(self._trim(self._enhanced_block(rgb), block))
@@ -239,7 +242,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
                   chunk: int = 1024, overlap: int = 128, device: str | None = "auto", precision: str = "auto",
                   min_side: int = 512, resume: bool = False, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None,
-                  stop: threading.Event | None = None, client=None) -> SlideResult:
+                  stop: threading.Event | None = None, client=None, threads: int | None = None) -> SlideResult:
     """Stain a whole slide into an OME-Zarr store (one image group per output, with a pyramid).
 
     Parameters
@@ -273,6 +276,10 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     stop : threading.Event, optional
         Set it to stop after the current unit; the result then has ``stopped``
         and the store can be resumed.
+    threads : int, optional
+        Units worked on at once in this process (default 3 on a GPU, 1 on the CPU). Reading,
+        preparing, compressing and writing one unit overlap the network of another; the
+        networks themselves run one at a time. Memory grows with it.
     client : distributed.Client, optional
         Spread the units over this dask.distributed cluster
         (:func:`digital_stain.cluster.cluster_client`); each worker loads the
@@ -356,7 +363,9 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         for note in notes[len(src.notes):]:
             log.warning(note)
         if client is None:
-            _run_units(model, src, store, job, result, progress, stop)
+            if threads is None:
+                threads = 1 if stainer.device.type == "cpu" else 3
+            _run_units(model, src, store, job, result, progress, stop, threads=threads)
         else:
             from .cluster import run_units, source_reference
 
@@ -375,31 +384,63 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     return result
 
 
-def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: SlideResult, progress, stop) -> None:
-    """Level 0, then each pyramid level, unit by unit; done units skipped; stops cleanly when ``stop`` is set."""
+def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: SlideResult, progress, stop,
+               threads: int = 1) -> None:
+    """Level 0, then each pyramid level, unit by unit (``threads`` at once); done units skipped;
+    stops cleanly, after the units in hand, when ``stop`` is set."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     count = 0
-    for level in range(len(job.grid.levels)):
-        done = store.done(level)
-        for key in job.grid.units(level):
-            count += 1
-            if done[key]:
-                result.units_skipped += 1
-            else:
-                if stop is not None and stop.is_set():
-                    result.stopped = True
-                    return
+
+    def advance() -> None:
+        nonlocal count
+        count += 1
+        if progress is not None:
+            progress(count, result.units_total)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="digital-stain-unit") as pool:
+        for level in range(len(job.grid.levels)):
+            done = store.done(level)
+            pending: set = set()
+            error = None
+            for key in job.grid.units(level):
+                if done[key]:
+                    result.units_skipped += 1
+                    advance()
+                    continue
+                if stop is not None and stop.is_set() or error is not None:
+                    break
                 if level == 0:
-                    process_chunk(model, src.array, store, job, key)
+                    pending.add(pool.submit(process_chunk, model, src.array, store, job, key))
                 else:
-                    store.build_level_unit(level, key)
-                result.units_done += 1
-            if progress is not None:
-                progress(count, result.units_total)
+                    pending.add(pool.submit(store.build_level_unit, level, key))
+                while len(pending) >= max(1, threads):  # a few units in hand: memory stays bounded
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    error = _collect(finished, result, advance) or error
+            finished, _ = wait(pending)
+            error = _collect(finished, result, advance) or error
+            if error is not None:
+                raise error
+            if stop is not None and stop.is_set() and sum(1 for k in job.grid.units(level) if not store.done(level)[k]):
+                result.stopped = True
+                return
     if not store.state.get("complete"):
         from .model import provenance
 
         store.finish(finished=provenance()["date"])
     result.complete = True
+
+
+def _collect(finished, result: SlideResult, advance) -> BaseException | None:
+    """Count the finished units; return the first error among them (the others' work is kept)."""
+    error = None
+    for future in finished:
+        if future.exception() is not None:
+            error = error or future.exception()
+        else:
+            result.units_done += 1
+            advance()
+    return error
 
 
 def _inside(path: Path, other: Path) -> bool:

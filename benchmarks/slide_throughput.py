@@ -1,0 +1,165 @@
+"""Whole-slide throughput: ``stain_to_zarr`` end to end (read, stain, write, pyramid), and 50,000² projected.
+
+`throughput.py` times ``StainModel.stain`` on one image in memory. A slide is different: its
+statistics pass is made once, and each 1024-px unit is read from a store, stained with 128 px
+borrowed from its neighbours, rounded to uint8, compressed and written, then the pyramid is built.
+This script stains a generated ``--side`` x ``--side`` OME-Zarr slide (a mosaic of the shipped
+dark-field samples, written chunk by chunk, ``slide_memory.make_slide``) into a store, once per
+``--threads`` value (units worked on at once in the process; 1 is the baseline, measured in the
+same run), after an untimed warm-up on a 2048² slide.
+
+From the times of the progress calls it reports:
+
+* ``first unit``: from the call to the first finished unit (model on the device, the statistics
+  pass, one unit);
+* ``level 0 MP/s``: level-0 megapixels per second between the first and the last level-0 unit;
+* ``pyramid s``: the lower levels;
+* the projection for 50,000 x 50,000 (2500 MP): first unit + 2500 MP at the level-0 rate + the
+  pyramid scaled by area. The statistics pass does not grow with the slide, so it is counted once.
+
+    PYTHONPATH=src python3 benchmarks/slide_throughput.py --device cuda --side 8192 --threads 1,3,6
+    OMP_NUM_THREADS=1 python benchmarks/slide_throughput.py --device cpu --side 2048 --model dsd-unpaired-fast
+
+The table goes to stdout (markdown) and ``--out``; progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slide_memory import make_slide  # noqa: E402
+
+TARGET_MP = 50_000 * 50_000 / 1e6
+
+
+def _log(message: str) -> None:
+    print(f"[slide-throughput] {message}", file=sys.stderr, flush=True)
+
+
+def run_once(model, slide: Path, out: Path, args, threads: int) -> dict:
+    """Stain ``slide`` into ``out``; return the timings of its progress calls."""
+    from digital_stain.slide import stain_to_zarr
+
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def progress(done, total):
+        with lock:
+            stamps.append(time.perf_counter())
+
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = stain_to_zarr(model, slide, out, args.outputs.split(","), chunk=args.chunk, overlap=args.overlap,
+                           device=None, precision=args.precision, threads=threads, progress=progress)
+    end = time.perf_counter()
+    assert result.complete, result
+    level0 = len(result_units(result, args.chunk)[0])
+    side = result.levels[0][0]
+    first, last0 = stamps[0], stamps[level0 - 1]
+    level0_mp = side * result.levels[0][1] / 1e6
+    per_unit_mp = level0_mp / level0
+    rate = (level0 - 1) * per_unit_mp / max(last0 - first, 1e-9)
+    pyramid = end - last0
+    row = {"threads": threads, "first": first - start, "rate": rate, "pyramid": pyramid, "total": end - start,
+           "units": result.units_total, "mp": level0_mp}
+    row["projected"] = row["first"] + TARGET_MP / rate + pyramid * TARGET_MP / level0_mp
+    if args.device == "cuda":
+        import torch
+
+        row["gpu_peak"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def result_units(result, chunk: int) -> list[list]:
+    """Level-0 unit keys of a finished run's grid (rows x columns of ``chunk``-px units)."""
+    height, width = result.levels[0]
+    rows, cols = -(-height // chunk), -(-width // chunk)
+    return [[(r, c) for r in range(rows) for c in range(cols)]]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="dsd-unpaired")
+    parser.add_argument("--outputs", default="student", help="comma-separated (default student: the paper's output)")
+    parser.add_argument("--side", type=int, default=None, help="slide side in px (default 8192 on CUDA, 2048 else)")
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--overlap", type=int, default=128)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--threads", default="1,3", help="comma-separated; the first is the baseline")
+    parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from digital_stain.devices import resolve_device
+    from digital_stain.model import StainModel
+
+    device = resolve_device(args.device)
+    args.device = device.type
+    side = args.side or (8192 if device.type == "cuda" else 2048)
+    threads = [int(t) for t in args.threads.split(",")]
+    model = StainModel.load(args.model, device=device)
+    work = Path(tempfile.mkdtemp(prefix="slide-throughput-", dir=args.workdir))
+    rows = []
+    try:
+        slide = work / "slide.ome.zarr"
+        t0 = time.perf_counter()
+        make_slide(slide, side, chunk=args.chunk)
+        _log(f"wrote a {side}x{side} slide in {time.perf_counter() - t0:.1f} s")
+        if not args.no_warmup:
+            warm = work / "warm.ome.zarr"
+            make_slide(warm, min(side, 2048), chunk=args.chunk)
+            run_once(model, warm, work / "warm-out.ome.zarr", args, threads[-1])
+            _log("warm-up done")
+        for n in threads:
+            out = work / f"out-{n}.ome.zarr"
+            row = run_once(model, slide, out, args, n)
+            rows.append(row)
+            _log(f"threads {n}: {row}")
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
+    lines = [
+        f"## Whole-slide throughput ({device.type})", "",
+        f"- device: {name}; torch {torch.__version__}, Python {platform.python_version()}",
+        f"- model `{args.model}`, outputs {args.outputs}, precision {args.precision}; slide {side} x {side} "
+        f"({rows[0]['mp']:.1f} MP) of the shipped samples, chunk {args.chunk}, overlap {args.overlap}; "
+        f"{rows[0]['units']} units with the pyramid",
+        "",
+        "| threads | first unit (statistics + 1 unit) | level 0 MP/s | vs baseline | pyramid | total | "
+        + ("peak GPU memory | " if device.type == "cuda" else "") + "50k x 50k projected |",
+        "|---:|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else "") + "---:|",
+    ]
+    for row in rows:
+        gpu = f" {row['gpu_peak']:.2f} GiB |" if device.type == "cuda" else ""
+        lines.append(f"| {row['threads']} | {row['first']:.2f} s | {row['rate']:.3g} | "
+                     f"{row['rate'] / rows[0]['rate']:.2f}x | {row['pyramid']:.2f} s | {row['total']:.1f} s |{gpu} "
+                     f"{row['projected']:.0f} s |")
+    lines += ["", "Projected: first unit + 2500 MP at the level-0 rate + the pyramid scaled by area.", "",
+              f"Command: `python {' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
