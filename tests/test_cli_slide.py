@@ -20,6 +20,7 @@ import zarr
 
 from digital_stain.cli import main
 from digital_stain.slide import stain_to_zarr
+from stores import assert_same_store as assert_same, store_arrays as stored
 
 FAST = ["--device", "cpu", "--precision", "fp32", "-q"]
 SETTINGS = ["--chunk", "256", "--overlap", "32"]
@@ -31,19 +32,6 @@ def run(capsys, *args) -> tuple[int, str]:
     capsys.readouterr()
     code = main(["stain", *map(str, args), *FAST])
     return code, capsys.readouterr().err
-
-
-def stored(path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(path), mode="r")
-    return {f"{name}/{level}": group[name][level][:] for name in group.group_keys() if name != "progress"
-            for level in group[name].array_keys()}
-
-
-def assert_same(a, b) -> None:
-    left, right = stored(a), stored(b)
-    assert sorted(left) == sorted(right)
-    for key in left:
-        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
 @pytest.fixture

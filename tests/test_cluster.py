@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import tifffile
-import zarr
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
@@ -16,6 +15,7 @@ from digital_stain.arrays import InputError
 from digital_stain.cli import main
 from digital_stain.cluster import cluster_client
 from digital_stain.slide import stain_to_zarr
+from stores import assert_same_store as _assert_same_store
 
 OUTPUTS = ["enhanced", "student"]
 MODEL = "dsd-unpaired-fast"
@@ -27,30 +27,6 @@ def _mosaic(height: int, width: int) -> np.ndarray:
     for i in range(-(-height // 256)):
         rows.append(np.concatenate([np.rot90(tiles[(i + j) % 3], i + j) for j in range(-(-width // 256))], axis=1))
     return np.ascontiguousarray(np.concatenate(rows)[:height, :width])
-
-
-def _arrays(path) -> dict:
-    """Every array of a store (all outputs and levels), by its path in the store."""
-    root = zarr.open_group(str(path), mode="r")
-    found = {}
-
-    def walk(group, prefix):
-        for name, array in group.arrays():
-            found[prefix + name] = array[...]
-        for name, sub in group.groups():
-            walk(sub, prefix + name + "/")
-
-    walk(root, "")
-    return found
-
-
-def _assert_same_store(a, b):
-    left, right = _arrays(a), _arrays(b)
-    left = {k: v for k, v in left.items() if not k.startswith("progress")}
-    right = {k: v for k, v in right.items() if not k.startswith("progress")}
-    assert left.keys() == right.keys() and len(left) >= 4
-    for key in left:
-        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from digital_stain.model import StainModel
 from digital_stain.ngff import SlideStore, downsample, level_shapes
 from digital_stain.slide import (DiskFullError, SlideJob, open_source, process_chunk, stain_chunk,
                                  stain_to_zarr)
+from stores import assert_same_store, store_arrays as arrays_of
 
 SMALL = dict(chunk=256, overlap=32, min_side=128, device="cpu", precision="fp32")
 
@@ -36,20 +37,6 @@ def slide(darkfield_tile) -> np.ndarray:
     rows.append(rows[0][::-1, ::-1])
     rows.append(np.rot90(rows[0], 2))
     return np.ascontiguousarray(np.concatenate(rows, axis=0)[:600, :700])
-
-
-def arrays_of(path) -> dict[str, np.ndarray]:
-    """Every stored image array of a store, by ``output/level``."""
-    group = zarr.open_group(str(path), mode="r")
-    return {f"{name}/{level}": group[name][level][:] for name in group.group_keys() if name != "progress"
-            for level in group[name].array_keys()}
-
-
-def assert_same_store(a, b) -> None:
-    left, right = arrays_of(a), arrays_of(b)
-    assert sorted(left) == sorted(right)
-    for key in left:
-        np.testing.assert_array_equal(left[key], right[key], err_msg=key)
 
 
 @pytest.fixture

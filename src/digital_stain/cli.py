@@ -332,16 +332,17 @@ def cmd_stain_slide(args) -> int:
 
 
 @contextlib.contextmanager
-def _ctrl_c_sets(stop: threading.Event):
-    """Inside the block, a first Ctrl-C sets ``stop`` (the run ends after the current chunk); a second aborts."""
+def _ctrl_c_sets(stop: threading.Event,
+                 message: str = "stopping after the current chunk (the store stays resumable)"):
+    """Inside the block, a first Ctrl-C sets ``stop`` and prints ``message`` (the work ends cleanly);
+    a second raises KeyboardInterrupt."""
     import signal
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping after the current chunk (Ctrl-C again aborts; the store stays resumable)...",
-              file=sys.stderr)
+        print(f"\n{message} (Ctrl-C again aborts)...", file=sys.stderr)
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, handler) if main_thread else None
@@ -548,7 +549,8 @@ def _run_training(args, steps: int, desc: str, work):
 
     started = time.time()
     try:
-        result = _run_stoppable(lambda: work(checkpoint, progress, stop), stop)
+        with _ctrl_c_sets(stop, "stopping: finishing the current step and keeping the best state"):
+            result = work(checkpoint, progress, stop)
     finally:
         bar.close()
     return result, round(time.time() - started, 1)
@@ -560,25 +562,6 @@ def _save_trained(args, model, result, summary: str) -> int:
     state = "stopped early; wrote the best state so far to" if result.cancelled else "wrote"
     print(f"{state} {args.output} (step {result.steps_done}, {summary})", file=sys.stderr)
     return 130 if result.cancelled else 0
-
-
-def _run_stoppable(work, stop: threading.Event):
-    """Run ``work`` with Ctrl-C asking it to stop cleanly (it then returns its best state); twice aborts."""
-    import signal
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping: finishing the current step and keeping the best state (Ctrl-C again aborts)...",
-              file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, handler) if threading.current_thread() is threading.main_thread() else None
-    try:
-        return work()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
