@@ -421,7 +421,7 @@ def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: Sli
             error = _collect(finished, result, advance) or error
             if error is not None:
                 raise error
-            if stop is not None and stop.is_set() and sum(1 for k in job.grid.units(level) if not store.done(level)[k]):
+            if stop is not None and stop.is_set() and not np.all(store.done(level)):
                 result.stopped = True
                 return
     if not store.state.get("complete"):
