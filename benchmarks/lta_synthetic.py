@@ -184,8 +184,11 @@ def train_method(label: str, cached, pair_dir: Path, workdir: Path, args):
     from digital_stain.train.student import StudentConfig, train_student
 
     mode, extra = METHODS[label]
-    if mode == "paired" and extra.get("registration", True) and args.lambda_smooth is not None:
-        extra = {**extra, "lambda_smooth": args.lambda_smooth}
+    if mode == "paired" and extra.get("registration", True):
+        if args.lambda_smooth is not None:
+            extra = {**extra, "lambda_smooth": args.lambda_smooth}
+        if args.reg_lr_scale != 1.0:
+            extra = {**extra, "reg_lr_scale": args.reg_lr_scale}
     cfg = StudentConfig.preset(args.size, mode=mode, steps=args.steps, crop=args.crop, seed=args.seed,
                                device=args.device, precision=args.precision, val_every=max(1, args.steps // 5),
                                report_every=max(1, args.steps // 20), **extra)
@@ -333,6 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", help="training precision (auto, fp32, bf16)")
     parser.add_argument("--lambda-smooth", type=float, default=None,
                         help="weight of the field's smoothness loss for lta (default the paper's 10)")
+    parser.add_argument("--reg-lr-scale", type=float, default=1.0,
+                        help="R's learning rate as a multiple of the generators' (default 1, the paper's)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs/lta-synthetic")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/lta-synthetic.md")
     args = parser.parse_args(argv)

@@ -270,3 +270,18 @@ def test_pix2pix_baseline_is_lta_with_the_field_held_at_identity(tiny_model, dar
     with pytest.raises(InputError, match=r"other settings \(registration False -> True\)"):
         train_student(tiny_model, darkfield_dir, sections_dir, paired_config(steps=3, val_every=3), checkpoint=ckpt,
                       resume=True)
+
+
+@pytest.mark.slow
+def test_registration_learning_rate_scale_is_recorded_and_checked_on_resume(tiny_model, darkfield_dir, sections_dir,
+                                                                            tmp_path):
+    ckpt = tmp_path / "r.ckpt.safetensors"
+    common = dict(paired=True, size="tiny", from_scratch=True, crop=64, device="cpu", precision="fp32",
+                  checkpoint=ckpt)
+    fine_tune(tiny_model, darkfield_dir, sections_dir, steps=2, config_overrides=dict(FAST, reg_lr_scale=10.0),
+              **common)
+    tensors, meta = load_bundle(ckpt)
+    assert meta["meta"]["config"]["reg_lr_scale"] == 10.0
+    with pytest.raises(InputError, match=r"reg_lr_scale 10.0 -> 1.0"):
+        fine_tune(tiny_model, darkfield_dir, sections_dir, steps=2, resume=True, config_overrides=dict(FAST),
+                  **common)

@@ -95,6 +95,7 @@ class StudentConfig:
     reg_width: int = 32  # paired: the registration network (training only)
     reg_depth: int = 3
     registration: bool = True  # paired: False = pix2pix-style baseline, L_con on the unregistered output (no R)
+    reg_lr_scale: float = 1.0  # paired: R's learning rate as a multiple of lr (1 = the paper's)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -375,7 +376,7 @@ def train_student(
     if cfg.paired and cfg.registration:  # made after the others, so the unpaired networks start as in the unpaired mode
         reg = RegistrationNet(6, cfg.reg_width, cfg.reg_depth).to(device)
         nets["registration"] = reg
-        opts["r"] = torch.optim.Adam(reg.parameters(), lr=cfg.lr, betas=(0.5, 0.999))  # as RegGAN: R's own Adam
+        opts["r"] = torch.optim.Adam(reg.parameters(), lr=cfg.lr * cfg.reg_lr_scale, betas=(0.5, 0.999))  # as RegGAN
     start, best, best_step, history = 0, -float("inf"), None, []
     due = False  # a validation of the current step is owed (a stop interrupted it)
     best_state = snapshot(student)
@@ -433,7 +434,10 @@ def train_student(
         else:  # the stained section of the same crop: the reference of L_con and the discriminator's real image
             crops = _signed(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
             x, z, teacher, real = crops[:, :3], crops[:, 3:4], crops[:, 4:7], crops[:, 7:10]
-        set_lr(opts.values(), constant_then_linear(cfg.lr, step, cfg.steps))
+        lr = constant_then_linear(cfg.lr, step, cfg.steps)
+        set_lr([o for name, o in opts.items() if name != "r"], lr)
+        if "r" in opts:
+            set_lr([opts["r"]], lr * cfg.reg_lr_scale)
         with autocast(device, precision):
             fake = student(torch.cat([x, z], 1))
             disc.requires_grad_(False)
@@ -503,7 +507,7 @@ def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
                          f"resume it {how}, or start afresh without --resume (or with another --checkpoint).")
     keys = ("width", "blocks", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc", "lr")
     if cfg.paired:
-        keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration")
+        keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration", "reg_lr_scale")
     differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
     if differ:
         raise InputError(f"checkpoint {checkpoint} was made with other settings ({', '.join(differ)}); "
