@@ -341,6 +341,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs/lta-synthetic")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/lta-synthetic.md")
     args = parser.parse_args(argv)
+    if args.lambda_smooth is not None or args.reg_lr_scale != 1.0:  # the table says what this run used
+        LABELS["lta"] = (f"student, paired + LtA (R, λ_con 20, λ_smooth {args.lambda_smooth or 10:g}"
+                         + (f", R's lr x{args.reg_lr_scale:g}" if args.reg_lr_scale != 1.0 else "") + ")")
     started = time.time()
 
     from digital_stain.model import StainModel
