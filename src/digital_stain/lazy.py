@@ -385,7 +385,8 @@ class LazyStain:
         gray = self._trim(self._enhanced_block(rgb.reshape(rgb.shape[y_axis:])), key)
         return np.repeat(gray[..., None], 3, axis=-1).reshape(*rgb.shape[:y_axis], *gray.shape, 3)
 
-    def _compute(self, role: str, key: tuple, rgb: np.ndarray | None = None) -> np.ndarray:
+    def _compute(self, role: str, key: tuple, rgb: np.ndarray | None = None,
+                 enhanced: np.ndarray | None = None) -> np.ndarray:
         """Stain chunk ``key`` (its overlapped input ``rgb``, read here when not given), cache and return it.
 
         Reading and preparing the input happen outside the network lock, so that several threads
@@ -399,7 +400,7 @@ class LazyStain:
             rgb = self.rgb[self._region(key)].compute()
         y_axis = self.stack_ndim
         plane = rgb.reshape(rgb.shape[y_axis:])
-        prepared = self._prepare(role, plane)
+        prepared = self._prepare(role, plane, enhanced)
         with self._net_lock:
             with self._lock:
                 hit = self._cached(role, key)  # another thread may have computed it while this one waited
@@ -444,13 +445,17 @@ class LazyStain:
             index[axis] = slice(index[axis].start - before, index[axis].stop + after)
         return tuple(index)
 
-    def _prepare(self, role: str, plane: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """A network's padded input ``(C, Y', X')`` float32 for one plane ``(y, x, 3)``, and ``(y, x)`` (host work only)."""
+    def _prepare(self, role: str, plane: np.ndarray,
+                 enhanced: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+        """A network's padded input ``(C, Y', X')`` float32 for one plane ``(y, x, 3)``, and ``(y, x)`` (host work only).
+
+        ``enhanced``, the plane's enhanced gray ``(y, x)`` if the caller has it already, is not recomputed.
+        """
         net = self._teacher if role == "teacher" else self._student
         if role == "teacher":
-            x = self._enhanced_block(plane)[None]
+            x = (self._enhanced_block(plane) if enhanced is None else enhanced)[None]
         else:
-            x = student_input(plane, self._enhanced_block(plane))
+            x = student_input(plane, self._enhanced_block(plane) if enhanced is None else enhanced)
         padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
         return np.ascontiguousarray(padded), h, w
 

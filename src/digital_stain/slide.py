@@ -152,12 +152,13 @@ class _ChunkStain(LazyStain):
         # neighbouring chunks (what self.rgb would do) costs more than the read on a fast GPU
         raw = self._source[self._region(block)[:2]].compute(scheduler="sync")
         rgb = self._to_unit_rgb(np.asarray(raw))
+        enhanced = self._enhanced_block(rgb)  # once per unit: the output and both networks' inputs
         results = {}
         if "enhanced" in self.wanted:
-            results["enhanced"] = to_uint8(self._trim(self._enhanced_block(rgb), block))
+            results["enhanced"] = to_uint8(self._trim(enhanced, block))
         for role in ("teacher", "student"):
             if role in self.wanted:
-                results[role] = to_uint8(self._compute(role, block, rgb))
+                results[role] = to_uint8(self._compute(role, block, rgb, enhanced))
         return results
 
 
