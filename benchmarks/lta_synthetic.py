@@ -189,6 +189,8 @@ def train_method(label: str, cached, pair_dir: Path, workdir: Path, args):
             extra = {**extra, "lambda_smooth": args.lambda_smooth}
         if args.reg_lr_scale != 1.0:
             extra = {**extra, "reg_lr_scale": args.reg_lr_scale}
+        if args.reg_warmup:
+            extra = {**extra, "reg_warmup": args.reg_warmup}
     cfg = StudentConfig.preset(args.size, mode=mode, steps=args.steps, crop=args.crop, seed=args.seed,
                                device=args.device, precision=args.precision, val_every=max(1, args.steps // 5),
                                report_every=max(1, args.steps // 20), **extra)
@@ -338,12 +340,16 @@ def main(argv=None) -> int:
                         help="weight of the field's smoothness loss for lta (default the paper's 10)")
     parser.add_argument("--reg-lr-scale", type=float, default=1.0,
                         help="R's learning rate as a multiple of the generators' (default 1, the paper's)")
+    parser.add_argument("--reg-warmup", type=int, default=0,
+                        help="steps of R's self-supervised warm-up on warped training sections before lta "
+                             "(digital_stain.train.align_warmup; default 0, the paper's)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs/lta-synthetic")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/lta-synthetic.md")
     args = parser.parse_args(argv)
-    if args.lambda_smooth is not None or args.reg_lr_scale != 1.0:  # the table says what this run used
+    if args.lambda_smooth is not None or args.reg_lr_scale != 1.0 or args.reg_warmup:  # the table says what ran
         LABELS["lta"] = (f"student, paired + LtA (R, λ_con 20, λ_smooth {args.lambda_smooth or 10:g}"
-                         + (f", R's lr x{args.reg_lr_scale:g}" if args.reg_lr_scale != 1.0 else "") + ")")
+                         + (f", R's lr x{args.reg_lr_scale:g}" if args.reg_lr_scale != 1.0 else "")
+                         + (f", R warmed up {args.reg_warmup} steps" if args.reg_warmup else "") + ")")
     started = time.time()
 
     from digital_stain.model import StainModel

@@ -400,13 +400,20 @@ def test_train_paired_end_to_end(capsys, tiny_model_file, paired_dirs, tmp_path)
     darkfield, sections = paired_dirs
     output = tmp_path / "paired.safetensors"
     argv = ["train", "--paired", "--darkfield", str(darkfield), "--stained", str(sections), "--output", str(output),
-            "--init", str(tiny_model_file), "--from-scratch", "--size", "tiny", "--steps", "2", "--crop", "64", *FAST]
+            "--init", str(tiny_model_file), "--from-scratch", "--size", "tiny", "--steps", "2", "--crop", "64", *FAST,
+            "--reg-warmup", "3", "--lambda-smooth", "1", "--reg-lr-scale", "10"]
+    # the registration network's settings are for paired training only: refused before any work without --paired
+    assert main([a for a in argv if a != "--paired"]) == 2
+    assert ("--reg-warmup, --lambda-smooth, --reg-lr-scale set the registration network of paired training"
+            in capsys.readouterr().err)
     assert main(argv) == 0, capsys.readouterr().err
     assert "chosen at step" in capsys.readouterr().err
     model = StainModel.load(output)
     student = model.metadata["provenance"]["student"]
     assert student["mode"] == "paired" and student["steps"] == 2 and student["stained"] == str(sections)
     assert (student["config"]["lambda_kd"], student["config"]["lambda_con"]) == (2.0, 20.0)
+    assert (student["config"]["reg_warmup"], student["config"]["lambda_smooth"]) == (3, 1.0)
+    assert student["config"]["reg_lr_scale"] == 10.0
     assert "aligned_l1" in student["history"][-1]
     assert model.metadata["provenance"]["command"].startswith("digital-stain train --paired")
     tensors, _ = load_bundle(output)
@@ -414,7 +421,8 @@ def test_train_paired_end_to_end(capsys, tiny_model_file, paired_dirs, tmp_path)
     checkpoint, _ = load_bundle(output.with_name(output.name + ".ckpt.safetensors"))
     assert any(k.startswith("registration.") for k in checkpoint)
     # the same checkpoint, resumed without --paired: refused, naming the mode
-    assert main([a for a in argv if a != "--paired"] + ["--resume"]) == 2
+    unpaired = argv[: argv.index("--reg-warmup")]
+    assert main([a for a in unpaired if a != "--paired"] + ["--resume"]) == 2
     assert "made by paired training and this run is unpaired" in capsys.readouterr().err
 
 

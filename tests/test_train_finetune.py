@@ -262,3 +262,9 @@ def test_fine_tune_refuses_a_model_without_teacher(tiny_model, darkfield_dir, hn
     with pytest.raises(InputError, match="no teacher"):
         fine_tune(StainModel(tiny_model.enhancer), darkfield_dir, hne_dir, size="tiny", steps=1, crop=64,
                   device="cpu", precision="fp32")
+
+
+def test_fine_tune_checks_overridden_settings_before_any_work(tiny_model, darkfield_dir, hne_dir):
+    with pytest.raises(InputError, match="ema_decay must be in"):
+        fine_tune(tiny_model, darkfield_dir, hne_dir, size="tiny", steps=1, crop=64, device="cpu",
+                  config_overrides={"ema_decay": 1.5})

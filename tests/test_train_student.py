@@ -181,15 +181,17 @@ def test_cli_ablation_flag_reaches_the_config(tiny_model_file, darkfield_dir, hn
     # the tiny init model has a (width 8) student: --from-scratch must start a new one of the asked size
     assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),
                  "--init", str(tiny_model_file), "--size", "fast", "--from-scratch", "--steps", "2", "--crop", "64",
-                 "--lambda-kd", "0", "--device", "cpu", "-q"]) == 0
+                 "--lambda-kd", "0", "--ema", "0.99", "--device", "cpu", "-q"]) == 0
     config = StainModel.load(output).metadata["provenance"]["student"]["config"]
     assert config["lambda_kd"] == 0.0 and (config["width"], config["blocks"]) == (16, 4)
+    assert config["ema_decay"] == 0.99
     assert "chosen at step" in capsys.readouterr().err
     tuned = tmp_path / "tuned.safetensors"
     assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(tuned),
                  "--init", str(tiny_model_file), "--size", "fast", "--steps", "2", "--crop", "64",
                  "--device", "cpu", "-q"]) == 0
-    assert StainModel.load(tuned).metadata["provenance"]["student"]["config"]["width"] == 8
+    config = StainModel.load(tuned).metadata["provenance"]["student"]["config"]
+    assert config["width"] == 8 and config["ema_decay"] == 0.0  # off unless asked: the paper's training
     assert "fine-tuning the student" in capsys.readouterr().err
 
 
@@ -223,3 +225,48 @@ def test_default_size_is_the_cpu_preset_without_cuda():
     from digital_stain.cli import _default_size
 
     assert _default_size("cpu") == "small"
+
+
+def test_update_ema_follows_early_then_averages():
+    from digital_stain.train.student import update_ema
+
+    live, average = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for p in live.parameters():
+        p.data.fill_(1.0)
+    for p in average.parameters():
+        p.data.fill_(0.0)
+    update_ema(average, live, 0.999, step=0)  # warm-up: d = 1/10, so it moves 90 % of the way
+    assert torch.allclose(average.weight, torch.full((2, 2), 0.9))
+    update_ema(average, live, 0.5, step=10_000)  # past the warm-up the decay is the one asked for
+    assert torch.allclose(average.weight, torch.full((2, 2), 0.95))
+    with pytest.raises(InputError, match="ema_decay"):
+        StudentConfig(ema_decay=1.0)
+    with pytest.raises(InputError, match="reg_warmup is a number of steps"):
+        StudentConfig(mode="paired", reg_warmup=-1)
+
+
+@pytest.mark.slow
+def test_ema_changes_only_the_judged_weights_and_resumes_exactly(tiny_model, darkfield_dir, hne_dir, tmp_path):
+    config = tiny_config(steps=6, val_every=1, ema_decay=0.9)
+    live_net, live = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=6, val_every=1))
+    averaged_net, averaged = train_student(tiny_model, darkfield_dir, hne_dir, config)
+    # the same live training (the average draws no random numbers), judged on other weights
+    assert [h["step"] for h in averaged.history] == [h["step"] for h in live.history]
+    assert averaged.history[0]["kd_l1"] != live.history[0]["kd_l1"]
+    for with_average, without in zip(averaged.history, live.history):  # live scores are recorded alongside
+        assert with_average["live_kd_l1"] == without["kd_l1"]
+        assert with_average["live_structure"] == without["structure"]
+    assert any(not torch.equal(a, b) for a, b in zip(live_net.state_dict().values(), averaged_net.state_dict().values()))
+
+    ckpt = tmp_path / "ema.ckpt.safetensors"
+    stop = threading.Event()
+    _, partial = train_student(tiny_model, darkfield_dir, hne_dir, config, checkpoint=ckpt, stop=stop,
+                               progress=lambda p: p.step >= 3 and stop.set())
+    assert partial.cancelled
+    resumed_net, resumed = train_student(tiny_model, darkfield_dir, hne_dir, config, checkpoint=ckpt, resume=True)
+    assert resumed.history == averaged.history and resumed.best_step == averaged.best_step
+    for a, b in zip(averaged_net.state_dict().values(), resumed_net.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(InputError, match="ema_decay 0.9 -> 0.0"):
+        train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=6, val_every=1),
+                      checkpoint=ckpt, resume=True)

@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "0 = CycleGAN, the ablation)")
     train.add_argument("--from-scratch", action="store_true",
                        help="start a new student even if --init has one (default: fine-tune its student)")
+    train.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                       help="validate, choose and save a moving average of the student's weights with this decay "
+                            "(e.g. 0.999; default 0 = off, the paper's training): steadier than the live weights")
+    train.add_argument("--reg-warmup", type=int, default=None, metavar="STEPS",
+                       help="with --paired: first train the registration network for STEPS steps to recover known "
+                            "random warps of the training sections (e.g. 3000; default 0 = the paper's training)")
+    train.add_argument("--lambda-smooth", type=float, default=None,
+                       help="with --paired: weight of the field's smoothness loss (default the paper's 10; 1 lets "
+                            "the registration network follow deformations of a few pixels, docs/benchmarks.md)")
+    train.add_argument("--reg-lr-scale", type=float, default=None,
+                       help="with --paired: the registration network's learning rate as a multiple of the "
+                            "student's (default the paper's 1; 10 with --lambda-smooth 1 made it learn the alignment)")
     _add_run_options(train)
     evaluate = sub.add_parser("evaluate", help="score a model's outputs (PSNR/SSIM/nuclei Dice with references; "
                               "NIQE, structure and stain style without)")
@@ -425,13 +437,22 @@ def cmd_train(args) -> int:
     from .train.student import StudentConfig
 
     _refuse_existing(args, resuming=args.resume)
+    paired_only = {"--reg-warmup": args.reg_warmup, "--lambda-smooth": args.lambda_smooth,
+                   "--reg-lr-scale": args.reg_lr_scale}
+    given = [flag for flag, value in paired_only.items() if value is not None]
+    if given and not args.paired:
+        raise InputError(f"{', '.join(given)} set the registration network of paired training: add --paired "
+                         f"(with a folder of adjacent sections as --stained), or leave {', '.join(given)} out.")
+    overrides = {k: v for k, v in dict(ema_decay=args.ema, reg_warmup=args.reg_warmup, lambda_smooth=args.lambda_smooth,
+                                       reg_lr_scale=args.reg_lr_scale).items() if v is not None}
     steps = args.steps if args.steps is not None else StudentConfig().steps  # the bar's total (every preset's)
     tuned, _ = _run_training(args, steps, "student", lambda checkpoint, progress, stop: fine_tune(
         args.init, args.darkfield, args.stained, size=args.size, steps=args.steps, crop=args.crop, batch=args.batch,
         lambda_kd=args.lambda_kd, seed=args.seed, device=args.device, precision=args.precision,
         from_scratch=args.from_scratch, checkpoint=checkpoint, resume=args.resume,
         name=args.name or args.output.stem, command=_command(args), progress=progress, stop=stop,
-        on_note=lambda text: print(text, file=sys.stderr), paired=args.paired))
+        on_note=lambda text: print(text, file=sys.stderr), paired=args.paired,
+        config_overrides=overrides))
     result = tuned.result
     if tuned.model is None:
         print(f"stopped at step {result.steps_done}, before the first validation: no validated student, "

@@ -192,6 +192,7 @@ def fine_tune(
                                mode=mode, **overrides)
     for key, value in extra.items():
         setattr(cfg, key, value)
+    cfg.__post_init__()  # check the overridden values as the constructor checks its own
     init_state = None
     if model.student is not None and not from_scratch:
         cfg.width, cfg.blocks = model.student.config["width"], model.student.config["n_blocks"]

@@ -27,6 +27,7 @@ it is saved in checkpoints (so a resumed run is exact) and never in a model file
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -70,6 +71,17 @@ class StudentConfig:
     ``lambda_cyc`` left at ``None`` become the paper's for the mode (5 and 80 unpaired,
     2 and 10 paired). ``registration=False`` (paired only) is a pix2pix-style baseline for
     benchmarks: no ``R`` (the field stays the identity), ``L_con = ‖G(x‖z) − y‖₁``, no ``L_smoo``.
+
+    ``ema_decay`` > 0 keeps an exponential moving average of the student's weights
+    (:func:`update_ema`) and validates, chooses and returns that average instead of the live
+    weights: a GAN's colours drift from one step to the next, and the average is the steadier
+    state to choose from. The live weights are validated too (``live_*`` in the history) and
+    train exactly as without the average. 0 (the default) is the paper's training.
+
+    ``reg_warmup`` > 0 (paired with ``R`` only; ignored otherwise) first trains ``R`` for that many
+    steps to recover known random fields between a training section and its warped copy
+    (:func:`digital_stain.train.align_warmup.warm_up_registration`), so that ``R`` can align
+    before the student can stain. 0 (the default) is the paper's training.
     """
 
     width: int = 32
@@ -96,6 +108,8 @@ class StudentConfig:
     reg_depth: int = 3
     registration: bool = True  # paired: False = pix2pix-style baseline, L_con on the unregistered output (no R)
     reg_lr_scale: float = 1.0  # paired: R's learning rate as a multiple of lr (1 = the paper's)
+    ema_decay: float = 0.0  # 0: off (the paper); e.g. 0.999: validate, choose and return an EMA of G's weights
+    reg_warmup: int = 0  # paired: steps of R's self-supervised warm-up on warped sections first (0 = the paper's)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -103,6 +117,10 @@ class StudentConfig:
         for key, value in PAPER_WEIGHTS[self.mode].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.reg_warmup < 0:
+            raise InputError(f"reg_warmup is a number of steps (0 = none), not {self.reg_warmup}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InputError(f"ema_decay must be in [0, 1) (0 = off, e.g. 0.999), not {self.ema_decay}.")
 
     @property
     def paired(self) -> bool:
@@ -137,6 +155,18 @@ class ImagePool:
             else:
                 out.append(fake)
         return torch.stack(out)
+
+
+def update_ema(average: torch.nn.Module, live: torch.nn.Module, decay: float, step: int) -> None:
+    """``average ← d·average + (1 − d)·live`` for every parameter, with ``d = min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up term lets the average follow the first steps closely, so it does not keep
+    the random (or initial) weights for thousands of steps. ``step`` counts from 0.
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for mean, param in zip(average.parameters(), live.parameters()):
+            mean.lerp_(param.detach(), 1.0 - d)
 
 
 def cache_teacher(model, darkfield: list, progress=None, stop: threading.Event | None = None) -> list | None:
@@ -367,20 +397,33 @@ def train_student(
     disc = PatchDiscriminator(3, cfg.disc_width).to(device)
     if init_state is not None:
         student.load_state_dict(init_state)
+    ema = None
+    if cfg.ema_decay > 0:  # the judged (validated, chosen, returned) weights; the live ones keep training
+        ema = copy.deepcopy(student).requires_grad_(False)  # a copy draws no random numbers: the live run is unchanged
+    judged = ema if ema is not None else student
     opt_g = torch.optim.Adam([*student.parameters(), *reverse.parameters()], lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     pool = ImagePool(cfg.pool_size)
     nets = {"student": student, "reverse": reverse, "disc": disc}
     opts = {"g": opt_g, "d": opt_d}
+    if ema is not None:
+        nets["ema"] = ema
     reg = None
     if cfg.paired and cfg.registration:  # made after the others, so the unpaired networks start as in the unpaired mode
         reg = RegistrationNet(6, cfg.reg_width, cfg.reg_depth).to(device)
         nets["registration"] = reg
         opts["r"] = torch.optim.Adam(reg.parameters(), lr=cfg.lr * cfg.reg_lr_scale, betas=(0.5, 0.999))  # as RegGAN
+    resuming = bool(resume and checkpoint and os.path.exists(checkpoint))
+    if reg is not None and cfg.reg_warmup > 0 and not resuming:  # a resumed R comes from the checkpoint
+        from .align_warmup import warm_up_registration
+
+        sections = [c[..., 7:10] for c in train_items]
+        if warm_up_registration(reg, sections, cfg.reg_warmup, cfg.crop, device, cfg.seed, progress, stop) is None:
+            return ResnetGenerator(4, 3, cfg.width, cfg.blocks).eval(), TrainResult(None, 0, True)
     start, best, best_step, history = 0, -float("inf"), None, []
     due = False  # a validation of the current step is owed (a stop interrupted it)
-    best_state = snapshot(student)
-    if resume and checkpoint and os.path.exists(checkpoint):
+    best_state = snapshot(judged)
+    if resuming:
         holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
         _check_resumable(checkpoint, cfg)
         meta = load_checkpoint(checkpoint, {**nets, "best": holder}, opts)
@@ -404,7 +447,10 @@ def train_student(
         message = ""
         if due and val_items:  # after a step on the validation grid, or owed by a stop during validation
             extra = {} if reg is None else {"registration": reg}
-            scores = validation_scores(student, val_items, device, reference_lab, stop, **extra)
+            scores = validation_scores(judged, val_items, device, reference_lab, stop, **extra)
+            if scores is not None and ema is not None:  # the live weights too, to see what the average buys
+                live = validation_scores(student, val_items, device, reference_lab, stop, **extra)
+                scores = None if live is None else {**scores, **{f"live_{k}": v for k, v in live.items()}}
             if scores is None:  # stopped during validation: owed, and done first on --resume
                 cancelled = True
                 break
@@ -412,16 +458,19 @@ def train_student(
             history.append({"step": step, **scores})
             if selection_score(scores, floor) > best:
                 best, best_step = selection_score(scores, floor), step
-                best_state = snapshot(student)
+                best_state = snapshot(judged)
             save(step)
             aligned = f", aligned L1 {scores['aligned_l1']:.3f}" if "aligned_l1" in scores else ""
             message = (f"validation structure {scores['structure']:.3f} (floor {floor:.3f}), style "
                        f"{scores.get('style', float('nan')):.2f}, kd {scores['kd_l1']:.3f}{aligned} "
                        f"(best at step {best_step})")
+            if ema is not None:
+                message += (f"; live weights: structure {scores['live_structure']:.3f}, "
+                            f"style {scores.get('live_style', float('nan')):.2f}")
         if progress and (message or trained and (step % cfg.report_every == 0 or step == cfg.steps)):
             progress(meter.report(step, message))
         if callback is not None and trained:
-            _call_restoring(callback, step, student)
+            _call_restoring(callback, step, judged)
         if step >= cfg.steps:
             break
         if stop_requested(stop):
@@ -461,6 +510,8 @@ def train_student(
         opt_g.step()
         if reg is not None:
             opts["r"].step()
+        if ema is not None:
+            update_ema(ema, student, cfg.ema_decay, step)
         disc.requires_grad_(True)
         with autocast(device, precision):
             pooled = pool.query(fake.detach().float(), rng)
@@ -478,7 +529,7 @@ def train_student(
     if cancelled:
         save(step)
     result_net = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
-    result_net.load_state_dict(best_state if best_step is not None else student.state_dict())
+    result_net.load_state_dict(best_state if best_step is not None else judged.state_dict())
     result_net.eval()
     return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history)
 
@@ -505,9 +556,11 @@ def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
         how = "with --paired (mode='paired')" if saved_mode == "paired" else "without --paired (mode='unpaired')"
         raise InputError(f"checkpoint {checkpoint} was made by {saved_mode} training and this run is {cfg.mode}; "
                          f"resume it {how}, or start afresh without --resume (or with another --checkpoint).")
-    keys = ("width", "blocks", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc", "lr")
+    saved = {"ema_decay": 0.0, "reg_warmup": 0, **saved}  # checkpoints from before these options had neither
+    keys = ("width", "blocks", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc", "lr",
+            "ema_decay")
     if cfg.paired:
-        keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration", "reg_lr_scale")
+        keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration", "reg_lr_scale", "reg_warmup")
     differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
     if differ:
         raise InputError(f"checkpoint {checkpoint} was made with other settings ({', '.join(differ)}); "
