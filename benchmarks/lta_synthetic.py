@@ -368,7 +368,7 @@ def main(argv=None) -> int:
     chosen = sorted(np.random.default_rng(args.seed).permutation(len(train_hne.names))[: args.train_pairs])
     train_names = [Path(train_hne.names[i]).stem for i in chosen]
     test_hne = load_rgb_folder(args.data / "val/stained", min_side=1, kind="H&E")
-    test_names, test_ref = test_hne.names[: args.test_pairs], test_hne.images[: args.test_pairs]
+    test_ref = test_hne.images[: args.test_pairs]
 
     _log(f"making {len(train_names)} misaligned training pairs and {len(test_ref)} test pairs")
     train_dark, train_ref, train_fields = make_pairs([train_hne.images[i] for i in chosen], base.enhancer, tint,
