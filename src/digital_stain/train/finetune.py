@@ -188,11 +188,9 @@ def fine_tune(
     if "mode" in extra:
         raise TypeError("choose the training mode with fine_tune(..., paired=True), not config_overrides['mode']")
     mode = "paired" if paired else "unpaired"
-    cfg = StudentConfig.preset(size or default_size(device), seed=seed, device=device, precision=precision,
-                               mode=mode, **overrides)
-    for key, value in extra.items():
-        setattr(cfg, key, value)
-    cfg.__post_init__()  # check the overridden values as the constructor checks its own
+    # config_overrides win over the arguments, and the constructor checks them all
+    settings = {**dict(seed=seed, device=device, precision=precision, mode=mode), **overrides, **extra}
+    cfg = StudentConfig.preset(size or default_size(device), **settings)
     init_state = None
     if model.student is not None and not from_scratch:
         cfg.width, cfg.blocks = model.student.config["width"], model.student.config["n_blocks"]
