@@ -23,9 +23,9 @@ from digital_stain.io import read_image
 from digital_stain.lazy import LazyStain
 from digital_stain.model import StainModel
 from digital_stain.ngff import SlideStore, downsample, level_shapes
-from digital_stain.slide import (DiskFullError, SlideJob, open_source, process_chunk, stain_chunk,
+from digital_stain.slide import (BlockCache, DiskFullError, SlideJob, open_source, process_chunk, stain_chunk,
                                  stain_to_zarr)
-from stores import assert_same_store, store_arrays as arrays_of
+from stores import assert_same_store
 
 SMALL = dict(chunk=256, overlap=32, min_side=128, device="cpu", precision="fp32")
 
@@ -153,6 +153,31 @@ def test_units_in_threads_write_the_same_bytes(tiny_model, slide, reference, tmp
     assert result.complete and result.units_done == result.units_total
     assert seen == list(range(1, result.units_total + 1))
     assert_same_store(path, reference)
+
+
+@pytest.mark.parametrize("channels", [(3,), ()])
+def test_block_cache_regions_equal_dask_slices_and_decode_each_block_about_three_times(channels):
+    """Unit regions (chunk + margins) in row order, uneven last chunks, RGB and gray: the same pixels as
+    slicing the dask array, and far fewer block reads than the 9 per unit a plain slice makes."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (900, 1000, *channels), dtype=np.uint8)
+    array = da.from_array(image, chunks=(256, 300, *channels))
+    cache = BlockCache(array, max_bytes=0)  # the floor: 9 blocks kept
+    assert cache.max_blocks == 9
+    starts_y, starts_x = np.cumsum((0, *array.chunks[0])), np.cumsum((0, *array.chunks[1]))
+    units, plain = 0, 0
+    for i in range(len(array.chunks[0])):
+        for j in range(len(array.chunks[1])):
+            rows = slice(max(0, starts_y[i] - 32), min(900, starts_y[i + 1] + 32))
+            cols = slice(max(0, starts_x[j] - 32), min(1000, starts_x[j + 1] + 32))
+            region = cache.region(rows, cols)
+            assert region.dtype == np.uint8
+            np.testing.assert_array_equal(region, image[rows, cols])
+            units += 1
+            plain += (3 - (i in (0, 3))) * (3 - (j in (0, 3)))  # blocks a plain slice reads: 9 inside, fewer at edges
+    assert units == 16 and plain == 100
+    assert 3 * cache.decoded <= plain, cache.decoded
+    np.testing.assert_array_equal(cache.region(slice(5, 7), slice(299, 301)), image[5:7, 299:301])
 
 
 def test_stop_with_threads_keeps_a_resumable_store(tiny_model, slide, reference, tmp_path):

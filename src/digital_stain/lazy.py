@@ -406,16 +406,7 @@ class LazyStain:
                 hit = self._cached(role, key)  # another thread may have computed it while this one waited
             if hit is not None:
                 return hit
-            try:
-                out = self._forward(role, prepared, key[:y_axis])
-            except Exception as error:
-                if self.device.type == "cpu" or not is_out_of_memory(error):
-                    raise
-                out = None  # retried below, outside the except block: its traceback still holds device tensors
-            if out is None:
-                self._fall_back(f"GPU ran out of memory staining a {self.chunk}-px chunk; "
-                                "the rest of this image is stained on the CPU")
-                out = self._forward(role, prepared, key[:y_axis])
+            out = self._forward_or_fall_back(role, prepared, key[:y_axis])
         out = np.ascontiguousarray(self._trim(out, key))
         out = out.reshape(*rgb.shape[:y_axis], *out.shape)
         with self._lock:
@@ -425,6 +416,18 @@ class LazyStain:
             if len(cache) > self._cache_chunks:
                 cache.popitem(last=False)
         return out
+
+    def _forward_or_fall_back(self, role: str, prepared: tuple, plane_index: tuple, uint8: bool = False) -> np.ndarray:
+        """:meth:`_forward`, moved to the CPU and run again there if the GPU runs out of memory (network lock held)."""
+        try:
+            return self._forward(role, prepared, plane_index, uint8)
+        except Exception as error:
+            if self.device.type == "cpu" or not is_out_of_memory(error):
+                raise
+            # retried below, outside the except block: its traceback still holds device tensors
+        self._fall_back(f"GPU ran out of memory staining a {self.chunk}-px chunk; "
+                        "the rest of this image is stained on the CPU")
+        return self._forward(role, prepared, plane_index, uint8)
 
     def _margins(self, key: tuple) -> list[tuple[int, int]]:
         """Pixels borrowed before and after the chunk along Y and X (only towards neighbours: boundary="none")."""
@@ -459,8 +462,12 @@ class LazyStain:
         padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
         return np.ascontiguousarray(padded), h, w
 
-    def _forward(self, role: str, prepared: tuple, plane_index: tuple) -> np.ndarray:
-        """The network on a :meth:`_prepare`-d input: ``(y, x, 3)`` in [0, 1]. Call with the network lock held."""
+    def _forward(self, role: str, prepared: tuple, plane_index: tuple, uint8: bool = False) -> np.ndarray:
+        """The network on a :meth:`_prepare`-d input: ``(y, x, 3)`` float32 in [0, 1]. Call with the network lock held.
+
+        ``uint8``: rounded as :func:`digital_stain.arrays.to_uint8` rounds, on the network's device (a quarter
+        of the bytes to copy back); the result is then a ``(y, x, 3)`` view of a ``(3, y, x)`` array.
+        """
         padded, h, w = prepared
         net = self._teacher if role == "teacher" else self._student
         if role == "student":
@@ -471,7 +478,10 @@ class LazyStain:
                 out = colorize(net, tensor)
             else:
                 out = (net(tensor).float() + 1.0) / 2.0
-        out = out.float().clamp(0.0, 1.0).cpu().numpy()[0, :, :h, :w]
+        out = out.float().clamp(0.0, 1.0)
+        if uint8:  # to_uint8's float32 steps, one at a time (no fused multiply-add): the same bytes as on the host
+            out = out.mul(255.0).add(0.5).to(torch.uint8)
+        out = out.cpu().numpy()[0, :, :h, :w]
         return out.transpose(1, 2, 0)
 
     def _fall_back(self, message: str) -> None:

@@ -61,7 +61,7 @@ from .lazy import LazyStain
 from .ngff import FORMAT, FORMAT_VERSION, Grid, SlideStore, level_shapes, prepare_output
 
 log = logging.getLogger(__name__)
-__all__ = ["DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk", "stain_chunk",
+__all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk", "stain_chunk",
            "stain_to_zarr"]
 
 CHUNK_RANGE = (256, 4096)
@@ -123,6 +123,59 @@ class SlideJob:
                    settings["precision"], _scaling_tuple(state), _as_tuples(state.get("statistics")), state["token"])
 
 
+class BlockCache:
+    """Regions of a chunked (dask) array, assembled from its decoded blocks, the least recently used dropped.
+
+    A unit's region (its chunk and the margins it borrows) spans up to 9 blocks, 6 of them shared
+    with the unit before it in the row; kept, each block is decoded about 3 times instead of 9.
+
+    Parameters
+    ----------
+    array : dask array, shape (Y, X[, C])
+        Chunked along Y and X only.
+    max_bytes : int
+        Blocks kept (at least 9, so that one unit never decodes a block twice).
+    """
+
+    def __init__(self, array, max_bytes: int = 96 * 2**20):
+        self.array = array
+        self._starts = [np.concatenate([[0], np.cumsum(sizes)]) for sizes in array.chunks[:2]]
+        block_bytes = max(array.chunks[0]) * max(array.chunks[1]) * int(np.prod(array.shape[2:])) * array.dtype.itemsize
+        self.max_blocks = max(9, max_bytes // max(block_bytes, 1))
+        self._blocks: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.decoded = 0
+
+    def _block(self, i: int, j: int) -> np.ndarray:
+        with self._lock:
+            block = self._blocks.get((i, j))
+            if block is not None:
+                self._blocks.move_to_end((i, j))
+                return block
+        # decoded outside the lock (other threads go on); two threads may decode one block at once, harmlessly
+        block = np.asarray(self.array.blocks[i, j].compute(scheduler="sync"))
+        with self._lock:
+            self.decoded += 1
+            self._blocks[(i, j)] = block
+            while len(self._blocks) > self.max_blocks:
+                self._blocks.popitem(last=False)
+        return block
+
+    def region(self, rows: slice, cols: slice) -> np.ndarray:
+        """``array[rows, cols]`` as a numpy array (slices with start and stop, step 1)."""
+        (y0, y1), (x0, x1) = (rows.start, rows.stop), (cols.start, cols.stop)
+        out = np.empty((y1 - y0, x1 - x0, *self.array.shape[2:]), dtype=self.array.dtype)
+        ys, xs = self._starts
+        for i in range(np.searchsorted(ys, y0, "right") - 1, np.searchsorted(ys, y1, "left")):
+            for j in range(np.searchsorted(xs, x0, "right") - 1, np.searchsorted(xs, x1, "left")):
+                top, bottom = max(y0, ys[i]), min(y1, ys[i + 1])
+                left, right = max(x0, xs[j]), min(x1, xs[j + 1])
+                block = self._block(i, j)
+                out[top - y0 : bottom - y0, left - x0 : right - x0] = \
+                    block[top - ys[i] : bottom - ys[i], left - xs[j] : right - xs[j]]
+        return out
+
+
 class _ChunkStain(LazyStain):
     """LazyStain with the slide's value scaling and stored statistics, computing one unit at a time (no cache)."""
 
@@ -131,6 +184,7 @@ class _ChunkStain(LazyStain):
                          precision=job.precision, cache_chunks=0,
                          scaling=ValueScaling(*job.scaling) if job.scaling is not None else None,
                          stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP)
+        self.blocks = BlockCache(self._source)
         if job.statistics is not None:
             self.use_statistics(job.statistics)
 
@@ -150,15 +204,18 @@ class _ChunkStain(LazyStain):
         block = (*key, 0)  # the unit-RGB array has one chunk along its channel axis
         # the chunk and its borrowed margins, converted after slicing: converting the whole
         # neighbouring chunks (what self.rgb would do) costs more than the read on a fast GPU
-        raw = self._source[self._region(block)[:2]].compute(scheduler="sync")
-        rgb = self._to_unit_rgb(np.asarray(raw))
+        rgb = self._to_unit_rgb(self.blocks.region(*self._region(block)[:2]))
         enhanced = self._enhanced_block(rgb)  # once per unit: the output and both networks' inputs
         results = {}
         if "enhanced" in self.wanted:
             results["enhanced"] = to_uint8(self._trim(enhanced, block))
         for role in ("teacher", "student"):
             if role in self.wanted:
-                results[role] = to_uint8(self._compute(role, block, rgb, enhanced))
+                prepared = self._prepare(role, rgb, enhanced)
+                with self._net_lock:
+                    out = self._forward_or_fall_back(role, prepared, (), uint8=True)
+                # a (h, w, 3) view of the (3, h, w) network output: the store wants (3, h, w) again
+                results[role] = self._trim(out, block)
         return results
 
 
