@@ -61,13 +61,13 @@ class Timer:
         setattr(self.owner, self.name, self.original)
 
 
-def started_store(model, slide: Path, out: Path, outputs: list[str]):
+def started_store(model, slide: Path, out: Path, outputs: list[str], chunk: int):
     """A store ``stain_to_zarr`` created and stopped after its first unit (statistics and job recorded)."""
     from digital_stain.ngff import SlideStore
     from digital_stain.slide import SlideJob, stain_to_zarr
 
     stop = threading.Event()
-    stain_to_zarr(model, slide, out, outputs, device=None, threads=1, stop=stop,
+    stain_to_zarr(model, slide, out, outputs, chunk=chunk, device=None, threads=1, stop=stop,
                   progress=lambda done, total: stop.set())
     store = SlideStore(out)
     return store, SlideJob.from_store(store)
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="dsd-unpaired")
     parser.add_argument("--outputs", default="student", help="comma-separated (default student)")
     parser.add_argument("--side", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -98,9 +99,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="slide-host-", dir=args.workdir))
     try:
         slide = work / "slide.ome.zarr"
-        make_slide(slide, args.side, chunk=1024)
-        store, job = started_store(model, slide, work / "out.ome.zarr", outputs)
-        array = open_source(slide).array
+        make_slide(slide, args.side, chunk=args.chunk)
+        store, job = started_store(model, slide, work / "out.ome.zarr", outputs, args.chunk)
+        array = open_source(slide, chunk=args.chunk).array
         keys = job.grid.units(0)
         process_chunk(model, array, store, job, keys[0])  # warm-up (allocator, lazy imports)
         network = Timer(LazyStain, "_forward", sync)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
         f"## Whole-slide unit: host work and network ({device.type})", "",
         f"- device: {name}; torch {torch.__version__}, Python {platform.python_version()}",
         f"- model `{args.model}`, outputs {args.outputs}; slide {args.side} x {args.side}, "
-        f"{units} level-0 units of {unit_mp:.2f} MP (1024 px, overlap 128), one at a time", "",
+        f"{units} level-0 units of {unit_mp:.2f} MP ({args.chunk} px, overlap 128), one at a time", "",
         "| per unit | ms |", "|---|---:|",
         f"| whole unit | {total * ms:.1f} |",
         f"| network (`_forward`, {network.calls // units} per unit) | {network.seconds * ms:.1f} |",

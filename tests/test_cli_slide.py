@@ -93,6 +93,8 @@ def test_resume_with_other_settings_is_refused(capsys, tiny_model_file, slide_ti
     code, err = run(capsys, slide_tif, "-o", reference, "--model", tiny_model_file, "--resume", "--chunk", "512",
                     "--overlap", "32")
     assert code == 2 and "cannot resume" in err and "chunk: stored 256, now 512" in err
+    code, err = run(capsys, slide_tif, "-o", reference, "--model", tiny_model_file, "--resume", "--compile", *SETTINGS)
+    assert code == 2 and "compile: stored False, now True" in err  # --compile reaches the slide path
 
 
 @pytest.mark.parametrize("extra, words", [

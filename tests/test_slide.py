@@ -25,7 +25,7 @@ from digital_stain.model import StainModel
 from digital_stain.ngff import SlideStore, downsample, level_shapes
 from digital_stain.slide import (BlockCache, DiskFullError, SlideJob, open_source, process_chunk, stain_chunk,
                                  stain_to_zarr)
-from stores import assert_same_store
+from stores import assert_same_store, store_arrays
 
 SMALL = dict(chunk=256, overlap=32, min_side=128, device="cpu", precision="fp32")
 
@@ -82,7 +82,7 @@ def test_ngff_metadata_and_provenance(tiny_model, reference):
     assert state["package"].startswith("napari-digital-stain ")
     assert state["settings"] == {"outputs": ["enhanced", "teacher", "student"], "chunk": 256, "overlap": 32,
                                  "precision": "fp32", "device": "cpu", "min_side": 128,
-                                 "stats_pixels": 2048 * 2048, "stats_crop": 512}
+                                 "stats_pixels": 2048 * 2048, "stats_crop": 512, "compile": False}
     assert state["source"]["shape"] == [600, 700, 3] and state["source"]["dtype"] == "uint8"
     assert state["scaling"]["scale"] == 255.0
     assert len(state["statistics"]) > 0 and all(len(m) == len(v) for m, v in state["statistics"])
@@ -287,6 +287,50 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_model, slide, re
         stain_to_zarr(tiny_model, slide, reference, ["student"], resume=True, **SMALL)
     with pytest.raises(InputError, match="input fingerprint"):
         stain_to_zarr(tiny_model, slide[:, ::-1], reference, resume=True, **SMALL)
+
+
+@pytest.mark.slow
+def test_compiled_inner_units_match_eager_compile_once_and_resume_keeps_the_setting(tiny_model, slide, reference,
+                                                                                   tmp_path):
+    """compile=True: one graph per network (the inner unit's shape); edge units bit-equal to the eager
+    store, the inner one within 1 gray level; a store started compiled is resumed compiled, never mixed."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    path = tmp_path / "compiled.ome.zarr"
+    stop = threading.Event()
+    graphs = counters["stats"]["unique_graphs"]
+    first = stain_to_zarr(tiny_model, slide, path, compile=True, stop=stop,
+                          progress=lambda done, total: done == 6 and stop.set(), **SMALL)
+    assert first.stopped and counters["stats"]["unique_graphs"] - graphs == 2  # teacher and student, unit (1, 1)
+    with pytest.raises(InputError, match="compile: stored True, now False"):
+        stain_to_zarr(tiny_model, slide, path, resume=True, **SMALL)
+    second = stain_to_zarr(tiny_model, slide, path, compile=True, resume=True, **SMALL)
+    assert second.complete and counters["stats"]["unique_graphs"] - graphs == 2  # no recompile
+    compiled, eager = store_arrays(path), store_arrays(reference)
+    inner = np.zeros((600, 700), bool)
+    inner[256:512, 256:512] = True  # the only unit with margins on all four sides (chunks 256, 256, 88 | 188)
+    for name in ("enhanced/0", "teacher/0", "student/0"):
+        difference = np.abs(compiled[name].astype(int) - eager[name].astype(int))
+        difference = difference.max(axis=0) if difference.ndim == 3 else difference
+        assert difference.max() <= 1, name
+        assert not difference[~inner].any(), f"{name}: edge units run eagerly, bit for bit"
+
+
+def test_store_from_before_the_compile_setting_resumes_uncompiled(tiny_model, slide, reference, tmp_path):
+    path = tmp_path / "older.ome.zarr"
+    stop = threading.Event()
+    stain_to_zarr(tiny_model, slide, path, stop=stop, progress=lambda done, total: stop.set(), **SMALL)
+    store = SlideStore(path)
+    settings = dict(store.state["settings"])
+    del settings["compile"]  # what stores written before the option hold
+    store.update_state(settings=settings)
+    assert SlideJob.from_store(SlideStore(path)).compile is False
+    assert stain_to_zarr(tiny_model, slide, path, resume=True, **SMALL).complete
+    assert_same_store(path, reference)
+    with pytest.raises(InputError, match="compile: stored False, now True"):
+        stain_to_zarr(tiny_model, slide, path, resume=True, compile=True, **SMALL)
 
 
 def test_resume_with_another_model_is_refused(tiny_model, tiny_model_file, slide, tmp_path):

@@ -155,6 +155,12 @@ class LazyStain:
         Most chunks kept waiting for the worker; the oldest requests are dropped beyond it.
     scaling : ValueScaling, optional
         Raw values -> [0, 1]; default decided from ``image`` (pyramid levels get level 0's).
+    compile : bool
+        Run the networks through ``torch.compile`` for headless work such as whole slides (the first
+        inner chunk waits for the compile, 10-60 s). Only chunks with margins on all four sides (the
+        inner ones, a ``(chunk + 2 overlap)``-px square) run compiled: one shape, one graph. Chunks at
+        the image's edges have other shapes and run eagerly, so they equal an uncompiled run; inner
+        ones match it to float rounding. After a fallback to the CPU everything runs eagerly.
 
     Attributes
     ----------
@@ -179,7 +185,7 @@ class LazyStain:
                  on_error: Callable[[BaseException], None] | None = None,
                  on_fallback: Callable[[str], None] | None = None, max_pending: int = 64,
                  scaling: ValueScaling | None = None, cache_bytes: int | None = None,
-                 net_lock: threading.Lock | None = None):
+                 net_lock: threading.Lock | None = None, compile: bool = False):
         import dask.array as da
 
         self.model = model
@@ -226,6 +232,8 @@ class LazyStain:
         if len(plane) == 3:
             chunks[y_axis + 2] = -1
         source = source.rechunk(chunks)
+        self.compile = compile
+        self._compiled: dict[str, torch.nn.Module] = {}
         # explicit task names: otherwise dask tokenizes our bound methods by pickling the whole model (~0.3 s each)
         self._token = uuid.uuid4().hex
         self._source = source  # raw, for readers that convert only the region they need (slide units)
@@ -462,6 +470,18 @@ class LazyStain:
         padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
         return np.ascontiguousarray(padded), h, w
 
+    def _network(self, role: str, shape: tuple[int, int]) -> torch.nn.Module:
+        """The teacher or student for an input of ``shape`` (Y, X): compiled (on first use) for inner chunks.
+
+        Edge chunks run eagerly: compiling each of their shapes (up to 8 more) would cost more than it saves.
+        """
+        net = self._teacher if role == "teacher" else self._student
+        if not self.compile or shape != (self.chunk + 2 * self.overlap,) * 2:
+            return net
+        if role not in self._compiled:
+            self._compiled[role] = torch.compile(net, dynamic=False)
+        return self._compiled[role]
+
     def _forward(self, role: str, prepared: tuple, plane_index: tuple, uint8: bool = False) -> np.ndarray:
         """The network on a :meth:`_prepare`-d input: ``(y, x, 3)`` float32 in [0, 1]. Call with the network lock held.
 
@@ -469,9 +489,9 @@ class LazyStain:
         of the bytes to copy back); the result is then a ``(y, x, 3)`` view of a ``(3, y, x)`` array.
         """
         padded, h, w = prepared
-        net = self._teacher if role == "teacher" else self._student
         if role == "student":
-            self._freeze(self._statistics(plane_index))
+            self._freeze(self._statistics(plane_index))  # in place: a compiled student is not recompiled
+        net = self._network(role, padded.shape[1:])
         tensor = torch.from_numpy(padded[None]).to(self.device)
         with torch.no_grad(), autocast(self.device, self.precision):
             if role == "teacher":
@@ -494,6 +514,7 @@ class LazyStain:
             self._student.to(cpu)
             self._plane_stats = {k: [(m.to(cpu), v.to(cpu)) for m, v in s] for k, s in self._plane_stats.items()}
         self.device, self.precision = cpu, resolve_precision("auto", cpu)
+        self.compile, self._compiled = False, {}  # no second compile mid-image: the rest runs eagerly
         self.fallbacks.append(message)
         if self.on_fallback is not None:
             self.on_fallback(message)

@@ -29,8 +29,8 @@ its data (both flushed to disk). ``resume=True`` skips the done units and
 redoes the others, so a run stopped by ``stop``, Ctrl-C, an exception, a
 killed process or a full disk ends, once resumed, with the very bytes an
 uninterrupted run writes. Resuming with another model, other outputs or
-other settings (chunk, overlap, device, precision, pyramid), or on another
-input, is refused with what differs.
+other settings (chunk, overlap, device, precision, pyramid, compile), or on
+another input, is refused with what differs.
 
 Distribution. :func:`stain_chunk` / :func:`process_chunk` (level 0) and
 :meth:`SlideStore.build_level_unit` (lower levels) are functions of picklable
@@ -67,6 +67,7 @@ __all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "
 CHUNK_RANGE = (256, 4096)
 STATS_PIXELS, STATS_CROP = 2048 * 2048, 512  # LazyStain's defaults: the same statistics as the napari view
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+SETTING_DEFAULTS = {"compile": False}  # settings added since the first stores: what a store without them used
 
 
 class DiskFullError(InputError):
@@ -104,6 +105,8 @@ class SlideJob:
         The student's frozen norm statistics, ``((mean, var), ...)`` per norm layer as float tuples.
     token : str
         Identifies this job (a worker keeps one stainer per model, source and token).
+    compile : bool
+        Run the networks through ``torch.compile`` (each worker compiles once).
     """
 
     grid: Grid
@@ -113,6 +116,7 @@ class SlideJob:
     scaling: tuple
     statistics: tuple | None
     token: str
+    compile: bool = False
 
     @classmethod
     def from_store(cls, store: SlideStore) -> SlideJob:
@@ -120,7 +124,8 @@ class SlideJob:
         state = store.state
         settings = state["settings"]
         return cls(Grid.from_dict(state["grid"]), tuple(settings["outputs"]), settings["overlap"],
-                   settings["precision"], _scaling_tuple(state), _as_tuples(state.get("statistics")), state["token"])
+                   settings["precision"], _scaling_tuple(state), _as_tuples(state.get("statistics")), state["token"],
+                   settings.get("compile", SETTING_DEFAULTS["compile"]))
 
 
 class BlockCache:
@@ -183,7 +188,7 @@ class _ChunkStain(LazyStain):
         super().__init__(model, array, job.outputs, chunk=job.grid.chunk, overlap=job.overlap,
                          precision=job.precision, cache_chunks=0,
                          scaling=ValueScaling(*job.scaling) if job.scaling is not None else None,
-                         stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP)
+                         stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP, compile=job.compile)
         self.blocks = BlockCache(self._source)
         if job.statistics is not None:
             self.use_statistics(job.statistics)
@@ -300,7 +305,8 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
                   chunk: int = 1024, overlap: int = 128, device: str | None = "auto", precision: str = "auto",
                   min_side: int = 512, resume: bool = False, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None,
-                  stop: threading.Event | None = None, client=None, threads: int | None = None) -> SlideResult:
+                  stop: threading.Event | None = None, client=None, threads: int | None = None,
+                  compile: bool = False) -> SlideResult:
     """Stain a whole slide into an OME-Zarr store (one image group per output, with a pyramid).
 
     Parameters
@@ -338,6 +344,11 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         Units worked on at once in this process (default 3 on a GPU, 1 on the CPU). Reading,
         preparing, compressing and writing one unit overlap the network of another; the
         networks themselves run one at a time. Memory grows with it.
+    compile : bool
+        Run the networks through ``torch.compile``: one compile (10-60 s) at the first inner unit,
+        then each inner unit (margins on all sides) runs faster; units at the slide's edges run
+        eagerly (:class:`~digital_stain.lazy.LazyStain`). Inner units match an uncompiled run to
+        float rounding (at most 1 gray level), so a store is resumed with the setting it was started with.
     client : distributed.Client, optional
         Spread the units over this dask.distributed cluster
         (:func:`digital_stain.cluster.cluster_client`); each worker loads the
@@ -377,12 +388,12 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     stored = prepare_output(output, resume=resume, overwrite=overwrite)
 
     stainer = _ChunkStain(model, src.array, SlideJob(Grid(chunk, (), (), ()), wanted, overlap, precision,
-                                                     _scaling_tuple(stored), None, "probe"))
+                                                     _scaling_tuple(stored), None, "probe", bool(compile)))
     grid = Grid(stainer.chunk, tuple(stainer.rgb.chunks[0]), tuple(stainer.rgb.chunks[1]),
                 level_shapes(tuple(src.array.shape[:2]), min_side))
     settings = {"outputs": list(wanted), "chunk": stainer.chunk, "overlap": stainer.overlap,
                 "precision": stainer.precision, "device": stainer.device.type, "min_side": min_side,
-                "stats_pixels": STATS_PIXELS, "stats_crop": STATS_CROP}
+                "stats_pixels": STATS_PIXELS, "stats_crop": STATS_CROP, "compile": bool(compile)}
     identity = {"shape": list(src.array.shape), "dtype": str(src.array.dtype), "fingerprint": _fingerprint(src.array)}
     model_id = {"name": model.name, "checksum": model.checksum, "path": str(model.path) if model.path else None}
     notes = list(src.notes)
@@ -396,7 +407,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         scaling = (stainer.scaling.offset, stainer.scaling.scale, stainer.scaling.source)
         statistics = stainer.record_statistics() if "student" in wanted else None
     job = SlideJob(grid, wanted, stainer.overlap, stainer.precision, scaling, statistics,
-                   token=stored["token"] if stored else uuid.uuid4().hex)
+                   token=stored["token"] if stored else uuid.uuid4().hex, compile=bool(compile))
     if statistics is not None:
         stainer.use_statistics(statistics)  # the stored (rounded-trip) values, exactly as a resumed run uses them
     cache_key = (id(model), src.array.name, job.token)
@@ -514,8 +525,9 @@ def _check_resume(output: Path, stored: dict, model_id: dict, settings: dict, id
                            f"{str(stored['model'].get('checksum'))[:12]}), now {model_id['name']} "
                            f"(checksum {str(model_id['checksum'])[:12]})")
     for key, value in settings.items():
-        if stored["settings"].get(key) != value:
-            differences.append(f"{key}: stored {_text(stored['settings'].get(key))}, now {_text(value)}")
+        before = stored["settings"].get(key, SETTING_DEFAULTS.get(key))
+        if before != value:
+            differences.append(f"{key}: stored {_text(before)}, now {_text(value)}")
     source = stored.get("source", {})
     for key in ("shape", "dtype", "fingerprint"):
         if source.get(key) != identity[key]:
