@@ -14,10 +14,13 @@ are timed too.
 
 It prints milliseconds per unit and the host work's ceiling: the megapixels per
 second one thread's host work allows (``threads`` units in flight allow at most
-that many times as much, less what they contend for).
+that many times as much, less what they contend for). The network calls are also
+split into inner units (margins on all four sides) and edge units; with
+``--compile`` the inner ones run compiled, as ``stain_to_zarr(compile=True)`` runs
+them, and each network's first inner call (the compile) is reported on its own.
 
-    OMP_NUM_THREADS=1 python benchmarks/slide_host.py --device cpu --side 4096
-    PYTHONPATH=src python3 benchmarks/slide_host.py --device cuda --side 8192
+    OMP_NUM_THREADS=1 python benchmarks/slide_host.py --device cpu --side 4096 [--compile]
+    PYTHONPATH=src python3 benchmarks/slide_host.py --device cuda --side 8192 --compile
 
 The table goes to stdout (markdown) and ``--out``; progress to stderr.
 """
@@ -38,10 +41,13 @@ from slide_memory import make_slide  # noqa: E402
 
 
 class Timer:
-    """Wraps a method of a class so each call's seconds are added up (restored by ``close``)."""
+    """Wraps a method of a class so each call's seconds are added up (restored by ``close``).
 
-    def __init__(self, owner, name: str, sync=None):
-        self.owner, self.name, self.seconds, self.calls = owner, name, 0.0, 0
+    ``label(args)`` names each call (e.g. by its input's shape); ``calls`` keeps ``(label, seconds)``.
+    """
+
+    def __init__(self, owner, name: str, sync=None, label=lambda args: None):
+        self.owner, self.name, self.seconds, self.calls = owner, name, 0.0, []
         self.original = getattr(owner, name)
         original = self.original
 
@@ -52,8 +58,9 @@ class Timer:
             finally:
                 if sync is not None:
                     sync()
-                self.seconds += time.perf_counter() - start
-                self.calls += 1
+                seconds = time.perf_counter() - start
+                self.seconds += seconds
+                self.calls.append((label(args), seconds))
 
         setattr(owner, name, timed)
 
@@ -61,13 +68,13 @@ class Timer:
         setattr(self.owner, self.name, self.original)
 
 
-def started_store(model, slide: Path, out: Path, outputs: list[str], chunk: int):
+def started_store(model, slide: Path, out: Path, outputs: list[str], chunk: int, compile: bool):
     """A store ``stain_to_zarr`` created and stopped after its first unit (statistics and job recorded)."""
     from digital_stain.ngff import SlideStore
     from digital_stain.slide import SlideJob, stain_to_zarr
 
     stop = threading.Event()
-    stain_to_zarr(model, slide, out, outputs, chunk=chunk, device=None, threads=1, stop=stop,
+    stain_to_zarr(model, slide, out, outputs, chunk=chunk, device=None, threads=1, stop=stop, compile=compile,
                   progress=lambda done, total: stop.set())
     store = SlideStore(out)
     return store, SlideJob.from_store(store)
@@ -80,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--outputs", default="student", help="comma-separated (default student)")
     parser.add_argument("--side", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the networks (inner units only, as stain_to_zarr(compile=True) does)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -100,11 +109,11 @@ def main(argv=None) -> int:
     try:
         slide = work / "slide.ome.zarr"
         make_slide(slide, args.side, chunk=args.chunk)
-        store, job = started_store(model, slide, work / "out.ome.zarr", outputs, args.chunk)
+        store, job = started_store(model, slide, work / "out.ome.zarr", outputs, args.chunk, args.compile)
         array = open_source(slide, chunk=args.chunk).array
         keys = job.grid.units(0)
         process_chunk(model, array, store, job, keys[0])  # warm-up (allocator, lazy imports)
-        network = Timer(LazyStain, "_forward", sync)
+        network = Timer(LazyStain, "_forward", sync, label=lambda call: tuple(call[2][0].shape[1:]))
         writes = [Timer(SlideStore, "write"), Timer(SlideStore, "mark_done")]
         start = time.perf_counter()
         for key in keys:
@@ -118,6 +127,19 @@ def main(argv=None) -> int:
 
     units = len(keys)
     unit_mp = args.side * args.side / 1e6 / units
+    inner_shape = (args.chunk + 2 * 128,) * 2  # margins on all four sides: what compile=True compiles
+    inner = [seconds for shape, seconds in network.calls if shape == inner_shape]
+    edge = [seconds for shape, seconds in network.calls if shape != inner_shape]
+    calls_per_unit = len(network.calls) // units
+    first_inner = []
+    if args.compile and inner:  # each network's first inner call compiles it
+        first_inner, inner = inner[:calls_per_unit], inner[calls_per_unit:]
+    breakdown = []
+    for what, times in ((f"network call, inner unit ({inner_shape[0]}² input)", inner),
+                        ("network call, edge unit", edge),
+                        ("first inner call of each network (includes the compile)", first_inner)):
+        if times:
+            breakdown.append(f"| {what}, mean of {len(times)} | {1000 * sum(times) / len(times):.1f} |")
     host = total - network.seconds
     write = sum(timer.seconds for timer in writes)
     ms = 1000 / units
@@ -126,12 +148,13 @@ def main(argv=None) -> int:
         f"## Whole-slide unit: host work and network ({device.type})", "",
         f"- device: {name}; torch {torch.__version__}, Python {platform.python_version()}",
         f"- model `{args.model}`, outputs {args.outputs}; slide {args.side} x {args.side}, "
-        f"{units} level-0 units of {unit_mp:.2f} MP ({args.chunk} px, overlap 128), one at a time", "",
+        f"{units} level-0 units of {unit_mp:.2f} MP ({args.chunk} px, overlap 128), one at a time; "
+        f"compile {'on' if args.compile else 'off'}", "",
         "| per unit | ms |", "|---|---:|",
         f"| whole unit | {total * ms:.1f} |",
-        f"| network (`_forward`, {network.calls // units} per unit) | {network.seconds * ms:.1f} |",
+        f"| network (`_forward`, {calls_per_unit} per unit) | {network.seconds * ms:.1f} |",
         f"| host work (the rest) | {host * ms:.1f} |",
-        f"| of which store writes and progress marks (with fsync) | {write * ms:.1f} |", "",
+        f"| of which store writes and progress marks (with fsync) | {write * ms:.1f} |", *breakdown, "",
         f"Host work allows at most **{unit_mp * units / host:.1f} MP/s** per thread; "
         f"the network alone {unit_mp * units / max(network.seconds, 1e-9):.1f} MP/s.", "",
         f"Command: `python {' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", "",

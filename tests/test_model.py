@@ -361,3 +361,25 @@ def test_plane_prepared_in_bands_equals_one_pass(tiny_model, darkfield_tile, mon
     out = np.random.default_rng(0).random((3, 250, 256), dtype=np.float32) * 1.4 - 0.2
     assert np.array_equal(to_yxc(out, clip=True), np.clip(out, 0, 1).transpose(1, 2, 0))
     assert to_yxc(out).flags.c_contiguous and np.array_equal(to_yxc(out), out.transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_enhance_rgb_level_table_equals_binning_every_pixel(tiny_model, dtype):
+    """The integer fast path (a table over gray levels) gives the values of on_input_grid + the enhancer's bins."""
+    from digital_stain.color import luma
+    from digital_stain.enhance import on_input_grid
+    from digital_stain.model import enhance_rgb
+
+    top = np.iinfo(dtype).max
+    rng = np.random.default_rng(3)
+    raw = np.concatenate([rng.integers(0, top + 1, (300, 3)), np.repeat(np.arange(0, top + 1, max(1, top // 4096)), 3)
+                          .reshape(-1, 3), [[0, 0, 0], [top, top, top]]]).astype(dtype)
+    rgb = (raw.astype(np.float32) / np.float32(top))[None]
+    rgb[0, :2] = [[-0.01, 0.0, 0.0], [1.01, 1.0, 1.0]]  # beyond [0, 1]: both paths clip
+    enhancer = tiny_model.enhancer
+    expected = enhancer.enhance_gray(np.clip(on_input_grid(luma(rgb), dtype), 0.0, 1.0))
+    result = enhance_rgb(enhancer, rgb, dtype)
+    assert result.dtype == np.float32 and result.shape == rgb.shape[:2]
+    np.testing.assert_array_equal(result, expected)
+    assert enhancer.level_table(dtype) is enhancer.level_table(dtype)  # made once
+    assert enhancer.level_table(dtype).shape == (top + 1,)

@@ -67,6 +67,7 @@ __all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "
 CHUNK_RANGE = (256, 4096)
 STATS_PIXELS, STATS_CROP = 2048 * 2048, 512  # LazyStain's defaults: the same statistics as the napari view
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+GPU_THREADS = 4  # units in flight on a GPU by default
 SETTING_DEFAULTS = {"compile": False}  # settings added since the first stores: what a store without them used
 
 
@@ -341,7 +342,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         Set it to stop after the current unit; the result then has ``stopped``
         and the store can be resumed.
     threads : int, optional
-        Units worked on at once in this process (default 3 on a GPU, 1 on the CPU). Reading,
+        Units worked on at once in this process (default 4 on a GPU, 1 on the CPU). Reading,
         preparing, compressing and writing one unit overlap the network of another; the
         networks themselves run one at a time. Memory grows with it.
     compile : bool
@@ -433,7 +434,9 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
             log.warning(note)
         if client is None:
             if threads is None:
-                threads = 1 if stainer.device.type == "cpu" else 3
+                # a unit's host work took ~4x what its network is expected to take on a fast GPU
+                # (docs/benchmarks.md, "Host work per unit"): four in flight keep the GPU busy
+                threads = 1 if stainer.device.type == "cpu" else GPU_THREADS
             _run_units(model, src, store, job, result, progress, stop, threads=threads)
         else:
             from .cluster import run_units, source_reference
