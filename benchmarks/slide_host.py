@@ -14,7 +14,9 @@ are timed too.
 
 It prints milliseconds per unit and the host work's ceiling: the megapixels per
 second one thread's host work allows (``threads`` units in flight allow at most
-that many times as much, less what they contend for). The network calls are also
+that many times as much, less what they contend for), and the mean time of a pyramid
+unit (levels 1 and below: reading the level above, 2 x 2 means, writing; host work
+only). The network calls are also
 split into inner units (margins on all four sides) and edge units; with
 ``--compile`` the inner ones run compiled, as ``stain_to_zarr(compile=True)`` runs
 them, and each network's first inner call (the compile) is reported on its own.
@@ -122,6 +124,11 @@ def main(argv=None) -> int:
         for timer in [network, *writes]:
             timer.close()
         print(f"[slide-host] {len(keys)} units in {total:.1f} s", file=sys.stderr)
+        pyramid_units = [(level, key) for level in range(1, len(job.grid.levels)) for key in job.grid.units(level)]
+        start = time.perf_counter()
+        for level, key in pyramid_units:  # host work only: read the level above, 2 x 2 means, write
+            store.build_level_unit(level, key)
+        pyramid = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -154,7 +161,9 @@ def main(argv=None) -> int:
         f"| whole unit | {total * ms:.1f} |",
         f"| network (`_forward`, {calls_per_unit} per unit) | {network.seconds * ms:.1f} |",
         f"| host work (the rest) | {host * ms:.1f} |",
-        f"| of which store writes and progress marks (with fsync) | {write * ms:.1f} |", *breakdown, "",
+        f"| of which store writes and progress marks (with fsync) | {write * ms:.1f} |", *breakdown,
+        f"| pyramid unit (host only), mean of {len(pyramid_units)} | {1000 * pyramid / max(len(pyramid_units), 1):.1f} |",
+        "",
         f"Host work allows at most **{unit_mp * units / host:.1f} MP/s** per thread; "
         f"the network alone {unit_mp * units / max(network.seconds, 1e-9):.1f} MP/s.", "",
         f"Command: `python {' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", "",

@@ -8,12 +8,13 @@ dark-field samples, written chunk by chunk, ``slide_memory.make_slide``) into a 
 ``--threads`` value (units worked on at once in the process; 1 is the baseline, measured in the
 same run), after an untimed warm-up on a 2048² slide.
 
-From the times of the progress calls it reports:
+From the times at which level-0 units finish (``slide.process_chunk`` is wrapped to note them:
+with several threads, pyramid units are built in between) it reports:
 
-* ``first unit``: from the call to the first finished unit (model on the device, the statistics
-  pass, one unit);
+* ``first unit``: from the call to the first finished level-0 unit (model on the device, the
+  statistics pass, one unit);
 * ``level 0 MP/s``: level-0 megapixels per second between the first and the last level-0 unit;
-* ``pyramid s``: the lower levels;
+* ``pyramid s``: what is left after the last level-0 unit (the pyramid units not built meanwhile);
 * the projection for 50,000 x 50,000 (2500 MP): first unit + 2500 MP at the level-0 rate + the
   pyramid scaled by area. The statistics pass does not grow with the slide, so it is counted once.
 
@@ -45,13 +46,15 @@ def _log(message: str) -> None:
 
 
 def run_once(model, slide: Path, out: Path, args, threads: int, compile: bool = False) -> dict:
-    """Stain ``slide`` into ``out``; return the timings of its progress calls."""
-    from digital_stain.slide import stain_to_zarr
+    """Stain ``slide`` into ``out``; return the timings of its level-0 units."""
+    import digital_stain.slide as slide_module
 
     stamps: list[float] = []
     lock = threading.Lock()
+    real = slide_module.process_chunk
 
-    def progress(done, total):
+    def timed(*args, **kwargs):  # level-0 units only: pyramid units are SlideStore.build_level_unit
+        real(*args, **kwargs)
         with lock:
             stamps.append(time.perf_counter())
 
@@ -60,15 +63,20 @@ def run_once(model, slide: Path, out: Path, args, threads: int, compile: bool = 
 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = stain_to_zarr(model, slide, out, args.outputs.split(","), chunk=args.chunk, overlap=args.overlap,
-                           device=None, precision=args.precision, threads=threads, progress=progress,
-                           compile=compile)
-    end = time.perf_counter()
+    slide_module.process_chunk = timed
+    try:
+        start = time.perf_counter()
+        result = slide_module.stain_to_zarr(model, slide, out, args.outputs.split(","), chunk=args.chunk,
+                                            overlap=args.overlap, device=None, precision=args.precision,
+                                            threads=threads, compile=compile)
+        end = time.perf_counter()
+    finally:
+        slide_module.process_chunk = real
     assert result.complete, result
     level0 = len(result_units(result, args.chunk)[0])
+    assert len(stamps) == level0, (len(stamps), level0)
     side = result.levels[0][0]
-    first, last0 = stamps[0], stamps[level0 - 1]
+    first, last0 = stamps[0], stamps[-1]
     level0_mp = side * result.levels[0][1] / 1e6
     per_unit_mp = level0_mp / level0
     rate = (level0 - 1) * per_unit_mp / max(last0 - first, 1e-9)

@@ -107,6 +107,9 @@ def test_downsample_rounds_half_up_and_keeps_odd_edges():
     block = np.array([[0, 1, 10], [1, 1, 20], [255, 255, 7]], dtype=np.uint8)
     np.testing.assert_array_equal(downsample(block), [[1, 15], [255, 7]])
     assert downsample(np.zeros((5, 4, 3), np.uint8)).shape == (3, 2, 3)
+    rgb = np.random.default_rng(2).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(downsample(rgb.transpose(2, 0, 1).copy(), axes=(1, 2)),
+                                  downsample(rgb).transpose(2, 0, 1))  # the stored (3, h, w) layout
     assert level_shapes((600, 700), 128) == ((600, 700), (300, 350), (150, 175), (75, 88))
     assert level_shapes((100, 5000), 512)[-1] == (13, 625)  # no side under 8 px
 
@@ -178,6 +181,37 @@ def test_block_cache_regions_equal_dask_slices_and_decode_each_block_about_three
     assert units == 16 and plain == 100
     assert 3 * cache.decoded <= plain, cache.decoded
     np.testing.assert_array_equal(cache.region(slice(5, 7), slice(299, 301)), image[5:7, 299:301])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_with_threads_the_pyramid_is_built_while_level0_runs(tiny_model, slide, reference, tmp_path, monkeypatch,
+                                                             threads):
+    """threads > 1: a pyramid unit starts once the units under it are written, not after all of level 0."""
+    real, level0_done_at_start = SlideStore.build_level_unit, []
+
+    def recording(self, level, key):
+        level0_done_at_start.append(int(self.done(0).sum()))
+        return real(self, level, key)
+
+    monkeypatch.setattr(SlideStore, "build_level_unit", recording)
+    path = tmp_path / "interleaved.ome.zarr"
+    result = stain_to_zarr(tiny_model, slide, path, threads=threads, **SMALL)
+    assert result.complete and len(level0_done_at_start) == 4 + 1 + 1  # levels 1, 2 and 3
+    if threads == 1:
+        assert min(level0_done_at_start) == 9  # level by level
+    else:
+        assert min(level0_done_at_start) < 9
+    assert_same_store(path, reference)
+
+
+def test_grid_parents_of_units():
+    from digital_stain.ngff import Grid
+
+    grid = Grid(256, (256, 300), (256, 256, 256), ((556, 768), (278, 384), (139, 192)))
+    assert grid.parents(0, (0, 0)) == [(0, 0)]
+    assert grid.parents(0, (0, 2)) == [(0, 1)]
+    assert grid.parents(0, (1, 1)) == [(0, 0), (1, 0)]  # a merged remainder reaching into a second parent row
+    assert grid.parents(1, (1, 1)) == [(0, 0)]
 
 
 def test_stop_with_threads_keeps_a_resumable_store(tiny_model, slide, reference, tmp_path):

@@ -458,10 +458,19 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
 
 def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: SlideResult, progress, stop,
                threads: int = 1) -> None:
-    """Level 0, then each pyramid level, unit by unit (``threads`` at once); done units skipped;
-    stops cleanly, after the units in hand, when ``stop`` is set."""
+    """Every unit of every level not done yet; stops cleanly, after the units in hand, when ``stop`` is set.
+
+    Level-0 units run ``threads`` at once. With one thread the pyramid follows level 0, level by
+    level. With more (the GPU default), a pyramid unit starts as soon as the units it is made from
+    are written, in up to ``threads // 2`` more threads: the pyramid, host work only, is then
+    built while the network stains level 0 instead of after it.
+    """
+    from collections import deque
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+    grid, threads = job.grid, max(1, threads)
+    levels = range(len(grid.levels))
+    done = [store.done(level) for level in levels]
     count = 0
 
     def advance() -> None:
@@ -470,49 +479,66 @@ def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: Sli
         if progress is not None:
             progress(count, result.units_total)
 
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="digital-stain-unit") as pool:
-        for level in range(len(job.grid.levels)):
-            done = store.done(level)
-            pending: set = set()
-            error = None
-            for key in job.grid.units(level):
-                if done[key]:
-                    result.units_skipped += 1
-                    advance()
+    # how many of its source units each pyramid unit still waits for
+    waiting: dict[tuple, int] = {}
+    for level in levels[1:]:
+        for key in grid.units(level - 1):
+            if not done[level - 1][key]:
+                for parent in grid.parents(level - 1, key):
+                    waiting[(level, parent)] = waiting.get((level, parent), 0) + 1
+    for level in levels:
+        for key in grid.units(level):
+            if done[level][key]:
+                result.units_skipped += 1
+                advance()
+    level0 = deque(key for key in grid.units(0) if not done[0][key])
+    ready = deque((level, key) for level in levels[1:] for key in grid.units(level)
+                  if not done[level][key] and not waiting.get((level, key)))
+    interleave = threads > 1
+    pyramid_slots = max(1, threads // 2) if interleave else threads
+    running: dict = {}  # future -> (level, key)
+    error = None
+    with ThreadPoolExecutor(max_workers=threads + (pyramid_slots if interleave else 0),
+                            thread_name_prefix="digital-stain-unit") as pool:
+        while True:
+            if error is None and not (stop is not None and stop.is_set()):
+                in_flight = [level for level, _ in running.values()]
+                if interleave or not level0 and not in_flight.count(0):
+                    for _ in range(pyramid_slots - (len(in_flight) - in_flight.count(0))):
+                        if ready:
+                            level, key = ready.popleft()
+                            running[pool.submit(store.build_level_unit, level, key)] = (level, key)
+                for _ in range(threads - in_flight.count(0)):
+                    if level0:
+                        key = level0.popleft()
+                        running[pool.submit(process_chunk, model, src.array, store, job, key)] = (0, key)
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                level, key = running.pop(future)
+                if future.exception() is not None:
+                    error = error or future.exception()
                     continue
-                if stop is not None and stop.is_set() or error is not None:
-                    break
-                if level == 0:
-                    pending.add(pool.submit(process_chunk, model, src.array, store, job, key))
-                else:
-                    pending.add(pool.submit(store.build_level_unit, level, key))
-                while len(pending) >= max(1, threads):  # a few units in hand: memory stays bounded
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    error = _collect(finished, result, advance) or error
-            finished, _ = wait(pending)
-            error = _collect(finished, result, advance) or error
-            if error is not None:
-                raise error
-            if stop is not None and stop.is_set() and not np.all(store.done(level)):
-                result.stopped = True
-                return
+                result.units_done += 1
+                done[level][key] = True
+                advance()
+                for parent in grid.parents(level, key) if level + 1 < len(grid.levels) else ():
+                    waiting[(level + 1, parent)] -= 1
+                    if not waiting[(level + 1, parent)] and not done[level + 1][parent]:
+                        ready.append((level + 1, parent))
+    if error is not None:
+        raise error
+    if not all(np.all(flags) for flags in done):
+        if stop is None or not stop.is_set():
+            raise RuntimeError("internal error: whole-slide units were left undone without a stop; please report it.")
+        result.stopped = True
+        return
     if not store.state.get("complete"):
         from .model import provenance
 
         store.finish(finished=provenance()["date"])
     result.complete = True
-
-
-def _collect(finished, result: SlideResult, advance) -> BaseException | None:
-    """Count the finished units; return the first error among them (the others' work is kept)."""
-    error = None
-    for future in finished:
-        if future.exception() is not None:
-            error = error or future.exception()
-        else:
-            result.units_done += 1
-            advance()
-    return error
 
 
 def _inside(path: Path, other: Path) -> bool:
