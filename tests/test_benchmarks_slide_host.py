@@ -1,18 +1,12 @@
 """Smoke test of ``benchmarks/slide_host.py`` (host work against network per slide unit) on a tiny slide."""
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load
 
 
 def test_report_splits_unit_time_into_network_and_host(tiny_model_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("slide_host", BENCHMARKS / "slide_host.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("slide_host", monkeypatch)
     out = tmp_path / "host.md"
     code = module.main(["--device", "cpu", "--side", "512", "--chunk", "256", "--model", str(tiny_model_file),
                         "--workdir", str(tmp_path), "--out", str(out)])
@@ -29,4 +23,3 @@ def test_report_splits_unit_time_into_network_and_host(tiny_model_file, tmp_path
 
     assert LazyStain._forward.__name__ == "_forward" and SlideStore.write.__name__ == "write"  # timers removed
     assert list(tmp_path.glob("slide-host-*")) == []  # its temporary slide and store are deleted
-    sys.modules.pop("slide_memory", None)

@@ -1,18 +1,12 @@
 """Smoke test of ``benchmarks/slide_throughput.py`` (stain_to_zarr end to end, 50,000² projected) on a tiny slide."""
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load
 
 
 def test_report_times_level0_units_apart_from_the_pyramid(tiny_model_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("slide_throughput", BENCHMARKS / "slide_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("slide_throughput", monkeypatch)
     out = tmp_path / "throughput.md"
     code = module.main(["--device", "cpu", "--side", "768", "--chunk", "256", "--model", str(tiny_model_file),
                         "--threads", "1,3", "--no-warmup", "--workdir", str(tmp_path), "--out", str(out)])
@@ -26,4 +20,3 @@ def test_report_times_level0_units_apart_from_the_pyramid(tiny_model_file, tmp_p
 
     assert slide_module.process_chunk.__name__ == "process_chunk"  # its timing wrapper is removed
     assert list(tmp_path.glob("slide-throughput-*")) == []
-    sys.modules.pop("slide_memory", None)
