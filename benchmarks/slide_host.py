@@ -162,7 +162,8 @@ def main(argv=None) -> int:
         f"| network (`_forward`, {calls_per_unit} per unit) | {network.seconds * ms:.1f} |",
         f"| host work (the rest) | {host * ms:.1f} |",
         f"| of which store writes and progress marks (with fsync) | {write * ms:.1f} |", *breakdown,
-        f"| pyramid unit (host only), mean of {len(pyramid_units)} | {1000 * pyramid / max(len(pyramid_units), 1):.1f} |",
+        f"| pyramid unit (host only), mean of {len(pyramid_units)} | "
+        f"{1000 * pyramid / max(len(pyramid_units), 1):.1f} |",
         "",
         f"Host work allows at most **{unit_mp * units / host:.1f} MP/s** per thread; "
         f"the network alone {unit_mp * units / max(network.seconds, 1e-9):.1f} MP/s.", "",

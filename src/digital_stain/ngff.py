@@ -147,7 +147,7 @@ def level_shapes(shape: tuple[int, int], min_side: int) -> tuple[tuple[int, int]
 
 
 def downsample(block: np.ndarray, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """2 x 2 mean of a uint8 block over its two spatial ``axes``, rounded half up; odd edges are averaged with themselves.
+    """2 x 2 mean of a uint8 block over its two spatial ``axes``, rounded half up; odd edges averaged with themselves.
 
     ``axes`` (0, 1) for ``(h, w)`` or ``(h, w, 3)``; (1, 2) for ``(3, h, w)``, the stored layout.
     """

@@ -61,8 +61,8 @@ from .lazy import LazyStain
 from .ngff import FORMAT, FORMAT_VERSION, Grid, SlideStore, level_shapes, prepare_output
 
 log = logging.getLogger(__name__)
-__all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk", "stain_chunk",
-           "stain_to_zarr"]
+__all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk",
+           "stain_chunk", "stain_to_zarr"]
 
 CHUNK_RANGE = (256, 4096)
 STATS_PIXELS, STATS_CROP = 2048 * 2048, 512  # LazyStain's defaults: the same statistics as the napari view
@@ -146,7 +146,8 @@ class BlockCache:
     def __init__(self, array, max_bytes: int = 96 * 2**20):
         self.array = array
         self._starts = [np.concatenate([[0], np.cumsum(sizes)]) for sizes in array.chunks[:2]]
-        block_bytes = max(array.chunks[0]) * max(array.chunks[1]) * int(np.prod(array.shape[2:])) * array.dtype.itemsize
+        channels = int(np.prod(array.shape[2:]))
+        block_bytes = max(array.chunks[0]) * max(array.chunks[1]) * channels * array.dtype.itemsize
         self.max_blocks = max(9, max_bytes // max(block_bytes, 1))
         self._blocks: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
