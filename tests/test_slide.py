@@ -326,8 +326,9 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_model, slide, re
 @pytest.mark.slow
 def test_compiled_inner_units_match_eager_compile_once_and_resume_keeps_the_setting(tiny_model, slide, reference,
                                                                                    tmp_path):
-    """compile=True: one graph per network (the inner unit's shape); edge units bit-equal to the eager
-    store, the inner one within 1 gray level; a store started compiled is resumed compiled, never mixed."""
+    """compile=True: one graph per network (the inner unit's shape), compiled in a worker thread (3 units
+    in flight, as on a GPU); edge units bit-equal to the eager store, the inner one within 1 gray level;
+    a store started compiled is resumed compiled, never mixed."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -335,12 +336,12 @@ def test_compiled_inner_units_match_eager_compile_once_and_resume_keeps_the_sett
     path = tmp_path / "compiled.ome.zarr"
     stop = threading.Event()
     graphs = counters["stats"]["unique_graphs"]
-    first = stain_to_zarr(tiny_model, slide, path, compile=True, stop=stop,
+    first = stain_to_zarr(tiny_model, slide, path, compile=True, stop=stop, threads=3,
                           progress=lambda done, total: done == 6 and stop.set(), **SMALL)
     assert first.stopped and counters["stats"]["unique_graphs"] - graphs == 2  # teacher and student, unit (1, 1)
     with pytest.raises(InputError, match="compile: stored True, now False"):
         stain_to_zarr(tiny_model, slide, path, resume=True, **SMALL)
-    second = stain_to_zarr(tiny_model, slide, path, compile=True, resume=True, **SMALL)
+    second = stain_to_zarr(tiny_model, slide, path, compile=True, resume=True, threads=3, **SMALL)
     assert second.complete and counters["stats"]["unique_graphs"] - graphs == 2  # no recompile
     compiled, eager = store_arrays(path), store_arrays(reference)
     inner = np.zeros((600, 700), bool)
