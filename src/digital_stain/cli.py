@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--format", choices=("png", "tif"), default=None, help="output format (default png)")
     stain.add_argument("--compile", action="store_true",
                        help="torch.compile the networks (compiles once, 15-60 s; faster on large images and "
-                            "whole slides, about 3x per chunk on a CPU)")
+                            "whole slides: about 2x per inner chunk on the development CPU)")
     stain.add_argument("--overwrite", action="store_true", help="replace an existing output")
     stain.add_argument("--resume", action="store_true",
                        help="OME-Zarr output: finish an interrupted run, redoing only unfinished chunks "
