@@ -18,7 +18,7 @@ with several threads, pyramid units are built in between) it reports:
 * the projection for 50,000 x 50,000 (2500 MP): first unit + 2500 MP at the level-0 rate + the
   pyramid scaled by area. The statistics pass does not grow with the slide, so it is counted once.
 
-    PYTHONPATH=src python3 benchmarks/slide_throughput.py --device cuda --side 8192 --threads 1,3,6
+    PYTHONPATH=src python3 benchmarks/slide_throughput.py --device cuda --side 8192 --threads 1,4,8 --compile both
     OMP_NUM_THREADS=1 python benchmarks/slide_throughput.py --device cpu --side 2048 --model dsd-unpaired-fast
 
 The table goes to stdout (markdown) and ``--out``; progress to stderr.
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--overlap", type=int, default=128)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--threads", default="1,3", help="comma-separated; the first is the baseline")
+    parser.add_argument("--threads", default="1,4", help="comma-separated; the first is the baseline")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
                         help="torch.compile the networks; both: each --threads value eager, then compiled")
     parser.add_argument("--no-warmup", action="store_true")
