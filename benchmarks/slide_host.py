@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slide_memory import make_slide  # noqa: E402
+from slide_memory import command_line, emit, make_slide  # noqa: E402
 
 
 class Timer:
@@ -167,12 +167,9 @@ def main(argv=None) -> int:
         "",
         f"Host work allows at most **{unit_mp * units / host:.1f} MP/s** per thread; "
         f"the network alone {unit_mp * units / max(network.seconds, 1e-9):.1f} MP/s.", "",
-        f"Command: `python {' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}`", "",
+        f"Command: `{command_line()}`", "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    emit(lines, args.out)
     return 0
 
 

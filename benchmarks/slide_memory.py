@@ -48,6 +48,20 @@ SAMPLES = Path(__file__).resolve().parents[1] / "src" / "digital_stain" / "data"
 TILE = 256
 
 
+def command_line(argv=None) -> str:
+    """The command that made a report, as it was run (for the report's last line)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return f"python {' '.join([Path(sys.argv[0]).as_posix()] + args)}"
+
+
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print a report (markdown lines) and write it to ``out`` when given."""
+    text = "\n".join(lines)
+    print(text)
+    if out is not None:
+        out.write_text(text)
+
+
 def rss_mb() -> float:
     """Current resident memory of this process in MiB (Linux /proc; 0 elsewhere)."""
     try:
@@ -78,7 +92,7 @@ def make_slide(path: Path, side: int, chunk: int = 1024, seed: int = 0) -> None:
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
     array = group.create_array("0", shape=(3, side, side), chunks=(3, chunk, chunk), dtype="uint8",
                                chunk_key_encoding={"name": "v2", "separator": "/"})
-    per_chunk = chunk // TILE
+    per_chunk = -(-chunk // TILE)  # tiles per chunk side, the last one cut
     for y in range(0, side, chunk):
         for x in range(0, side, chunk):
             h, w = min(chunk, side - y), min(chunk, side - x)

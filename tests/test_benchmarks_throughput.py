@@ -52,7 +52,7 @@ def test_slide_throughput_report(tmp_path, capsys):
     code = module.main(["--device", "cpu", "--side", "512", "--chunk", "256", "--model", "dsd-unpaired-fast",
                         "--threads", "1,2", "--no-warmup", "--workdir", str(tmp_path), "--out", str(out)])
     assert code == 0
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 256 |")]  # chunk, then threads 1, 2
     assert len(rows) == 2 and "1.00x" in rows[0]
     assert all(float(row.split("|")[-2].split()[0]) > 0 for row in rows)  # projected seconds
     assert list(tmp_path.iterdir()) == [out]  # the generated slide and stores are removed

@@ -199,3 +199,27 @@ def test_ctrl_c_stops_cleanly_and_resumes(capsys, tiny_model_file, slide_tif, re
     code, err = run(capsys, slide_tif, "-o", out, "--model", tiny_model_file, *SETTINGS, "--resume")
     assert code == 0, err
     assert_same(out, reference)
+
+
+def test_view_opens_the_finished_store_beside_an_ome_zarr_slide(capsys, monkeypatch, tiny_model_file, darkfield_tile,
+                                                                tmp_path):
+    import napari
+
+    from digital_stain._napari.layers import grid_of
+    from stores import write_ome_zarr
+
+    seen = {}
+
+    def instead_of_the_event_loop():  # what the user would see, then close (napari.run would wait for them)
+        viewer = napari.current_viewer()
+        seen["layers"], seen["grid"] = [layer.name for layer in viewer.layers], grid_of(viewer).enabled
+        viewer.close()
+
+    monkeypatch.setattr(napari, "run", instead_of_the_event_loop)
+    slide = tmp_path / "darkfield.ome.zarr"
+    write_ome_zarr(slide, [np.moveaxis(np.tile(darkfield_tile, (2, 2, 1)), -1, 0)], "cyx")
+    out = tmp_path / "out.ome.zarr"
+    code, err = run(capsys, slide, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,student",
+                    "--chunk", "256", "--view")
+    assert code == 0, err
+    assert seen == {"layers": ["darkfield", "out enhanced", "out student"], "grid": True}

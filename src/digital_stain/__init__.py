@@ -5,7 +5,11 @@ The library core (:mod:`enhance`, :mod:`nets`, :mod:`model`, :mod:`tiling`,
 thin layers over :class:`digital_stain.model.StainModel`.
 """
 
+from . import hostmem
+
 __version__ = "0.1.0"
+
+hostmem.request_huge_pages()  # before any module of ours imports torch: PyTorch reads it at its first allocation
 
 __all__ = ["Enhancer", "StainModel", "__version__"]
 

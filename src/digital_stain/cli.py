@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "every worker needs the package and the model file")
     stain.add_argument("--workers", type=int, default=None, metavar="N",
                        help="OME-Zarr output: run the chunks on a local dask.distributed cluster of N processes")
-    stain.add_argument("--view", action="store_true", help="open the input and outputs in napari when a display is present")
+    stain.add_argument("--view", action="store_true",
+                       help="open the input and outputs in napari when a display is present "
+                            "(OME-Zarr output: once finished, as pyramids)")
     stain.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     teach = sub.add_parser("train-teacher", help="train the teacher colouriser on H&E images and write a model file")
@@ -300,8 +302,6 @@ def cmd_stain_slide(args) -> int:
     if args.format is not None:
         raise InputError(f"--format {args.format} does not apply to an OME-Zarr output ({args.output}); "
                          "leave it out, or give an output folder or image file.")
-    if args.view:
-        print("note: --view is not used for OME-Zarr output.", file=sys.stderr)
     chunk = args.chunk or 1024
     source = open_source(path, chunk=chunk)
     for note in source.notes:
@@ -336,11 +336,13 @@ def cmd_stain_slide(args) -> int:
         return 130
     if result.units_done == 0 and result.units_skipped:
         print(f"{args.output} is already complete; nothing to do.", file=sys.stderr)
-        return 0
-    kept = f", {result.units_skipped} were done before" if result.units_skipped else ""
-    levels = " ".join(f"{y}x{x}" for y, x in result.levels)
-    print(f"wrote {args.output} ({', '.join(result.outputs)}; levels {levels}; {result.units_done} chunks "
-          f"in {result.seconds:.0f} s{kept})", file=sys.stderr)
+    else:
+        kept = f", {result.units_skipped} were done before" if result.units_skipped else ""
+        levels = " ".join(f"{y}x{x}" for y, x in result.levels)
+        print(f"wrote {args.output} ({', '.join(result.outputs)}; levels {levels}; {result.units_done} chunks "
+              f"in {result.seconds:.0f} s{kept})", file=sys.stderr)
+    if args.view:
+        _view_slide(path, args.output)
     return 0
 
 
@@ -366,14 +368,36 @@ def _ctrl_c_sets(stop: threading.Event,
             signal.signal(signal.SIGINT, previous)
 
 
-def _view(shown, model) -> None:
+def _napari_or_none():
+    """napari, when there is a display to show it on and it is installed; else None, saying why."""
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")):
         print("no display: not opening napari (the outputs are on disk).", file=sys.stderr)
-        return
+        return None
     try:
         import napari
     except ImportError:
         print("napari is not installed: pip install 'napari-digital-stain[napari]' to view.", file=sys.stderr)
+        return None
+    return napari
+
+
+def _view_slide(darkfield: Path, stained: Path) -> None:
+    """The finished store's outputs (and the dark-field slide, when it is OME-Zarr) side by side, as pyramids."""
+    napari = _napari_or_none()
+    if napari is None:
+        return
+    from ._napari.layers import show_slide
+
+    viewer = napari.Viewer(title="napari-digital-stain")
+    if not show_slide(viewer, darkfield, stained):
+        print(f"note: {darkfield.name} is not OME-Zarr, so it is not shown beside the outputs (it has no "
+              "pyramid to show it by).", file=sys.stderr)
+    napari.run()
+
+
+def _view(shown, model) -> None:
+    napari = _napari_or_none()
+    if napari is None:
         return
     from ._napari.layers import set_side_by_side, show_output
 

@@ -1,8 +1,9 @@
 """The OME-Zarr store of a stained slide: layout, NGFF metadata, per-chunk progress, pyramid levels.
 
 Written with ``zarr`` alone (no ome-zarr package), as OME-Zarr (NGFF) 0.4 on
-Zarr format 2, which every OME-Zarr reader opens (ome-zarr-py and
-napari-ome-zarr, QuPath, Fiji/MoBIE, vizarr, neuroglancer)::
+Zarr format 2, which every OME-Zarr reader opens (this plugin's napari reader,
+:mod:`digital_stain.multiscale`, ome-zarr-py and napari-ome-zarr, QuPath,
+Fiji/MoBIE, vizarr, neuroglancer)::
 
     OUT.ome.zarr/                 root group
       .zattrs                     "multiscales": one entry per output, the primary first
@@ -20,13 +21,12 @@ Why this layout:
 
 * **One store, one group per output.** A single path to name, resume and
   move, with one provenance record and one progress record, while each
-  output stays a self-contained NGFF image: ``napari OUT.ome.zarr/teacher``
-  (napari-ome-zarr) opens any of them. The root's ``multiscales`` lists every
-  output with paths into the groups, so readers that open the store itself
-  (ome-zarr-py, :func:`digital_stain.io.read_image`) show the primary output,
-  the most H&E-like one; NGFF readers that choose by name find the others.
-  (napari's built-in Zarr reader, without napari-ome-zarr, opens the first
-  group by name instead.) Separate stores per output would need names
+  output stays a self-contained NGFF image: ``OUT.ome.zarr/teacher`` opens
+  in any OME-Zarr viewer. The root's ``multiscales`` lists every output with
+  paths into the groups, so readers that open the store itself show the
+  primary output, the most H&E-like one (ome-zarr-py,
+  :func:`digital_stain.io.read_image`), or every output (this plugin's napari
+  reader: one layer each). Separate stores per output would need names
   invented beside the one the user gave, and three resume records.
 * **(C, Y, X), not (Y, X, C).** In memory a stained plane is ``(Y, X, 3)``
   (channels last, as everywhere in this package), but NGFF orders axes

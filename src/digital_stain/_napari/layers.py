@@ -11,6 +11,7 @@ import numpy as np
 
 from ..arrays import InputError, check_plane_shape, split_planes
 
+PLUGIN = "napari-digital-stain"
 LAZY_ABOVE_PIXELS = 4096 * 4096  # numpy planes larger than this are stained as they are viewed
 
 
@@ -125,3 +126,20 @@ def set_side_by_side(viewer, on: bool, columns: int | None = None) -> None:
         grid.stride = 1
         grid.shape = (-1, columns) if columns else (1, -1) if visible <= 4 else (-1, -1)
     grid.enabled = on
+
+
+def show_slide(viewer, darkfield, stained) -> bool:
+    """Open a stained OME-Zarr store side by side with its dark-field slide; False if that is not OME-Zarr.
+
+    Both open through this plugin's reader (:mod:`digital_stain._napari.reader`) as lazy
+    pyramids: the dark-field slide first (when it is OME-Zarr), then enhanced, teacher
+    and student, the order the **Digitally stain** widget uses.
+    """
+    from ..multiscale import is_ome_zarr
+
+    shown = is_ome_zarr(darkfield)
+    if shown:
+        viewer.open(str(darkfield), plugin=PLUGIN)
+    viewer.open(str(stained), plugin=PLUGIN)
+    set_side_by_side(viewer, True)
+    return shown

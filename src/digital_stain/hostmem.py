@@ -1,0 +1,41 @@
+"""Huge pages for the large tensors of networks on the CPU (PyTorch's ``THP_MEM_ALLOC_ENABLE``).
+
+A forward pass on the CPU allocates and frees hundreds of megabytes of
+activations layer after layer (64 channels x 1280² px of float32 is 420 MB).
+Each such block is a fresh ``mmap``, which the kernel faults in, and zeroes,
+one 4 KiB page at a time on first touch. On the development machine (a 2-core
+VM) that was about a third of an eager forward pass of the student on a
+whole-slide unit. With ``THP_MEM_ALLOC_ENABLE=1`` PyTorch aligns its large CPU
+blocks to 2 MiB and asks for transparent huge pages (``madvise``), so the
+kernel faults them in 2 MiB at a time: 512x fewer faults, the same memory,
+given back on free as before (measured in ``benchmarks/host_memory.py``; see
+``docs/benchmarks.md``).
+
+PyTorch reads the variable once, at its first CPU allocation, so
+``import digital_stain`` sets it (unless it is set already) before anything of
+this package imports torch. Where torch has allocated before that, or the
+kernel's transparent huge pages are ``never``, it changes nothing. Set
+``THP_MEM_ALLOC_ENABLE=0`` in the environment to keep PyTorch's default.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENVIRONMENT = "THP_MEM_ALLOC_ENABLE"
+
+
+def request_huge_pages() -> bool:
+    """Ask PyTorch for huge pages unless the environment already says; returns whether they are asked for."""
+    return os.environ.setdefault(ENVIRONMENT, "1").strip() == "1"
+
+
+def kernel_huge_pages() -> str | None:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``); None where unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
