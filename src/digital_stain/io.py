@@ -179,6 +179,11 @@ def _not_zarr_message(path: Path) -> str:
             "or a folder of image files.")
 
 
+def ngff_multiscales(attrs: dict) -> list:
+    """A group's ``multiscales`` entries: NGFF 0.4 keeps them at the top, 0.5 under ``ome``; [] if none."""
+    return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales") or []
+
+
 def open_ome_zarr(path: Path):
     """The level-0 array of an OME-Zarr image, its axis names (e.g. ``"CYX"``) and its multiscale entry.
 
@@ -206,7 +211,7 @@ def open_ome_zarr(path: Path):
     if "bioformats2raw.layout" in attrs and "0" in group:  # a converted slide: its first image
         group = group["0"]
         attrs = dict(group.attrs)
-    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    multiscales = ngff_multiscales(attrs)
     if not multiscales:
         raise InputError(f"{path} is a Zarr group without OME-Zarr 'multiscales' metadata; write it as OME-Zarr.")
     first = multiscales[0]

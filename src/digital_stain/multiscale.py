@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .arrays import InputError
+from .io import ngff_multiscales, open_ome_zarr
 
 
 @dataclass
@@ -72,18 +73,14 @@ def store_name(path: str | os.PathLike) -> str:
     return name
 
 
-def _multiscales(attrs: dict) -> list:
-    return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales") or []
-
-
 def _images(group) -> list:
     """``(group, multiscale entry)`` for every image: the root's entries, or each bioformats2raw series'."""
     attrs = dict(group.attrs)
-    if _multiscales(attrs):
-        return [(group, entry) for entry in _multiscales(attrs)]
+    if ngff_multiscales(attrs):
+        return [(group, entry) for entry in ngff_multiscales(attrs)]
     if "bioformats2raw.layout" in attrs:  # converted slides: series 0, 1, ... each an image
         series = sorted((key for key in group.group_keys() if key.isdigit()), key=int)
-        return [(group[key], entry) for key in series for entry in _multiscales(dict(group[key].attrs))]
+        return [(group[key], entry) for key in series for entry in ngff_multiscales(dict(group[key].attrs))]
     return []
 
 
@@ -123,7 +120,6 @@ def read_pyramids(path: str | os.PathLike) -> list[Pyramid]:
     """
     import zarr
 
-    from .io import open_ome_zarr
     from .ngff import read_state
 
     path = Path(path)
