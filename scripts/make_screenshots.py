@@ -30,7 +30,8 @@ LEFT_DOCKS, RIGHT_DOCK = 230, 440  # widths of napari's layer docks and of the p
 MAX_WIDTH = 1400
 MAX_BYTES = 400_000
 SLIDE = 8192  # side of the dask-backed mosaic stained lazily
-SHOTS = ("side-by-side", "widget", "overlay", "finetune", "lazy")
+SHOTS = ("side-by-side", "widget", "overlay", "finetune", "lazy", "other-microscope")
+DSD_P_TILE = ROOT / "tests" / "data" / "dsd_p" / "darkfield"  # real tiles of the lab's second, brighter set-up
 DARKFIELD_LIMITS = (0, 40)  # dark-field tiles are dim (mean 2-15 of 255): shown brightened, as one would in napari
 
 
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
             written += finetune_shot(args.out, scratch)
         if "lazy" in wanted:
             written += lazy_shot(args.out)
+        if "other-microscope" in wanted:
+            written += other_microscope_shot(args.out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for path in written:
@@ -239,8 +242,42 @@ def stain_shots(out: Path, wanted: set) -> list[Path]:
     return written
 
 
+def other_microscope_shot(out: Path) -> list[Path]:
+    """other-microscope.png: a DSD_P tile stained by a DSD_U model, adapted (top row) and not (bottom row)."""
+    import numpy as np
+    from PIL import Image
+
+    from digital_stain._napari import layers as L
+
+    viewer = new_viewer("napari-digital-stain: another microscope")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Digitally stain")
+    arrange(viewer, dock)
+    with Image.open(sorted(DSD_P_TILE.glob("*.png"))[0]) as im:
+        tile = np.asarray(im.convert("RGB"))
+    widget.model.set_value("dsd-unpaired-fast")
+    for box in widget.output_boxes.values():
+        box.setChecked(True)
+    widget.device.setCurrentText("auto")
+    shown = []
+    for name, adapt in (("DSD_P, adapt auto", "auto"), ("DSD_P, adapt never", "off")):  # rows from the top
+        source = viewer.add_image(tile, name=name, rgb=True)
+        widget.adapt.setCurrentIndex(widget.adapt.findData(adapt))
+        layers = widget.run(source, timeout_s=600)
+        if set(layers) != {"enhanced", "teacher", "student"}:
+            raise RuntimeError(f"staining did not finish: {widget.status.text()!r}")
+        shown.append((source, layers))
+    L.set_side_by_side(viewer, True, columns=4)  # one row per staining: input, enhanced, teacher, student
+    widget.input_layer = shown[0][0]
+    widget.adapt.setCurrentIndex(widget.adapt.findData("auto"))
+    viewer.reset_view()
+    settle(1.0)
+    written = [window_shot(viewer, out / "other-microscope.png")]
+    viewer.close()
+    return written
+
+
 def finetune_shot(out: Path, scratch: Path) -> list[Path]:
-    """finetune-widget.png: the Fine-tune dock mid-training (loss plot and preview filled in)."""
+    """finetune-widget.png: the Fine-tune dock in the student stage (stages, loss plot and preview filled in)."""
     from digital_stain._napari.finetune_widget import PREVIEW_EVERY
     from digital_stain._sample_data import sample_paths
 
@@ -258,6 +295,7 @@ def finetune_shot(out: Path, scratch: Path) -> list[Path]:
     widget.reset_choices()
     widget.model.set_value("dsd-unpaired-fast")
     widget.steps.setValue(400)
+    widget.teacher_steps.setValue(60)  # a token teacher stage, so the picture shows it done
     widget.device.setCurrentText("auto")
     widget.val_every = 100
     widget.output.setText(str(scratch / "data" / "models" / "dsd-unpaired-fast-my-lab.safetensors"))
@@ -268,7 +306,7 @@ def finetune_shot(out: Path, scratch: Path) -> list[Path]:
     def previewed_and_plotted() -> bool:
         pixmap = widget.preview.pixmap()
         return (pixmap is not None and not pixmap.isNull() and f"step {PREVIEW_EVERY}" in widget.preview.toolTip()
-                and widget.progress.value() >= PREVIEW_EVERY)
+                and widget.progress.value() >= PREVIEW_EVERY and "student" in widget.eta.text())
 
     try:
         settle(1.0, until=previewed_and_plotted, timeout=600)

@@ -438,3 +438,57 @@ def test_train_paired_refuses_folders_that_do_not_pair(capsys, tiny_model_file, 
     assert main(base + ["--stained", str(sections)]) == 2
     assert "differ in size (darkfield_0_5.png: dark-field 256 x 256, stained 128 x 256)" in capsys.readouterr().err
     assert not output.exists()
+
+
+# -- another microscope ------------------------------------------------------------------
+DSD_P = Path(__file__).parent / "data" / "dsd_p"
+
+
+def test_stain_adapts_to_another_microscope_and_says_so(capsys, tmp_path):
+    """A real DSD_P tile (the lab's 9x brighter set-up) through the shipped DSD_U model."""
+    tile = sorted((DSD_P / "darkfield").glob("*.png"))[0]
+    code, err = run(capsys, tile, "--output", tmp_path / "auto", "--model", "dsd-unpaired-fast", "--outputs", "teacher")
+    assert code == 0, err
+    assert "input: adapted to this input (the input looks unlike the model's microscope; distance" in err
+    code, err = run(capsys, tile, "--output", tmp_path / "off", "--model", "dsd-unpaired-fast", "--outputs", "teacher",
+                    "--adapt", "off")
+    assert code == 0 and "adaptation off" in err
+    adapted, plain = read_png(tmp_path / "auto" / tile.name), read_png(tmp_path / "off" / tile.name)
+    assert adapted.mean() > 80 > 30 > plain.mean()  # the unadapted teacher is nearly black on this microscope
+
+
+def test_a_folder_is_decided_once_for_all_its_images(capsys, tiny_model_file, darkfield_dir, tmp_path):
+    code, err = run(capsys, darkfield_dir, "--output", tmp_path / "out", "--model", tiny_model_file)
+    assert code == 0, err
+    assert err.count("folder: ") == 1 and "no adaptation needed" in err  # the model's own microscope
+    (darkfield_dir / "x.png").write_bytes(b"not an image")  # unreadable files do not spoil the decision
+    code, err = run(capsys, darkfield_dir, "--output", tmp_path / "out2", "--model", tiny_model_file, "--adapt", "on")
+    assert code == 1 and "folder: adapted to this input (asked for" in err and "x.png" in err
+
+
+def test_evaluate_records_the_adaptation(capsys, tiny_model_file, tmp_path):
+    import json
+
+    out = tmp_path / "scores.json"
+    code = main(["evaluate", "--darkfield", str(DSD_P / "darkfield"), "--reference", str(DSD_P / "stained"),
+                 "--model", str(tiny_model_file), "--outputs", "teacher", "--json", str(out), "-q", "--device", "cpu"])
+    assert code == 0
+    assert "folder: adapted to this input" in capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["adaptation"]["applied"] and record["adaptation"]["mode"] == "auto"
+
+
+@pytest.mark.slow
+def test_train_refuses_to_write_a_fine_tune_that_is_broken(capsys, darkfield_dir, tmp_path):
+    """The user gave dark-field images as the H&E folder: the teacher learns to stain black. Nothing is written."""
+    output = tmp_path / "mine.safetensors"
+    argv = ["train", "--init", "dsd-unpaired-fast", "--darkfield", str(darkfield_dir), "--stained", str(darkfield_dir),
+            "--output", str(output), "--steps", "2", "--teacher-steps", "30", "--crop", "64", *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"is not better than dsd-unpaired-fast on your held-out images, so {output} was not written" in err
+    assert "stains nearly black" in err and "not swapped" in err
+    assert not output.exists()
+    rejected = tmp_path / "mine.rejected.safetensors"
+    check = StainModel.load(rejected).metadata["provenance"]["fine_tune"]["check"]
+    assert not check["passed"] and check["tuned"]["teacher"]["mean_luma"] < 0.15

@@ -23,6 +23,7 @@ def viewer_and_widgets(make_napari_viewer, tiny_model_file, hne_dir, darkfield_t
     tune.model.set_value(str(tiny_model_file))
     tune.stained.set(str(hne_dir))
     tune.device.setCurrentText("cpu")
+    tune.teacher_steps.setValue(0)  # the teacher stage has its own test
     return viewer, stain, tune
 
 
@@ -134,3 +135,76 @@ def test_paired_sections_train_with_learning_to_align(viewer_and_widgets, qtbot,
     assert tune.start()
     qtbot.waitUntil(lambda: not tune.running, timeout=60_000)
     assert any("pair" in m for m in _errors(start)), _errors(start)
+
+
+def _warnings(start: int) -> list[str]:
+    return [str(n.message) for n in notification_manager.records[start:]
+            if n.severity == NotificationSeverity.WARNING]
+
+
+def test_the_stages_show_their_own_progress_in_order(viewer_and_widgets, qtbot):
+    viewer, stain, tune = viewer_and_widgets
+    tune.teacher_steps.setValue(6)
+    tune.steps.setValue(4)
+    tune.val_every = 2
+    seen = []
+    original = tune._stage_progress
+
+    def watch(p):
+        original(p)
+        seen.append((p.stage, tune.stages.text()))
+
+    tune._stage_progress = watch
+    assert tune.start()
+    assert tune.stages.text().startswith("1. enhancer · 2. teacher")  # shown from the start
+    qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
+    order = [s for i, (s, _) in enumerate(seen) if i == 0 or seen[i - 1][0] != s]
+    assert order == ["enhancer", "teacher", "student", "check"]
+    teacher_texts = [text for stage, text in seen if stage == "teacher"]
+    assert any("<b>2. teacher 3/6</b>" in t for t in teacher_texts) and "1. enhancer ✓" in teacher_texts[-1]
+    assert tune.stages.text() == "1. enhancer ✓ · 2. teacher ✓ · 3. student ✓ · 4. check ✓"
+    assert tune.last_output is not None and tune.eta.text() == ""
+    record = StainModel.load(tune.last_output, device="cpu").metadata["provenance"]["fine_tune"]
+    assert record["teacher"]["steps"] == 6 and record["check"]["passed"]
+
+
+@pytest.mark.parametrize("stage", ["teacher", "student"])
+def test_stop_works_in_every_stage(viewer_and_widgets, qtbot, stage):
+    viewer, stain, tune = viewer_and_widgets
+    tune.teacher_steps.setValue(100_000 if stage == "teacher" else 0)
+    tune.steps.setValue(100_000)
+    tune.val_every = 3
+    assert tune.start()
+    qtbot.waitUntil(lambda: tune.stage_state.get(stage, "").count("/") and
+                    int(tune.stage_state[stage].split("/")[0]) >= 4, timeout=120_000)
+    tune.stop_button.click()
+    qtbot.waitUntil(lambda: not tune.running, timeout=30_000)
+    assert tune.stage_state[stage] == "stopped" and "3. student" in tune.stages.text()
+    assert tune.eta.text() == ""  # no estimate outlives its run
+    if stage == "teacher":
+        assert tune.last_output is None and "while fine-tuning the teacher" in tune.status.text()
+        assert "student" not in tune.stage_state
+    else:  # the best validated state, checked and written
+        assert tune.last_output is not None and "stopped early" in tune.status.text()
+        assert tune.stage_state["check"] == "done"
+    assert not list((settings.data_dir() / "checkpoints").glob("*"))
+
+
+def test_a_broken_fine_tune_is_not_offered_and_the_starting_model_stays(viewer_and_widgets, qtbot, darkfield_dir):
+    """The dark-field folder given as the H&E folder by mistake: the teacher learns to stain black."""
+    viewer, stain, tune = viewer_and_widgets
+    stain.model.set_value("dsd-unpaired-fast")
+    tune.model.set_value("dsd-unpaired-fast")
+    tune.stained.set(str(darkfield_dir))
+    tune.teacher_steps.setValue(30)
+    tune.steps.setValue(2)
+    output = tune._output_path()
+    start = len(notification_manager.records)
+    assert tune.start()
+    qtbot.waitUntil(lambda: not tune.running, timeout=180_000)
+    warnings = _warnings(start)
+    assert any("not better than the starting one" in w and "nearly black" in w for w in warnings), warnings
+    assert not output.exists() and output.with_name(output.stem + ".rejected.safetensors").is_file()
+    assert stain.model.value == "dsd-unpaired-fast"  # the starting model stays selected
+    assert stain.model.combo.findData(str(output)) < 0
+    assert "4. check failed" in tune.stages.text() and tune.last_output is None

@@ -82,7 +82,8 @@ def test_ngff_metadata_and_provenance(tiny_model, reference):
     assert state["package"].startswith("napari-digital-stain ")
     assert state["settings"] == {"outputs": ["enhanced", "teacher", "student"], "chunk": 256, "overlap": 32,
                                  "precision": "fp32", "device": "cpu", "min_side": 128,
-                                 "stats_pixels": 2048 * 2048, "stats_crop": 512, "compile": False}
+                                 "stats_pixels": 2048 * 2048, "stats_crop": 512, "compile": False, "adapt": "auto"}
+    assert state["adaptation"]["mode"] == "auto" and not state["adaptation"]["applied"]  # its own microscope
     assert state["source"]["shape"] == [600, 700, 3] and state["source"]["dtype"] == "uint8"
     assert state["scaling"]["scale"] == 255.0
     assert len(state["statistics"]) > 0 and all(len(m) == len(v) for m, v in state["statistics"])
@@ -535,3 +536,62 @@ def test_units_are_pure_and_picklable(tiny_model_file, slide, tmp_path):
     reference = stain_to_zarr(tiny_model_file, slide, tmp_path / "whole.ome.zarr", **SMALL)
     assert reference.complete
     assert_same_store(path, tmp_path / "whole.ome.zarr")
+
+
+# -- another microscope ------------------------------------------------------------------------
+def test_an_adapted_slide_is_decided_once_stored_and_resumed_to_the_same_bytes(tiny_model, slide, tmp_path,
+                                                                               monkeypatch):
+    import digital_stain.model as model_module
+    from digital_stain.adapt import Adaptation
+
+    bright = np.clip(slide.astype(np.int32) * 8, 0, 255).astype(np.uint8)  # a brighter microscope
+    reference = tmp_path / "bright.ome.zarr"
+    straight = stain_to_zarr(tiny_model, bright, reference, **SMALL)
+    assert straight.adaptation.applied and straight.adaptation.mode == "auto"
+    state = SlideStore(reference).state
+    assert state["settings"]["adapt"] == "auto" and state["adaptation"]["applied"]
+    stored = Adaptation.from_dict(state["adaptation"])
+    assert stored.measured.same_as(straight.adaptation.measured)
+    lazy = LazyStain(tiny_model, bright, chunk=256, overlap=32, precision="fp32")  # the napari view decides alike
+    assert lazy.prep.adaptation.measured.same_as(stored.measured)
+    group = zarr.open_group(str(reference), mode="r")
+    np.testing.assert_array_equal(group["teacher"]["0"][:].transpose(1, 2, 0),
+                                  to_uint8(lazy.arrays["teacher"].compute()))
+
+    path = tmp_path / "stopped.ome.zarr"
+    stop = threading.Event()
+    stain_to_zarr(tiny_model, bright, path, stop=stop, progress=lambda done, total: done == 3 and stop.set(), **SMALL)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a resumed slide is measured again")
+
+    monkeypatch.setattr(model_module, "measure", no_measuring)
+    assert stain_to_zarr(tiny_model, bright, path, resume=True, **SMALL).complete
+    assert_same_store(path, reference)
+    with pytest.raises(InputError, match="adapt: stored auto, now off"):
+        stain_to_zarr(tiny_model, bright, path, resume=True, adapt="off", **SMALL)
+
+
+def test_adapt_off_writes_what_stores_wrote_before_adaptation(tiny_model, slide, reference, tmp_path):
+    path = tmp_path / "off.ome.zarr"
+    result = stain_to_zarr(tiny_model, slide, path, adapt="off", **SMALL)
+    assert not result.adaptation.applied and SlideStore(path).state["adaptation"]["mode"] == "off"
+    assert_same_store(path, reference)  # the sample is the model's own microscope: auto did not adapt either
+    assert not SlideStore(reference).state["adaptation"]["applied"]
+
+
+def test_store_from_before_adaptation_resumes_without_it(tiny_model, slide, reference, tmp_path):
+    path = tmp_path / "older.ome.zarr"
+    stop = threading.Event()
+    stain_to_zarr(tiny_model, slide, path, stop=stop, progress=lambda done, total: stop.set(), **SMALL)
+    store = SlideStore(path)
+    state = dict(store.state)
+    settings = dict(state["settings"])
+    del settings["adapt"]  # what stores written before adaptation hold
+    store.update_state(settings=settings, adaptation=None)
+    job = SlideJob.from_store(SlideStore(path))
+    assert job.adaptation == "off"
+    assert stain_to_zarr(tiny_model, slide, path, resume=True, **SMALL).complete
+    assert_same_store(path, reference)
+    with pytest.raises(InputError, match="adapt: stored off, now auto"):
+        stain_to_zarr(tiny_model, slide, path, resume=True, adapt="auto", **SMALL)

@@ -146,7 +146,7 @@ def test_fine_tune_returns_a_model_with_provenance(tiny_model, tiny_model_file, 
     events = []
     tuned = fine_tune(tiny_model, rgb, hne_dir, size="fast", steps=2, crop=64, device="cpu", precision="fp32",
                       darkfield_names=[f"layer {n}" for n in names], command="napari Fine-tune widget",
-                      progress=events.append, config_overrides=dict(FAST, val_every=1))
+                      progress=events.append, config_overrides=dict(FAST, val_every=1), teacher_steps=0)
     assert isinstance(tuned, FineTuneResult) and tuned.model is not None and tuned.seconds >= 0
     assert tuned.notes == ["fine-tuning the student of tiny-test (width 8, 2 blocks) (--size fast ignored); "
                            "--from-scratch starts a new one"]
@@ -171,8 +171,12 @@ def test_fine_tune_returns_a_model_with_provenance(tiny_model, tiny_model_file, 
     # a model file as init, a folder of data, from scratch: the asked size, notes to on_note
     said = []
     fresh = fine_tune(str(tiny_model_file), darkfield_dir, hne_dir, size="tiny", from_scratch=True, steps=1, crop=64,
-                      device="cpu", precision="fp32", name="mine", on_note=said.append, config_overrides=FAST)
+                      device="cpu", precision="fp32", name="mine", on_note=said.append, config_overrides=FAST,
+                      teacher_steps=4)
     assert fresh.model.name == "mine" and fresh.notes == said == []
+    record = fresh.model.metadata["provenance"]["fine_tune"]
+    assert record["teacher"]["steps"] == 4 and "passed" in record["check"] and "darkfield" in record["enhancer"]
+    assert record["enhancer"]["student_inputs"] == "the training dark-field's own"  # a new student: no mapping
     provenance = fresh.model.metadata["provenance"]["student"]
     assert provenance["darkfield"] == str(darkfield_dir) and provenance["init"] == str(tiny_model_file)
     assert (provenance["config"]["width"], provenance["config"]["blocks"]) == (8, 2)
@@ -190,8 +194,9 @@ def test_stop_at_a_step_returns_the_chosen_state(tiny_model, darkfield_dir, hne_
             stopped_at.append(time.perf_counter())
 
     tuned = fine_tune(tiny_model, darkfield_dir, hne_dir, steps=1000, crop=64, device="cpu", precision="fp32",
-                      stop=stop, callback=callback, config_overrides=dict(FAST, val_every=2))
-    assert time.perf_counter() - stopped_at[0] < 3.0  # within a step (here: no further step at all)
+                      stop=stop, callback=callback, config_overrides=dict(FAST, val_every=2), teacher_steps=0)
+    # within a step (here: no further step at all), then the chosen state is checked on the held-out image
+    assert time.perf_counter() - stopped_at[0] < 15.0
     assert tuned.result.cancelled and tuned.result.steps_done == 3 and sorted(states) == [1, 2, 3]
     assert tuned.result.best_step == 2 and tuned.model is not None  # the validated step 2, not step 3
     chosen = tuned.model.student.state_dict()
@@ -201,7 +206,8 @@ def test_stop_at_a_step_returns_the_chosen_state(tiny_model, darkfield_dir, hne_
 
 @pytest.mark.slow
 def test_stop_before_the_first_validation_or_while_caching_gives_no_model(tiny_model, darkfield_dir, hne_dir):
-    common = dict(steps=1000, crop=64, device="cpu", precision="fp32", config_overrides=dict(FAST, val_every=500))
+    common = dict(steps=1000, crop=64, device="cpu", precision="fp32", config_overrides=dict(FAST, val_every=500),
+                  teacher_steps=0)
     stop = threading.Event()
     tuned = fine_tune(tiny_model, darkfield_dir, hne_dir, stop=stop,
                       callback=lambda step, student: step == 2 and stop.set(), **common)
@@ -268,3 +274,131 @@ def test_fine_tune_checks_overridden_settings_before_any_work(tiny_model, darkfi
     with pytest.raises(InputError, match="ema_decay must be in"):
         fine_tune(tiny_model, darkfield_dir, hne_dir, size="tiny", steps=1, crop=64, device="cpu",
                   config_overrides={"ema_decay": 1.5})
+
+
+# -- the stages: enhancer, teacher, student, check --------------------------------------------
+def _brighter(folder, tmp_path, gain=6):
+    """A copy of a dark-field folder as another, brighter microscope would see it."""
+    out = tmp_path / f"{folder.name}-x{gain}"
+    out.mkdir()
+    for path in sorted(folder.glob("*.png")):
+        image = np.asarray(Image.open(path).convert("RGB")).astype(np.float64) * gain
+        Image.fromarray(np.clip(np.round(image), 0, 255).astype(np.uint8)).save(out / path.name)
+    return out
+
+
+@pytest.mark.slow
+def test_every_stage_adapts_its_part_in_order(tiny_model, darkfield_dir, hne_dir, tmp_path):
+    from digital_stain.enhance import Enhancer
+    from digital_stain.train.finetune import STAGES
+
+    bright = _brighter(darkfield_dir, tmp_path)
+    events, told = [], []
+    tuned = fine_tune(tiny_model, bright, hne_dir, steps=2, crop=64, device="cpu", precision="fp32",
+                      teacher_steps=6, progress=events.append, config_overrides=dict(FAST, val_every=2),
+                      on_enhancer=told.append)
+    stages = [e.stage for e in events if e.stage]
+    assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == list(STAGES)  # each once, in order
+    teacher_steps = [e.step for e in events if e.stage == "teacher" and e.total]
+    assert teacher_steps[-1] == 6 and all(e.total == 6 for e in events if e.stage == "teacher" and e.total)
+    assert [e.step for e in events if e.stage == "check"] == [1, 2]
+    model = tuned.model
+    # 1. the enhancer: both CDFs refitted on the lab's images; the student keeps the inputs it knows
+    fitted = Enhancer.from_folders(bright, hne_dir)
+    assert model.enhancer.darkfield.same_as(fitted.darkfield)
+    np.testing.assert_array_equal(model.enhancer.brightfield_counts, fitted.brightfield_counts)
+    assert model.enhancer.student_inputs.same_as(tiny_model.enhancer.darkfield)
+    assert told == [model.enhancer]  # what previews need, told once the stage is done
+    # 2. the teacher: fine-tuned from the init's, which is left as it was
+    assert not _same_weights(model.teacher, tiny_model.teacher)
+    assert tuned.teacher_result.steps_done == 6 and tuned.teacher_result.best_step is not None
+    # 3. the student's inputs: the lab's bright channels, mapped onto the dim ones it was trained on
+    image = np.asarray(Image.open(sorted(bright.glob("*.png"))[0]).convert("RGB"))
+    prep = model.preparation(image, adapt="auto")
+    assert not prep.adaptation.applied and prep.maps is not None  # its own microscope now, mapped all the same
+    assert prep.student_rgb(prep.unit_rgb(image, True)).mean() < 0.5 * prep.unit_rgb(image, True).mean()
+    # 4. the check, and everything in the provenance
+    record = model.metadata["provenance"]["fine_tune"]
+    assert tuned.accepted and record["check"]["passed"] and record["teacher"]["steps"] == 6
+    assert record["enhancer"]["darkfield"]["refitted"] and record["enhancer"]["mode"] == "auto"
+    assert record["enhancer"]["brightfield"]["refitted"]  # c_b goes with the teacher, which was fine-tuned
+    assert record["enhancer"]["student_inputs"] == "mapped onto the starting student's"
+    assert "checked on 1 held-out image(s)" in tuned.summary
+    from digital_stain.model import StainModel
+
+    path = tmp_path / "tuned.safetensors"
+    model.save(path)
+    again = StainModel.load(path)
+    assert again.enhancer.student_inputs.same_as(model.enhancer.student_inputs)
+    np.testing.assert_array_equal(again.preparation(image).maps, prep.maps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["enhancer", "teacher", "check"])
+def test_stop_in_any_stage_ends_it_without_a_model(tiny_model, darkfield_dir, hne_dir, stage):
+    stop = threading.Event()
+    seen = []
+
+    def progress(p):
+        seen.append(p.stage)
+        if p.stage == stage and (stage != "teacher" or p.step >= 3) and (stage != "check" or p.step == 1):
+            stop.set()
+
+    tuned = fine_tune(tiny_model, darkfield_dir, hne_dir, steps=2, crop=64, device="cpu", precision="fp32",
+                      teacher_steps=20, progress=progress, stop=stop, config_overrides=dict(FAST, val_every=2))
+    assert tuned.model is None and not tuned.accepted
+    later = {"enhancer": "teacher", "teacher": "student", "check": None}[stage]
+    assert later is None or later not in seen
+    assert {"enhancer": "while fitting the enhancer", "teacher": "while fine-tuning the teacher (step 3 of 20)",
+            "check": "while checking the tuned model"}[stage] in tuned.summary
+
+
+@pytest.mark.slow
+def test_a_fine_tune_stopped_in_the_teacher_stage_resumes_it_exactly(tiny_model, darkfield_dir, hne_dir, tmp_path):
+    from digital_stain.train.finetune import teacher_checkpoint
+
+    common = dict(steps=2, crop=64, device="cpu", precision="fp32", teacher_steps=8,
+                  config_overrides=dict(FAST, val_every=2))
+    straight = fine_tune(tiny_model, darkfield_dir, hne_dir, **common)
+    stop = threading.Event()
+    checkpoint = tmp_path / "tuned.ckpt.safetensors"
+    first = fine_tune(tiny_model, darkfield_dir, hne_dir, checkpoint=checkpoint, stop=stop,
+                      progress=lambda p: p.stage == "teacher" and p.step == 5 and stop.set(), **common)
+    assert first.model is None and first.teacher_result.steps_done == 5
+    assert teacher_checkpoint(checkpoint).is_file() and not checkpoint.exists()
+    resumed = fine_tune(tiny_model, darkfield_dir, hne_dir, checkpoint=checkpoint, resume=True, **common)
+    assert _same_weights(resumed.model.teacher, straight.model.teacher)
+    assert _same_weights(resumed.model.student, straight.model.student)
+    assert resumed.result.history == straight.result.history
+
+
+def test_teacher_steps_are_checked(tiny_model, darkfield_dir, hne_dir):
+    with pytest.raises(InputError, match="teacher_steps is a number of steps"):
+        fine_tune(tiny_model, darkfield_dir, hne_dir, steps=1, crop=64, device="cpu", teacher_steps=-1)
+
+
+def test_the_enhancer_is_refitted_only_where_the_lab_differs(tiny_model, darkfield_tile, hne_dir, tmp_path):
+    from digital_stain.train.data import load_rgb_folder
+    from digital_stain.train.finetune import _fit_enhancer
+
+    hne = load_rgb_folder(hne_dir, min_side=64).images
+    same, decided = _fit_enhancer(tiny_model.enhancer, [darkfield_tile], hne, "auto", True, teacher_tuned=False)
+    assert same is tiny_model.enhancer and not decided["darkfield"]["refitted"]  # its own microscope, its teacher
+    assert "darkfield CDF kept" in decided["summary"] and "brightfield CDF kept" in decided["summary"]
+    bright = [np.clip(darkfield_tile.astype(int) * 8, 0, 255).astype(np.uint8)]
+    fitted, decided = _fit_enhancer(tiny_model.enhancer, bright, hne, "auto", True, teacher_tuned=False)
+    assert decided["darkfield"]["refitted"] and not decided["brightfield"]["refitted"]
+    assert decided["darkfield"]["distance"] > decided["darkfield"]["threshold"]
+    assert fitted.student_inputs.same_as(tiny_model.enhancer.darkfield)
+    np.testing.assert_array_equal(fitted.brightfield_counts, tiny_model.enhancer.brightfield_counts)
+    # a teacher that learns the lab's H&E takes its c_b along (the gray it colours is that H&E's)
+    other_hne = [np.ascontiguousarray(np.clip(im.astype(int) + 40, 0, 255).astype(np.uint8)) for im in hne]
+    tuned, decided = _fit_enhancer(tiny_model.enhancer, [darkfield_tile], other_hne, "auto", True, teacher_tuned=True)
+    assert not decided["darkfield"]["refitted"] and decided["brightfield"]["refitted"]
+    assert not np.array_equal(tuned.brightfield_counts, tiny_model.enhancer.brightfield_counts)
+    assert tuned.darkfield.same_as(tiny_model.enhancer.darkfield)
+    forced, decided = _fit_enhancer(tiny_model.enhancer, [darkfield_tile], hne, "on", False, teacher_tuned=False)
+    assert decided["darkfield"]["refitted"] and decided["brightfield"]["refitted"]
+    assert forced.student_inputs is forced.darkfield  # a new student: its own inputs
+    kept, _ = _fit_enhancer(tiny_model.enhancer, bright, hne, "off", True, teacher_tuned=True)
+    assert kept is tiny_model.enhancer

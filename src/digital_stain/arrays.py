@@ -66,16 +66,41 @@ def check_plane_shape(shape: tuple[int, ...]) -> None:
         )
 
 
-def value_scaling(image: np.ndarray) -> ValueScaling:
-    """Decide how to map ``image``'s values to [0, 1] (see module docstring)."""
-    dtype = np.dtype(image.dtype)
+def check_dtype(dtype) -> np.dtype:
+    """Refuse pixel types that cannot be stained (booleans, strings, complex, objects)."""
+    dtype = np.dtype(dtype)
     if dtype == np.bool_:
         raise InputError("a boolean mask cannot be stained; open the dark-field image itself.")
+    if dtype.kind not in "uif":
+        raise InputError(f"pixel type {dtype} cannot be stained; use integers or floats.")
+    return dtype
+
+
+def scaling_of(image) -> ValueScaling:
+    """:func:`value_scaling` of a numpy array, or of a dask array (min and max computed lazily, only when needed)."""
+    if isinstance(image, np.ndarray):
+        return value_scaling(image)
+    dtype = check_dtype(image.dtype)
+    described = f"{dtype.name} (lazy)"
+    if dtype.kind == "u" and dtype.itemsize <= 2:
+        return ValueScaling(0.0, float(np.iinfo(dtype).max), described)
+    import dask.array as da
+
+    lo, hi, finite = da.compute(image.min(), image.max(), da.isfinite(image).all())
+    if not finite:
+        raise InputError("the image has NaN or infinite pixels; fill or mask them before staining.")
+    lo, hi = float(lo), float(hi)
+    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        return ValueScaling(0.0, 1.0, described)
+    return ValueScaling(lo, (hi - lo) or 1.0, described)
+
+
+def value_scaling(image: np.ndarray) -> ValueScaling:
+    """Decide how to map ``image``'s values to [0, 1] (see module docstring)."""
+    dtype = check_dtype(image.dtype)
     if dtype.kind == "u" and dtype.itemsize <= 2:
         top = float(np.iinfo(dtype).max)
         return ValueScaling(0.0, top, f"{dtype.name} / {int(top)}")
-    if dtype.kind not in "uif":
-        raise InputError(f"pixel type {dtype} cannot be stained; use integers or floats.")
     finite = np.isfinite(image) if dtype.kind == "f" else None
     if finite is not None and not finite.all():
         bad = int((~finite).sum())
@@ -104,15 +129,22 @@ def to_unit_rgb(plane: np.ndarray, scaling: ValueScaling | None = None) -> np.nd
     if stack:
         raise InputError(f"expected one plane, got shape {plane.shape}; stain stacks plane by plane.")
     check_plane_shape(dims)
-    scaling = scaling or value_scaling(plane)
-    unit = (plane.astype(np.float32) - np.float32(scaling.offset)) / np.float32(scaling.scale)
-    unit = np.clip(unit, 0.0, 1.0)
-    if unit.ndim == 2:
+    return unit_values(plane, scaling or value_scaling(plane), has_channels=plane.ndim == 3)
+
+
+def unit_values(raw: np.ndarray, scaling: ValueScaling, has_channels: bool) -> np.ndarray:
+    """Raw pixels ``(..., Y, X[, C])`` -> float32 RGB in [0, 1], ``(..., Y, X, 3)``, elementwise (no checks).
+
+    The one place the value scaling is applied: ``(raw - offset) / scale``, clipped to [0, 1];
+    gray (no channel axis, or one channel) is repeated into three channels, alpha dropped.
+    """
+    unit = (raw.astype(np.float32) - np.float32(scaling.offset)) / np.float32(scaling.scale)
+    np.clip(unit, 0.0, 1.0, out=unit)
+    if not has_channels:
         unit = unit[..., None]
-    if unit.shape[-1] == 4:
-        unit = unit[..., :3]
+    unit = unit[..., :3]
     if unit.shape[-1] == 1:
-        unit = np.repeat(unit, 3, axis=-1)
+        return np.ascontiguousarray(np.broadcast_to(unit, (*unit.shape[:-1], 3)))
     return np.ascontiguousarray(unit)
 
 

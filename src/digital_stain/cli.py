@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shlex
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapt import ADAPT_MODES
 from .arrays import InputError, to_uint8
 from .devices import DEVICES, PRECISIONS
 
@@ -69,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--view", action="store_true",
                        help="open the input and outputs in napari when a display is present "
                             "(OME-Zarr output: once finished, as pyramids)")
+    stain.add_argument("--adapt", choices=ADAPT_MODES, default=None,
+                       help="adapt to another microscope's dark-field: auto (default) when the input (a folder: "
+                            "all its images together; a slide: the whole slide) is far from the model's, on, or "
+                            "off. Adapting refits the enhancer's dark-field CDF on the input and maps the "
+                            "student's input channels onto the model's (docs/usage.md). --resume keeps the "
+                            "store's setting")
     stain.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     teach = sub.add_parser("train-teacher", help="train the teacher colouriser on H&E images and write a model file")
@@ -85,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--input-noise", type=float, default=None,
                        help="largest std of Gaussian noise added to the gray input (default 0.04; 0 = paper)")
     _add_run_options(teach)
-    train = sub.add_parser("train", help="train (or fine-tune) the student by knowledge distillation, unpaired "
+    train = sub.add_parser("train", help="adapt a model to your microscope and H&E (refit the enhancer, fine-tune the "
+                           "teacher, distil the student, check it against --init), or train a new student; unpaired "
                            "(or paired-but-misaligned with --paired)")
     train.add_argument("--darkfield", type=Path, required=True, help="folder of dark-field images")
     train.add_argument("--stained", type=Path, required=True,
@@ -101,12 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--size", choices=("full", "small", "fast", "tiny"), default=None,
                        help="student size: full = the paper's (default on a CUDA GPU), small = CPU-friendly "
                             "(default otherwise), fast = for staining on a CPU, tiny = tests")
-    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--steps", type=int, default=None,
+                       help="student steps (default 500 when fine-tuning --init's student, which with every stage "
+                            "takes minutes on a 2-core CPU (docs/usage.md); 20000 for a new student)")
     train.add_argument("--crop", type=int, default=None)
     train.add_argument("--batch", type=int, default=None)
     train.add_argument("--lambda-kd", type=float, default=None,
                        help="weight of the distillation loss (default the paper's: 5, or 2 with --paired; "
                             "0 = CycleGAN, the ablation)")
+    train.add_argument("--teacher-steps", type=int, default=None, metavar="N",
+                       help="first fine-tune the teacher on --stained for N steps (default 300 when --init has a "
+                            "teacher; 0 keeps its teacher as it is)")
+    train.add_argument("--refit", choices=ADAPT_MODES, default="auto",
+                       help="refit the enhancer's CDFs: auto (default) the dark-field one on --darkfield when it is "
+                            "far from --init's (as staining adapts), the bright-field one on --stained when the "
+                            "teacher is fine-tuned on it; on: both; off: keep --init's")
+    train.add_argument("--no-check", action="store_true",
+                       help="skip the final check that the tuned model is not broken and not worse than --init on "
+                            "the held-out dark-field images (default: checked; a failing model is not written)")
     train.add_argument("--from-scratch", action="store_true",
                        help="start a new student even if --init has one (default: fine-tune its student)")
     train.add_argument("--ema", type=float, default=None, metavar="DECAY",
@@ -132,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folder of real H&E (any tissue) whose colours the stain-style score compares with")
     evaluate.add_argument("--outputs", default=None, help="comma-separated (default: all the model has)")
     evaluate.add_argument("--device", default="auto", choices=DEVICES)
+    evaluate.add_argument("--adapt", choices=ADAPT_MODES, default="auto",
+                          help="adaptation to another microscope, decided once for the whole folder (as stain does)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the scores to this JSON file")
     evaluate.add_argument("--quiet", "-q", action="store_true")
     synth = sub.add_parser("synth", help="make synthetic dark-field images from H&E by the enhancer's inverse "
@@ -205,6 +228,17 @@ def cmd_stain(args) -> int:
     fmt = args.format or ("tif" if single_file and args.output.suffix.lower().startswith(".tif") else "png")
     print(f"model {model.name} ({', '.join(model.outputs)}) on {model._device}; outputs: {', '.join(wanted)}",
           file=sys.stderr)
+    for path in inputs:
+        _note_whole_slide(path)
+    kept: dict[Path, np.ndarray] = {}  # one input is read once; a folder is read again to stain each image
+    mode = args.adapt or "auto"
+    images = _stainable_images(inputs, kept if len(inputs) == 1 else None)
+    first = next(images, None) if mode != "off" else None
+    # one decision for all the images that can be stained (if none can, the loop below says why for each file)
+    adaptation = model.adaptation(itertools.chain([first], images) if first is not None else None,
+                                  mode if first is not None else "off")
+    if first is not None or mode == "off":
+        print(f"{'folder' if len(inputs) > 1 else 'input'}: {adaptation.message(model.name)}", file=sys.stderr)
     failed: list[str] = []
     shown = []
     with atomic_path(args.output, overwrite=args.overwrite) as staging:
@@ -212,9 +246,7 @@ def cmd_stain(args) -> int:
             staging.mkdir(parents=True)
         for path in tqdm(inputs, desc="images", disable=args.quiet or len(inputs) == 1, unit="image"):
             try:
-                _note_whole_slide(path)
-                image = read_image(path)
-                image = np.asarray(image)
+                image = kept.pop(path) if path in kept else np.asarray(read_image(path))
                 bar = tqdm(total=100, desc=path.name, disable=args.quiet, unit="%", leave=False)
                 done = [0]
 
@@ -222,7 +254,7 @@ def cmd_stain(args) -> int:
                     bar.update(d - done[0])
                     done[0] = d
 
-                results = model.stain(image, wanted, tile=args.tile, overlap=args.overlap,
+                results = model.stain(image, wanted, tile=args.tile, overlap=args.overlap, adapt=adaptation,
                                       precision=args.precision, compile=args.compile, progress=progress)
                 bar.close()
             except InputError as err:
@@ -247,8 +279,26 @@ def cmd_stain(args) -> int:
     if failed:
         print(f"{len(failed)} of {len(inputs)} file(s) were skipped:\n  " + "\n  ".join(failed), file=sys.stderr)
     if args.view:
-        _view(shown, model)
+        _view(shown, model, adaptation)
     return 1 if failed else 0
+
+
+def _stainable_images(paths: list[Path], keep: dict | None):
+    """The images of ``paths`` that can be stained, read one at a time (and kept in ``keep`` when given);
+    the others are left to the staining loop, which reports each with its reason."""
+    from .arrays import check_plane_shape, split_planes, value_scaling
+    from .io import read_image
+
+    for path in paths:
+        try:
+            image = np.asarray(read_image(path))
+            check_plane_shape(split_planes(image.shape)[1])
+            value_scaling(image)
+        except InputError:
+            continue
+        if keep is not None:
+            keep[path] = image
+        yield image
 
 
 # Planes above this many pixels are better written as OME-Zarr than stained in memory (a note says so).
@@ -322,7 +372,7 @@ def cmd_stain_slide(args) -> int:
             result = stain_to_zarr(model, source, args.output, wanted, chunk=chunk, overlap=args.overlap,
                                    device=None, precision=args.precision, resume=args.resume,
                                    overwrite=args.overwrite, progress=progress, stop=stop, client=client,
-                                   compile=args.compile)
+                                   compile=args.compile, adapt=args.adapt)
     except KeyboardInterrupt:
         print(f"aborted. {args.output} can be finished with the same command and --resume.", file=sys.stderr)
         return 130
@@ -330,6 +380,7 @@ def cmd_stain_slide(args) -> int:
         bar.close()
     for note in result.notes[len(source.notes):]:
         print(f"note: {note}", file=sys.stderr)
+    print(f"slide: {result.adaptation.message(model.name)}", file=sys.stderr)
     if result.stopped:
         print(f"stopped: {result.units_skipped + result.units_done} of {result.units_total} chunks are written. "
               f"Finish with the same command and --resume.", file=sys.stderr)
@@ -395,7 +446,7 @@ def _view_slide(darkfield: Path, stained: Path) -> None:
     napari.run()
 
 
-def _view(shown, model) -> None:
+def _view(shown, model, adaptation) -> None:
     napari = _napari_or_none()
     if napari is None:
         return
@@ -405,7 +456,8 @@ def _view(shown, model) -> None:
     for name, image, results in shown[:8]:
         source = viewer.add_image(image, name=name, rgb=image.ndim == 3 and image.shape[-1] in (3, 4))
         for position, (out, array) in enumerate(results.items()):
-            show_output(viewer, source, out, array, {"digital_stain": {**model.describe(), "output": out}},
+            show_output(viewer, source, out, array, {"digital_stain": {**model.describe(), "output": out,
+                                                                       "adaptation": adaptation.describe()}},
                         multiscale=False, position=position)
     set_side_by_side(viewer, True, columns=1 + len(shown[0][2]) if shown else None)  # a row per image
     viewer.window.add_plugin_dock_widget("napari-digital-stain", "Digitally stain")
@@ -430,7 +482,7 @@ def cmd_train_teacher(args) -> int:
     if init is not None and init.teacher is not None:
         cfg.width, cfg.depth = init.teacher.config["width"], init.teacher.config["depth"]
     init_state = init.teacher.state_dict() if init is not None and init.teacher is not None else None
-    (net, result), seconds = _run_training(args, cfg.steps, "teacher", lambda checkpoint, progress, stop: train_teacher(
+    (net, result), seconds = _run_training(args, "teacher", lambda checkpoint, progress, stop: train_teacher(
         args.stained, cfg, checkpoint=checkpoint, resume=args.resume, progress=progress, stop=stop,
         init_state=init_state))
     meta = {
@@ -458,8 +510,7 @@ def _default_size(device: str) -> str:
 
 def cmd_train(args) -> int:
     """``digital-stain train``: :func:`digital_stain.train.finetune.fine_tune` (as the napari widget), then save."""
-    from .train.finetune import fine_tune
-    from .train.student import StudentConfig
+    from .train.finetune import fine_tune, rejected_path
 
     _refuse_existing(args, resuming=args.resume)
     paired_only = {"--reg-warmup": args.reg_warmup, "--lambda-smooth": args.lambda_smooth,
@@ -470,19 +521,26 @@ def cmd_train(args) -> int:
                          f"(with a folder of adjacent sections as --stained), or leave {', '.join(given)} out.")
     overrides = {k: v for k, v in dict(ema_decay=args.ema, reg_warmup=args.reg_warmup, lambda_smooth=args.lambda_smooth,
                                        reg_lr_scale=args.reg_lr_scale).items() if v is not None}
-    steps = args.steps if args.steps is not None else StudentConfig().steps  # the bar's total (every preset's)
-    tuned, _ = _run_training(args, steps, "student", lambda checkpoint, progress, stop: fine_tune(
+    tuned, _ = _run_training(args, "student", lambda checkpoint, progress, stop: fine_tune(
         args.init, args.darkfield, args.stained, size=args.size, steps=args.steps, crop=args.crop, batch=args.batch,
         lambda_kd=args.lambda_kd, seed=args.seed, device=args.device, precision=args.precision,
         from_scratch=args.from_scratch, checkpoint=checkpoint, resume=args.resume,
         name=args.name or args.output.stem, command=_command(args), progress=progress, stop=stop,
         on_note=lambda text: print(text, file=sys.stderr), paired=args.paired,
-        config_overrides=overrides))
+        config_overrides=overrides, teacher_steps=args.teacher_steps, refit=args.refit,
+        check=not args.no_check))
     result = tuned.result
     if tuned.model is None:
-        print(f"stopped at step {result.steps_done}, before the first validation: no validated student, "
-              f"nothing written. Continue with the same command and --resume.", file=sys.stderr)
+        print(f"{tuned.summary}; nothing written. Continue with the same command and --resume.", file=sys.stderr)
         return 130
+    if not tuned.accepted:
+        rejected = rejected_path(args.output)
+        tuned.model.save(rejected, half=args.half, overwrite=True)
+        raise InputError(
+            f"the fine-tuned model is not better than {tuned.model.metadata['provenance']['student']['init']} on "
+            f"your held-out images, so {args.output} was not written. {tuned.check.summary()}. Check that "
+            f"--stained holds H&E images and --darkfield the matching dark-field (not swapped, not bright-field), "
+            f"or train longer (--steps). The rejected model is in {rejected} for a look (not for use).")
     return _save_trained(args, tuned.model, result, tuned.summary)
 
 
@@ -522,8 +580,10 @@ def cmd_evaluate(args) -> int:
         style = lab_pixels(np.concatenate([im.reshape(-1, 3) for im in stained.images])[None])
     model = StainModel.load(args.model, device=args.device)
     outputs = model.check_outputs(args.outputs.split(",") if args.outputs else None)
+    adaptation = model.adaptation(darkfield.images, args.adapt)
+    print(f"folder: {adaptation.message(model.name)}", file=sys.stderr)
     bar = tqdm(total=len(darkfield.images), disable=args.quiet, unit="image", desc="staining")
-    results = evaluate_model(model, darkfield.images, outputs, references, style,
+    results = evaluate_model(model, darkfield.images, outputs, references, style, adapt=adaptation,
                              progress=lambda done, total: bar.update(done - bar.n))
     bar.close()
     print(f"model {model.name}, {darkfield.summary()}")
@@ -533,7 +593,7 @@ def cmd_evaluate(args) -> int:
 
         with atomic_path(args.json, overwrite=True) as staging:
             staging.write_text(json.dumps({**model.describe(), "darkfield": str(args.darkfield),
-                                           "scores": results}, indent=2))
+                                           "adaptation": adaptation.describe(), "scores": results}, indent=2))
     return 0
 
 
@@ -578,27 +638,35 @@ def _checkpoint_path(args) -> Path:
     return args.checkpoint or args.output.with_name(args.output.name + ".ckpt.safetensors")
 
 
-def _run_training(args, steps: int, desc: str, work):
-    """Run ``work(checkpoint, progress, stop)`` with a progress bar and clean Ctrl-C; return (its result, seconds)."""
+def _run_training(args, desc: str, work):
+    """Run ``work(checkpoint, progress, stop)`` with a progress bar per stage and clean Ctrl-C; return (its result, seconds)."""
     from tqdm import tqdm
 
     checkpoint = _checkpoint_path(args)
     stop = threading.Event()
-    bar = tqdm(total=steps, disable=args.quiet, unit="step", desc=desc)
+    bars: dict = {}  # stage -> its bar, made at its first report with a total
 
     def progress(p):
-        if p.total:
-            bar.n = p.step
+        stage = p.stage or desc
+        if p.total and stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=p.total, disable=args.quiet, unit="step", desc=stage)
+        bar = bars.get(stage)
+        if p.total and bar is not None:
+            bar.total, bar.n = p.total, p.step
             bar.set_postfix({**{k: f"{v:.4f}" for k, v in p.losses.items()}, "img/s": f"{p.images_per_s:.1f}"})
         if p.message:
-            bar.write(f"step {p.step}: {p.message}" if p.total else p.message)
+            text = f"{stage} step {p.step}: {p.message}" if p.total and stage in ("teacher", "student") else p.message
+            (bar.write if bar is not None else tqdm.write)(text, file=sys.stderr)
 
     started = time.time()
     try:
         with _ctrl_c_sets(stop, "stopping: finishing the current step and keeping the best state"):
             result = work(checkpoint, progress, stop)
     finally:
-        bar.close()
+        for bar in bars.values():
+            bar.close()
     return result, round(time.time() - started, 1)
 
 

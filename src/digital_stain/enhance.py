@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import InputError, split_planes, value_scaling
+from .arrays import InputError, scaling_of, split_planes, value_scaling
 from .color import luma
 
 BINS = 4096
@@ -107,38 +107,66 @@ def enhancement_table(darkfield_counts: np.ndarray, brightfield_counts: np.ndarr
 
 
 class Enhancer:
-    """Dataset-level histogram-matching enhancer.
+    """Dataset-level histogram-matching enhancer, and the dark-field it was fitted on.
 
     Parameters
     ----------
     darkfield_counts, brightfield_counts : ndarray, shape (BINS,)
         Histograms of dark-field luma and bright-field gray over [0, 1].
+    darkfield_channel_counts : ndarray, shape (3, BINS), optional
+        Histograms of the dark-field's R, G and B (what staining compares an input with,
+        :mod:`digital_stain.adapt`); model files written before they were recorded have none.
+    student_inputs : Distribution, optional
+        The dark-field distribution the model's student was trained on, when it is not this
+        one (a model fine-tuned with adapted inputs: the student kept its original inputs).
     """
 
-    def __init__(self, darkfield_counts: np.ndarray, brightfield_counts: np.ndarray):
+    def __init__(self, darkfield_counts: np.ndarray, brightfield_counts: np.ndarray,
+                 darkfield_channel_counts: np.ndarray | None = None, student_inputs=None):
+        from .histograms import Distribution
+
         self.darkfield_counts = np.asarray(darkfield_counts, dtype=np.int64)
         self.brightfield_counts = np.asarray(brightfield_counts, dtype=np.int64)
         if self.darkfield_counts.shape != (BINS,) or self.brightfield_counts.shape != (BINS,):
             raise ValueError(f"histograms must have {BINS} bins")
+        self.darkfield = Distribution(self.darkfield_counts, darkfield_channel_counts)
+        self._student_inputs = student_inputs
         self.table = enhancement_table(self.darkfield_counts, self.brightfield_counts)
-        self._level_tables: dict[int, np.ndarray] = {}
+
+    @property
+    def student_inputs(self):
+        """The :class:`~digital_stain.histograms.Distribution` the student's raw channels were trained on."""
+        return self._student_inputs if self._student_inputs is not None else self.darkfield
 
     # -- fitting -------------------------------------------------------
     @classmethod
     def from_folders(cls, darkfield_dir: str | os.PathLike, stained_dir: str | os.PathLike) -> Enhancer:
         """Fit on a folder of dark-field images and a folder of bright-field H&E images."""
-        dark, _ = folder_histogram(darkfield_dir)
+        from .histograms import folder_distribution
+
+        dark, _ = folder_distribution(darkfield_dir)
         bright, _ = folder_histogram(stained_dir)
-        return cls(dark, bright)
+        return cls(dark.luma, bright, dark.channels)
 
     @classmethod
     def from_arrays(cls, darkfield: Iterable[np.ndarray], stained: Iterable[np.ndarray]) -> Enhancer:
         """Fit on iterables of planes (numpy or dask; dask is reduced chunk by chunk)."""
-        return cls(_histogram_of(darkfield), _histogram_of(stained))
+        from .histograms import arrays_distribution
+
+        dark = arrays_distribution(darkfield)
+        return cls(dark.luma, luma_histogram_of(stained), dark.channels)
 
     def with_darkfield(self, darkfield) -> Enhancer:
-        """A copy whose dark-field CDF is refitted on ``darkfield`` (e.g. a slide from another microscope)."""
-        return Enhancer(_histogram_of([darkfield]), self.brightfield_counts)
+        """A copy whose dark-field CDF is refitted on ``darkfield`` (e.g. a slide from another microscope).
+
+        ``darkfield`` is an array (plane or stack, numpy or dask) or a
+        :class:`~digital_stain.histograms.Distribution` already measured. The bright-field CDF is
+        kept, and so is what the student was trained on (:attr:`student_inputs`).
+        """
+        from .histograms import Distribution, arrays_distribution
+
+        dark = darkfield if isinstance(darkfield, Distribution) else arrays_distribution([darkfield])
+        return Enhancer(dark.luma, self.brightfield_counts, dark.channels, self.student_inputs)
 
     # -- applying ------------------------------------------------------
     def __call__(self, darkfield):
@@ -161,28 +189,30 @@ class Enhancer:
         """Enhance luma that is already in [0, 1]."""
         return np.take(self.table, bin_index(gray))  # take: 2-3x faster than fancy indexing, the same values
 
-    def level_table(self, dtype) -> np.ndarray:
-        """The enhanced gray of every gray level of an 8- or 16-bit unsigned image, float32 ``(max + 1,)``.
-
-        Entry ``k`` is :meth:`enhance_gray` of ``k / max``: what :func:`on_input_grid` makes of a
-        luma rounded to level ``k``. Made once per dtype.
-        """
-        top = int(np.iinfo(dtype).max)
-        if top not in self._level_tables:
-            self._level_tables[top] = self.enhance_gray(np.arange(top + 1, dtype=np.float32) / np.float32(top))
-        return self._level_tables[top]
-
     def _enhance_dask(self, darkfield):
         table = self.table
         return dask_luma(darkfield).map_blocks(lambda g: table[bin_index(g)], dtype=np.float32)
 
     # -- storage -------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
-        return {"darkfield_counts": self.darkfield_counts, "brightfield_counts": self.brightfield_counts}
+        state = {"darkfield_counts": self.darkfield_counts, "brightfield_counts": self.brightfield_counts}
+        if self.darkfield.channels is not None:
+            state["darkfield_channel_counts"] = self.darkfield.channels
+        if self._student_inputs is not None:
+            state["student_luma_counts"] = self._student_inputs.luma
+            if self._student_inputs.channels is not None:
+                state["student_channel_counts"] = self._student_inputs.channels
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> Enhancer:
-        return cls(np.asarray(state["darkfield_counts"]), np.asarray(state["brightfield_counts"]))
+        from .histograms import Distribution
+
+        student = None
+        if "student_luma_counts" in state:
+            student = Distribution(np.asarray(state["student_luma_counts"]), state.get("student_channel_counts"))
+        return cls(np.asarray(state["darkfield_counts"]), np.asarray(state["brightfield_counts"]),
+                   state.get("darkfield_channel_counts"), student)
 
 
 def _is_dask(array) -> bool:
@@ -201,28 +231,13 @@ def _luma_any(image: np.ndarray) -> np.ndarray:
     return np.clip(unit, 0.0, 1.0)
 
 
-def _dask_scaling(array) -> tuple[float, float]:
-    """(offset, scale) for a dask array, computing min/max only for floats and wide integers."""
-    dtype = np.dtype(array.dtype)
-    if dtype.kind == "u" and dtype.itemsize <= 2:
-        return 0.0, float(np.iinfo(dtype).max)
-    import dask.array as da
-
-    lo, hi, finite = da.compute(array.min(), array.max(), da.isfinite(array).all())
-    if not finite:
-        raise InputError("the image has NaN or infinite pixels; fill or mask them before staining.")
-    lo, hi = float(lo), float(hi)
-    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return 0.0, 1.0
-    return lo, (hi - lo) or 1.0
-
-
 def dask_luma(darkfield):
     """Luma in [0, 1] of a dask plane or stack, lazily (float32, channels dropped)."""
     import dask.array as da
 
     _, plane = split_planes(darkfield.shape)
-    offset, scale = _dask_scaling(darkfield)
+    scaling = scaling_of(darkfield)
+    offset, scale = scaling.offset, scaling.scale
     has_channels = len(plane) == 3
     if has_channels:
         darkfield = darkfield.rechunk({darkfield.ndim - 1: -1})
@@ -236,7 +251,7 @@ def dask_luma(darkfield):
     return da.map_blocks(block, darkfield, dtype=np.float32, drop_axis=[darkfield.ndim - 1] if has_channels else [])
 
 
-def _histogram_of(planes) -> np.ndarray:
+def luma_histogram_of(planes) -> np.ndarray:
     """Luma histogram over planes; dask arrays are reduced chunk by chunk (global histogram first)."""
     counts = np.zeros(BINS, dtype=np.int64)
     for plane in planes:

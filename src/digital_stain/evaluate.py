@@ -86,17 +86,21 @@ def evaluate_model(
     references: Sequence[np.ndarray] | None = None,
     style_reference: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    adapt="auto",
     **stain_options,
 ) -> dict[str, dict[str, float]]:
     """Stain each dark-field image with ``model`` and score every output.
 
     Returns ``{output: {score: mean}}``; see :func:`score_images`.
+    ``adapt`` (``auto|on|off`` or an :class:`~digital_stain.adapt.Adaptation`) is decided once for
+    the whole set (:meth:`StainModel.adaptation`, pooled), as a folder is stained.
     ``stain_options`` go to :meth:`StainModel.stain` (device, tile, ...).
     """
     wanted = list(dict.fromkeys(["enhanced", *outputs]))
     produced: dict[str, list] = {name: [] for name in wanted}
+    adaptation = model.adaptation(list(darkfield), adapt)
     for i, image in enumerate(darkfield):
-        result = model.stain(image, wanted, **stain_options)
+        result = model.stain(image, wanted, adapt=adaptation, **stain_options)
         for name in wanted:
             produced[name].append(result[name])
         if progress:

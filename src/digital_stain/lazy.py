@@ -52,9 +52,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .arrays import MIN_SIDE, InputError, ValueScaling, check_plane_shape, split_planes, value_scaling
+from .adapt import Adaptation
+from .arrays import MIN_SIDE, InputError, ValueScaling, check_dtype, check_plane_shape, scaling_of, split_planes
 from .devices import autocast, resolve_precision
-from .model import enhance_rgb, student_input
 from .nets.norm import TileStableInstanceNorm, set_norm_mode
 from .nets.unet import colorize
 from .oom import is_out_of_memory, release_memory
@@ -76,25 +76,6 @@ def chunk_sizes(length: int, chunk: int, overlap: int) -> tuple[int, ...]:
     elif rest:
         sizes[-1] += rest
     return tuple(sizes)
-
-
-def _check_dtype(dtype) -> None:
-    dtype = np.dtype(dtype)
-    if dtype == np.bool_:
-        raise InputError("a boolean mask cannot be stained; open the dark-field image itself.")
-    if dtype.kind not in "uif":
-        raise InputError(f"pixel type {dtype} cannot be stained; use integers or floats.")
-
-
-def _scaling(image) -> ValueScaling:
-    """One value scaling for the whole (possibly lazy) image, as :meth:`StainModel.stain` decides it."""
-    if isinstance(image, np.ndarray):
-        return value_scaling(image)
-    from .enhance import _dask_scaling
-
-    _check_dtype(image.dtype)
-    offset, scale = _dask_scaling(image)
-    return ValueScaling(offset, scale, f"{np.dtype(image.dtype).name} (lazy)")
 
 
 def _cpu_copy(net: torch.nn.Module) -> torch.nn.Module:
@@ -161,11 +142,17 @@ class LazyStain:
         inner ones, a ``(chunk + 2 overlap)``-px square) run compiled: one shape, one graph. Chunks at
         the image's edges have other shapes and run eagerly, so they equal an uncompiled run; inner
         ones match it to float rounding. After a fallback to the CPU everything runs eagerly.
+    adapt : ``auto|on|off`` or Adaptation
+        Adaptation to another microscope (:mod:`digital_stain.adapt`), decided once on the whole
+        image (a dask image larger than 16 MP on crops spread over it) and the same for every
+        chunk; an :class:`~digital_stain.adapt.Adaptation` decided beforehand is used as it is.
 
     Attributes
     ----------
     arrays : dict of str to dask array
         ``enhanced`` ``(..., Y, X)``, ``teacher``/``student`` ``(..., Y, X, 3)``; float32 in [0, 1].
+    prep : Preparation
+        The image's value scaling, adaptation and input tables (:mod:`digital_stain.prepare`).
     network_runs : dict of str to int
         How many chunks each network has computed (cache hits not counted).
     errors : list of str
@@ -185,7 +172,8 @@ class LazyStain:
                  on_error: Callable[[BaseException], None] | None = None,
                  on_fallback: Callable[[str], None] | None = None, max_pending: int = 64,
                  scaling: ValueScaling | None = None, cache_bytes: int | None = None,
-                 net_lock: threading.Lock | None = None, compile: bool = False):
+                 net_lock: threading.Lock | None = None, compile: bool = False,
+                 adapt: str | Adaptation = "auto"):
         import dask.array as da
 
         self.model = model
@@ -198,10 +186,12 @@ class LazyStain:
         self.chunk = max(2 * self.overlap, chunk - chunk % self.GRID)
         stack, plane = split_planes(tuple(image.shape))
         check_plane_shape(plane)
-        _check_dtype(image.dtype)
+        check_dtype(image.dtype)
         self.stack_ndim = len(stack)
         self.input_dtype = np.dtype(image.dtype)
-        self.scaling = scaling if scaling is not None else _scaling(image)
+        # decided once for the whole image (its value scaling and adaptation); every chunk uses it
+        self.prep = model.preparation(image, adapt=adapt, scaling=scaling)
+        self.scaling = self.prep.scaling
         self.network_runs = {name: 0 for name in ("teacher", "student")}
         self.errors: list[str] = []
         self.fallbacks: list[str] = []
@@ -344,16 +334,10 @@ class LazyStain:
 
     def _to_unit_rgb(self, raw: np.ndarray) -> np.ndarray:
         """Raw pixels ``(..., Y, X[, C])`` -> float32 RGB in [0, 1], ``(..., Y, X, 3)`` (elementwise)."""
-        scaling = self.scaling
-        unit = (raw.astype(np.float32) - np.float32(scaling.offset)) / np.float32(scaling.scale)
-        unit = np.clip(unit, 0.0, 1.0)
-        if raw.ndim == self.stack_ndim + 2:
-            unit = unit[..., None]
-        unit = unit[..., :3]
-        return np.ascontiguousarray(np.broadcast_to(unit, (*unit.shape[:-1], 3)) if unit.shape[-1] == 1 else unit)
+        return self.prep.unit_rgb(raw, has_channels=raw.ndim == self.stack_ndim + 3)
 
     def _enhanced_block(self, rgb: np.ndarray) -> np.ndarray:
-        return enhance_rgb(self.model.enhancer, rgb, self.input_dtype)
+        return self.prep.enhanced(rgb)
 
     def _overlapped(self, role: str):
         """A network's output, chunk by chunk with ``overlap`` borrowed from each neighbour."""
@@ -466,7 +450,7 @@ class LazyStain:
         if role == "teacher":
             x = (self._enhanced_block(plane) if enhanced is None else enhanced)[None]
         else:
-            x = student_input(plane, self._enhanced_block(plane) if enhanced is None else enhanced)
+            x = self.prep.student_input(plane, self._enhanced_block(plane) if enhanced is None else enhanced)
         padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
         return np.ascontiguousarray(padded), h, w
 
@@ -551,7 +535,7 @@ class LazyStain:
             regions = [self._padded_region(plane, y, x, side) for y, x, side in boxes]
         samples = []
         for rgb in regions:
-            x = student_input(rgb, self._enhanced_block(rgb))
+            x = self.prep.student_input(rgb, self._enhanced_block(rgb))
             samples.append(pad_image(x.astype(np.float32), student.size_multiple, student.min_size)[0])
         return np.stack(samples)
 
@@ -594,7 +578,7 @@ def input_pyramid(image, min_side: int = 512) -> list:
 
     stack, plane = split_planes(tuple(image.shape))
     check_plane_shape(plane)
-    _check_dtype(image.dtype)
+    check_dtype(image.dtype)
     y_axis, dtype = len(stack), np.dtype(image.dtype)
     levels = [image]
     height, width = plane[:2]
@@ -677,7 +661,10 @@ def lazy_pyramid(model, image_or_levels, outputs: Sequence[str] | None = None, *
         levels = input_pyramid(image_or_levels, min_side)
     # levels too small for the networks (OME-Zarr pyramids go down to a few pixels) are left out
     levels = levels[:1] + [level for level in levels[1:] if min(split_planes(tuple(level.shape))[1][:2]) >= MIN_SIDE]
-    scaling = options.pop("scaling", None) or _scaling(levels[0])
+    scaling = options.pop("scaling", None) or scaling_of(levels[0])
+    # decided on level 0 and used by every level: the same mapping at every zoom
+    adaptation = model.adaptation(levels[0], options.pop("adapt", "auto"), scaling=scaling)
     net_lock = options.pop("net_lock", None) or threading.Lock()  # the levels share the teacher
-    stains = [LazyStain(model, level, outputs, scaling=scaling, net_lock=net_lock, **options) for level in levels]
+    stains = [LazyStain(model, level, outputs, scaling=scaling, net_lock=net_lock, adapt=adaptation, **options)
+              for level in levels]
     return {name: [stain.arrays[name] for stain in stains] for name in stains[0].arrays}, stains

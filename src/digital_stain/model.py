@@ -24,13 +24,15 @@ import numpy as np
 import torch
 
 from . import __version__
-from .arrays import InputError, check_plane_shape, split_planes, to_unit_rgb, value_scaling
+from .adapt import Adaptation, check_mode, decide
+from .arrays import InputError, ValueScaling, check_plane_shape, scaling_of, split_planes
 from .devices import autocast, resolve_device, resolve_precision
-from .color import luma
-from .enhance import Enhancer, on_input_grid
+from .enhance import Enhancer
+from .histograms import measure
 from .modelfile import load_bundle, numpy_state, save_bundle, torch_state
 from .nets import ColorizationUNet, ResnetGenerator, frozen_norm_statistics
 from .nets.unet import colorize
+from .prepare import Preparation, each_band, row_bands
 from .tiling import stats_sample, tiled_apply
 
 OUTPUTS = ("enhanced", "teacher", "student")
@@ -187,6 +189,42 @@ class StainModel:
                 net.to(self._device)
         return self
 
+    def adaptation(self, image, adapt: str | Adaptation = "auto", *, scaling: ValueScaling | None = None) -> Adaptation:
+        """Decide whether to adapt to ``image`` (:mod:`digital_stain.adapt`), measuring it whole.
+
+        Parameters
+        ----------
+        image : array (numpy or dask, ``(..., Y, X[, C])``), or a list or iterator of arrays
+            One input; several (e.g. the images of a folder, read one at a time by a generator)
+            are pooled into one decision.
+        adapt : ``auto|on|off`` or Adaptation
+            An Adaptation is returned as it is.
+        scaling : ValueScaling, optional
+            The input's value scaling, when already decided (e.g. a pyramid's level 0); with a list,
+            each array gets its own.
+        """
+        if isinstance(adapt, Adaptation):
+            return adapt
+        mode = check_mode(adapt)
+        if mode == "off":
+            return decide(self.enhancer.darkfield, None, mode)
+        single = hasattr(image, "shape") and hasattr(image, "dtype")
+        measured = None
+        for array in [image] if single else image:
+            array = array if hasattr(array, "shape") and hasattr(array, "dtype") else np.asarray(array)
+            part = measure(array, scaling if scaling is not None and single else scaling_of(array))
+            measured = part if measured is None else measured + part
+        if measured is None:
+            raise InputError("no images to measure.")
+        return decide(self.enhancer.darkfield, measured, mode)
+
+    def preparation(self, image, *, adapt: str | Adaptation = "auto",
+                    scaling: ValueScaling | None = None) -> Preparation:
+        """How ``image``'s raw pixels become network inputs, decided once for the whole image
+        (:class:`~digital_stain.prepare.Preparation`: value scaling, adaptation, tables)."""
+        scaling = scaling if scaling is not None else scaling_of(image)
+        return Preparation.build(self.enhancer, scaling, image.dtype, self.adaptation(image, adapt, scaling=scaling))
+
     def stain(
         self,
         image,
@@ -201,6 +239,7 @@ class StainModel:
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
         batch: int = 1,
+        adapt: str | Adaptation = "auto",
     ) -> dict[str, np.ndarray]:
         """Stain a dark-field plane or stack.
 
@@ -232,6 +271,12 @@ class StainModel:
             Tiles per network call (default 1). Larger batches keep a GPU busy (4-16
             at tile 512 on a GPU with tens of GiB); the result is the same within float
             rounding, since every tile is normalised with the same frozen statistics.
+        adapt : ``auto|on|off`` or Adaptation
+            Adapt to another microscope's dark-field (:mod:`digital_stain.adapt`): ``auto`` adapts
+            when the image (a stack: all its planes) is far from the model's training dark-field,
+            ``on`` always, ``off`` never. An :class:`~digital_stain.adapt.Adaptation` decided
+            beforehand (:meth:`adaptation`, e.g. once for a whole folder) is used as it is; decide
+            first when you want to report what was done.
 
         Returns
         -------
@@ -244,13 +289,13 @@ class StainModel:
         if device is not None:
             self.to(device)
         precision = resolve_precision(precision, self._device)
-        scaling = value_scaling(image)
+        prep = self.preparation(image, adapt=adapt)
         planes = image.reshape((-1, *plane_dims))
         nets = sum(o in wanted for o in ("teacher", "student"))
         counter = _ProgressCounter(progress, planes.shape[0] * nets)
         results: dict[str, list] = {o: [] for o in wanted}
         for plane in planes:
-            enhanced, student_in = prepare_plane(self.enhancer, plane, scaling, student="student" in wanted)
+            enhanced, student_in = prep.plane(plane, student="student" in wanted)
             if "enhanced" in wanted:
                 results["enhanced"].append(enhanced)
             kwargs = dict(tile=tile, overlap=overlap, precision=precision, stats_pixels=stats_pixels,
@@ -294,66 +339,6 @@ class StainModel:
         return to_yxc(out, clip=True)
 
 
-HOST_BAND_PIXELS = 1 << 21  # planes above this many pixels are prepared in row bands on threads
-
-
-def _row_bands(height: int, width: int) -> list[tuple[int, int]]:
-    """Row bands ``[(y0, y1), ...]`` covering ``[0, height)``: one for small planes, else one per
-    ``HOST_BAND_PIXELS`` (at least 64 rows each, at most 4 per CPU)."""
-    count = min(height * width // HOST_BAND_PIXELS, height // 64, 4 * (os.cpu_count() or 1))
-    if count <= 1:
-        return [(0, height)]
-    edges = np.linspace(0, height, count + 1).round().astype(int)
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
-
-
-def _each_band(work: Callable[[int, int], None], bands: list[tuple[int, int]]) -> None:
-    """Run ``work(y0, y1)`` for every band, on threads when there are several (numpy releases the GIL)."""
-    if len(bands) == 1:
-        work(*bands[0])
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(len(bands), os.cpu_count() or 1)) as pool:
-        for future in [pool.submit(work, y0, y1) for y0, y1 in bands]:
-            future.result()
-
-
-def prepare_plane(enhancer, plane: np.ndarray, scaling, *, student: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """The enhanced image and the student's input of one plane, computed band by band.
-
-    Parameters
-    ----------
-    enhancer : Enhancer
-    plane : ndarray, shape (Y, X) or (Y, X, C)
-        One raw dark-field plane (any supported dtype).
-    scaling : ValueScaling
-        The value scaling decided for the whole image (or stack).
-    student : bool
-        Whether to build the student's input too.
-
-    Returns
-    -------
-    enhanced : ndarray, shape (Y, X), float32 in [0, 1]
-        As :func:`enhance_rgb` of :func:`digital_stain.arrays.to_unit_rgb`.
-    student_in : ndarray, shape (4, Y, X), float32 in [-1, 1], or None
-        As :func:`student_input`. Every step is per pixel, so the bands give exactly the
-        one-pass result; large planes are split into row bands worked on threads.
-    """
-    height, width = plane.shape[:2]
-    enhanced = np.empty((height, width), dtype=np.float32)
-    student_in = np.empty((4, height, width), dtype=np.float32) if student else None
-
-    def work(y0: int, y1: int) -> None:
-        rgb = to_unit_rgb(plane[y0:y1], scaling)
-        enhanced[y0:y1] = enhance_rgb(enhancer, rgb, plane.dtype)
-        if student_in is not None:
-            student_input(rgb, enhanced[y0:y1], out=student_in[:, y0:y1])
-
-    _each_band(work, _row_bands(height, width))
-    return enhanced, student_in
-
-
 def to_yxc(out: np.ndarray, clip: bool = False) -> np.ndarray:
     """``(C, Y, X)`` -> contiguous ``(Y, X, C)`` float32, clipped to [0, 1] when asked (band by band, on threads)."""
     channels, height, width = out.shape
@@ -366,38 +351,8 @@ def to_yxc(out: np.ndarray, clip: bool = False) -> np.ndarray:
         else:
             result[y0:y1] = band
 
-    _each_band(work, _row_bands(height, width))
+    each_band(work, row_bands(height, width))
     return result
-
-
-def enhance_rgb(enhancer, rgb: np.ndarray, input_dtype) -> np.ndarray:
-    """The enhanced image of a unit-RGB plane ``(Y, X, 3)``: luma on the input's own gray levels, then the table."""
-    dtype = np.dtype(input_dtype)
-    if dtype.kind == "u" and dtype.itemsize <= 2:
-        # the luma's gray level indexes a table over the levels (Enhancer.level_table): the values of
-        # on_input_grid and the enhancer's bins, without the division and binning of every pixel (3x faster)
-        top = np.float32(np.iinfo(dtype).max)
-        levels = luma(rgb)
-        levels *= top
-        np.round(levels, out=levels)
-        np.clip(levels, 0.0, top, out=levels)
-        return np.take(enhancer.level_table(dtype), levels.astype(np.intp))
-    gray = np.clip(on_input_grid(luma(rgb), input_dtype), 0.0, 1.0)
-    return enhancer.enhance_gray(gray)
-
-
-def student_input(rgb: np.ndarray, enhanced: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The student's input ``(4, Y, X)`` float32 in [-1, 1]: dark-field RGB ``(Y, X, 3)`` and enhanced gray ``(Y, X)``.
-
-    Written channel by channel into ``out`` (float32 ``(4, Y, X)``, made when not given): a
-    concatenation of the transposed RGB costs about 4x as much and is not C-contiguous.
-    """
-    if out is None:
-        out = np.empty((4, *enhanced.shape), dtype=np.float32)
-    np.multiply(rgb.transpose(2, 0, 1), 2.0, out=out[:3])
-    np.multiply(enhanced, 2.0, out=out[3])
-    np.subtract(out, 1.0, out=out)
-    return out
 
 
 class _ProgressCounter:

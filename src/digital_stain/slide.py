@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapt import Adaptation, check_mode
 from .arrays import InputError, ValueScaling, to_uint8
 from .io import Source, open_source
 from .lazy import LazyStain
@@ -68,7 +69,8 @@ CHUNK_RANGE = (256, 4096)
 STATS_PIXELS, STATS_CROP = 2048 * 2048, 512  # LazyStain's defaults: the same statistics as the napari view
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 GPU_THREADS = 4  # units in flight on a GPU by default
-SETTING_DEFAULTS = {"compile": False}  # settings added since the first stores: what a store without them used
+# settings added since the first stores: what a store without them used
+SETTING_DEFAULTS = {"compile": False, "adapt": "off"}
 
 
 class DiskFullError(InputError):
@@ -108,6 +110,9 @@ class SlideJob:
         Identifies this job (a worker keeps one stainer per model, source and token).
     compile : bool
         Run the networks through ``torch.compile`` (each worker compiles once).
+    adaptation : dict or str
+        The slide's :class:`~digital_stain.adapt.Adaptation` as stored (``as_dict``), decided once
+        for the whole slide; a mode (``auto|on|off``) only in the job that decides it.
     """
 
     grid: Grid
@@ -118,6 +123,7 @@ class SlideJob:
     statistics: tuple | None
     token: str
     compile: bool = False
+    adaptation: dict | str = "off"
 
     @classmethod
     def from_store(cls, store: SlideStore) -> SlideJob:
@@ -126,7 +132,7 @@ class SlideJob:
         settings = state["settings"]
         return cls(Grid.from_dict(state["grid"]), tuple(settings["outputs"]), settings["overlap"],
                    settings["precision"], _scaling_tuple(state), _as_tuples(state.get("statistics")), state["token"],
-                   settings.get("compile", SETTING_DEFAULTS["compile"]))
+                   settings.get("compile", SETTING_DEFAULTS["compile"]), _stored_adaptation(state))
 
 
 class BlockCache:
@@ -190,7 +196,9 @@ class _ChunkStain(LazyStain):
         super().__init__(model, array, job.outputs, chunk=job.grid.chunk, overlap=job.overlap,
                          precision=job.precision, cache_chunks=0,
                          scaling=ValueScaling(*job.scaling) if job.scaling is not None else None,
-                         stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP, compile=job.compile)
+                         stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP, compile=job.compile,
+                         adapt=job.adaptation if isinstance(job.adaptation, str)
+                         else Adaptation.from_dict(job.adaptation))
         self.blocks = BlockCache(self._source)
         if job.statistics is not None:
             self.use_statistics(job.statistics)
@@ -289,6 +297,8 @@ class SlideResult:
     seconds : float
     notes : list of str
         Input re-chunking and resume notes (also logged).
+    adaptation : Adaptation or None
+        What was decided for the slide (:mod:`digital_stain.adapt`), stored in the store's attributes.
     """
 
     path: Path
@@ -301,6 +311,7 @@ class SlideResult:
     stopped: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    adaptation: Adaptation | None = None
 
 
 def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[str] | None = None, *,
@@ -308,7 +319,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
                   min_side: int = 512, resume: bool = False, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   stop: threading.Event | None = None, client=None, threads: int | None = None,
-                  compile: bool = False) -> SlideResult:
+                  compile: bool = False, adapt: str | None = None) -> SlideResult:
     """Stain a whole slide into an OME-Zarr store (one image group per output, with a pyramid).
 
     Parameters
@@ -351,6 +362,11 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         then each inner unit (margins on all sides) runs faster; units at the slide's edges run
         eagerly (:class:`~digital_stain.lazy.LazyStain`). Inner units match an uncompiled run to
         float rounding (at most 1 gray level), so a store is resumed with the setting it was started with.
+    adapt : ``auto|on|off``, optional
+        Adaptation to another microscope (:mod:`digital_stain.adapt`), decided once for the whole
+        slide (on 16 MP of crops spread over it) and stored, so every unit, resumed or on a cluster
+        worker, uses the same mapping. Default: ``auto`` for a new store, the stored setting when
+        resuming (stores written before adaptation resume with ``off``).
     client : distributed.Client, optional
         Spread the units over this dask.distributed cluster
         (:func:`digital_stain.cluster.cluster_client`); each worker loads the
@@ -387,15 +403,21 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     elif device is not None:
         model.to(device)
     wanted = model.check_outputs(outputs)
+    adapt = check_mode(adapt) if adapt is not None else None
     stored = prepare_output(output, resume=resume, overwrite=overwrite)
+    if adapt is None:
+        adapt = stored["settings"].get("adapt", SETTING_DEFAULTS["adapt"]) if stored is not None else "auto"
 
+    # decided here, or as stored: a resumed run must not measure the slide again
+    adaptation = _stored_adaptation(stored) if stored is not None and "adaptation" in stored else adapt
     stainer = _ChunkStain(model, src.array, SlideJob(Grid(chunk, (), (), ()), wanted, overlap, precision,
-                                                     _scaling_tuple(stored), None, "probe", bool(compile)))
+                                                     _scaling_tuple(stored), None, "probe", bool(compile),
+                                                     adaptation))
     grid = Grid(stainer.chunk, tuple(stainer.rgb.chunks[0]), tuple(stainer.rgb.chunks[1]),
                 level_shapes(tuple(src.array.shape[:2]), min_side))
     settings = {"outputs": list(wanted), "chunk": stainer.chunk, "overlap": stainer.overlap,
                 "precision": stainer.precision, "device": stainer.device.type, "min_side": min_side,
-                "stats_pixels": STATS_PIXELS, "stats_crop": STATS_CROP, "compile": bool(compile)}
+                "stats_pixels": STATS_PIXELS, "stats_crop": STATS_CROP, "compile": bool(compile), "adapt": adapt}
     identity = {"shape": list(src.array.shape), "dtype": str(src.array.dtype), "fingerprint": _fingerprint(src.array)}
     model_id = {"name": model.name, "checksum": model.checksum, "path": str(model.path) if model.path else None}
     notes = list(src.notes)
@@ -409,21 +431,24 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         scaling = (stainer.scaling.offset, stainer.scaling.scale, stainer.scaling.source)
         statistics = stainer.record_statistics() if "student" in wanted else None
     job = SlideJob(grid, wanted, stainer.overlap, stainer.precision, scaling, statistics,
-                   token=stored["token"] if stored else uuid.uuid4().hex, compile=bool(compile))
+                   token=stored["token"] if stored else uuid.uuid4().hex, compile=bool(compile),
+                   adaptation=stainer.prep.adaptation.as_dict())
     if statistics is not None:
         stainer.use_statistics(statistics)  # the stored (rounded-trip) values, exactly as a resumed run uses them
     cache_key = (id(model), src.array.name, job.token)
     _STAINERS[cache_key] = stainer  # what stain_chunk uses; dropped at the end (it holds the model and the source)
 
     result = SlideResult(output, wanted, [list(level) for level in grid.levels],
-                         sum(len(grid.units(level)) for level in range(len(grid.levels))), notes=notes)
+                         sum(len(grid.units(level)) for level in range(len(grid.levels))), notes=notes,
+                         adaptation=stainer.prep.adaptation)
     try:
         if stored is None:
             store = SlideStore.create(output, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "token": job.token, "complete": False,
                 **provenance(), "model": model_id, "settings": settings, "source": {"name": src.name, **identity},
                 "scaling": {"offset": scaling[0], "scale": scaling[1], "source": scaling[2]},
-                "statistics": _as_lists(statistics), "grid": grid.as_dict()}, src.pixel_size)
+                "statistics": _as_lists(statistics), "grid": grid.as_dict(), "adaptation": job.adaptation},
+                src.pixel_size)
         else:
             store = SlideStore(output)
             if not stored.get("complete"):
@@ -577,6 +602,11 @@ def _scaling_tuple(stored: dict | None) -> tuple | None:
         return None
     scaling = stored["scaling"]
     return float(scaling["offset"]), float(scaling["scale"]), str(scaling["source"])
+
+
+def _stored_adaptation(state: dict) -> dict | str:
+    """The adaptation a store records (stores written before adaptation: ``off``)."""
+    return state.get("adaptation") or state.get("settings", {}).get("adapt", SETTING_DEFAULTS["adapt"])
 
 
 def _as_tuples(statistics) -> tuple | None:

@@ -1,11 +1,13 @@
-"""The **Fine-tune** dock widget: teach the student your lab's H&E style, with a live loss plot and preview.
+"""The **Fine-tune** dock widget: adapt a model to your microscope and H&E, with stages, a loss plot and a preview.
 
 It calls :func:`digital_stain.train.finetune.fine_tune`, the same function as
-``digital-stain train``, in a worker thread. Progress, losses and previews
-come back as events; Stop sets the training's stop event, which returns
-within a step with the best validated state, and that state is written. The
-written model is announced to every model picker (the Digitally stain
-widget offers it at once).
+``digital-stain train``, in a worker thread: the enhancer is refitted, the teacher
+fine-tuned, the student distilled, and the result checked against the starting model
+on held-out images. Each stage shows its own progress; Stop works in every stage (in
+the student's, it returns within a step with the best validated state, which is
+checked and written). A written model is announced to every model picker (the
+Digitally stain widget offers it at once); a model that fails the check is kept aside
+with a warning, and the starting model stays selected.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .. import settings
 from ..arrays import InputError
 from ..devices import DEVICES
 from ..io import list_images
+from ..train.finetune import FINE_TUNE_STEPS, STAGES, TEACHER_STEPS, rejected_path
 from . import layers as L
 from .lossplot import LossPlot
 from .models import ModelPicker, load_model, registry
@@ -51,6 +54,7 @@ class FineTuneWidget(QWidget):
         self.last_output: Path | None = None
         self.last_result = None
         self.val_every: int | None = None  # None: about ten validations per run (50 to 500 steps apart)
+        self.stage_state: dict[str, str] = {}  # stage -> its short status ("done", "120/300", ...)
 
         self.stained = _FolderField("Folder of H&E images from your lab (unpaired: any tissue, any size ≥ 128 px).")
         self.stained.set(saved.get("stained", ""))
@@ -66,7 +70,14 @@ class FineTuneWidget(QWidget):
         self.darkfield = _FolderField("Folder of dark-field images.")
         self.darkfield.set(saved.get("darkfield", ""))
         self.model = ModelPicker(saved.get("model_files", []))
-        self.steps = QSpinBox(minimum=1, maximum=500_000, singleStep=500, value=_as_int(saved.get("steps"), 2000))
+        self.steps = QSpinBox(minimum=1, maximum=500_000, singleStep=500,
+                              value=_as_int(saved.get("steps"), FINE_TUNE_STEPS))
+        self.steps.setToolTip("Student steps (default 500; with every stage, minutes on a 2-core CPU: see the "
+                              "user guide).")
+        self.teacher_steps = QSpinBox(minimum=0, maximum=100_000, singleStep=100,
+                                      value=_as_int(saved.get("teacher_steps"), TEACHER_STEPS))
+        self.teacher_steps.setToolTip("Steps fine-tuning the teacher on your H&E first (0 keeps the starting "
+                                      "model's teacher).")
         self.scratch = QCheckBox("new student of size")
         self.scratch.setToolTip("Start a new student instead of fine-tuning the starting model's one.")
         self.size = QComboBox()
@@ -79,6 +90,11 @@ class FineTuneWidget(QWidget):
         self.start_button = QPushButton("Start")
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
+        self.stages = QLabel("")
+        self.stages.setTextFormat(Qt.RichText)
+        self.stages.setToolTip("enhancer: its CDFs refitted where your images differ from the model's; teacher: "
+                               "fine-tuned on your H&E; student: distilled from it; check: compared with the "
+                               "starting model on held-out images")
         self.progress = QProgressBar()
         self.eta = QLabel("")
         self.plot = LossPlot()
@@ -99,6 +115,7 @@ class FineTuneWidget(QWidget):
         form.addRow("", self.darkfield)
         form.addRow("Start from", self.model)
         form.addRow("Steps", self.steps)
+        form.addRow("Teacher steps", self.teacher_steps)
         form.addRow("Student", size_row)
         form.addRow("Device", self.device)
         form.addRow("Save as", self.output)
@@ -108,6 +125,7 @@ class FineTuneWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addWidget(self.stages)
         layout.addWidget(self.progress)
         layout.addWidget(self.eta)
         layout.addWidget(self.plot)
@@ -159,6 +177,7 @@ class FineTuneWidget(QWidget):
         steps = self.steps.value()
         val_every = self.val_every or min(500, max(50, steps // 10))
         options = dict(steps=steps, device=self.device.currentText(), config_overrides={"val_every": val_every},
+                       teacher_steps=self.teacher_steps.value(),
                        paired=self.paired.isChecked(),
                        from_scratch=self.scratch.isChecked(),
                        size=None if not self.scratch.isChecked() or self.size.currentText() == "auto"
@@ -260,17 +279,19 @@ class FineTuneWidget(QWidget):
         import torch
 
         from ..oom import is_out_of_memory, release_memory
-        from ..train.finetune import fine_tune, preview_student
+        from ..train.finetune import fine_tune, preview_student, teacher_checkpoint
 
         checkpoint = settings.data_dir() / "checkpoints" / (output.name + ".ckpt.safetensors")
 
         def work(bridge, stop):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             init = load_model(choice, options["device"])  # the teacher's pass runs on the chosen device too
+            trained_with = {"enhancer": init.enhancer}  # replaced by the one the enhancer stage makes
 
             def callback(step, student):
                 if step == 1 or step % PREVIEW_EVERY == 0:
-                    bridge.event.emit(("preview", step, preview_student(init.enhancer, student, crop)))
+                    preview = preview_student(trained_with["enhancer"], student, crop)
+                    bridge.event.emit(("preview", step, preview))
 
             failed = False
             try:
@@ -278,7 +299,8 @@ class FineTuneWidget(QWidget):
                                  darkfield_names=names,
                                  command="napari Fine-tune widget", on_note=lambda text: None,  # the CLI's flags
                                  progress=lambda p: bridge.event.emit(("progress", p)), stop=stop,
-                                 callback=callback, **options)
+                                 callback=callback, on_enhancer=lambda e: trained_with.update(enhancer=e),
+                                 **options)
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if not is_out_of_memory(err):
                     raise
@@ -289,8 +311,9 @@ class FineTuneWidget(QWidget):
                                   "tiny, with 'new student of size') or the CPU. The last checkpoint is kept in "
                                   f"{checkpoint.parent}.")
             if done.model is not None:
-                done.model.save(output)
-            checkpoint.unlink(missing_ok=True)  # the model holds the chosen state (or there was none to keep)
+                done.model.save(output if done.accepted else rejected_path(output), overwrite=not done.accepted)
+            for spent in (checkpoint, teacher_checkpoint(checkpoint)):  # the model holds the chosen states
+                spent.unlink(missing_ok=True)
             return done
 
         return work
@@ -300,12 +323,17 @@ class FineTuneWidget(QWidget):
         try:
             if event[0] == "progress":
                 p = event[1]
+                if p.stage:
+                    self._stage_progress(p)
                 if p.total:
                     self.progress.setRange(0, p.total)
                     self.progress.setValue(p.step)
-                    self.plot.add(p.step, p.losses)
-                    eta = "" if math.isnan(p.eta_s) else f" · about {_duration(p.eta_s)} left"
-                    self.eta.setText(f"step {p.step} of {p.total} · {p.images_per_s:.1f} images/s{eta}")
+                    if p.stage in ("", "student"):  # the plot shows the student's losses
+                        self.plot.add(p.step, p.losses)
+                    if p.stage in ("", "teacher", "student"):
+                        eta = "" if math.isnan(p.eta_s) else f" · about {_duration(p.eta_s)} left in this stage"
+                        where = f"{p.stage}: " if p.stage else ""
+                        self.eta.setText(f"{where}step {p.step} of {p.total} · {p.images_per_s:.1f} images/s{eta}")
                 if p.message:
                     self.status.setText(p.message)
             elif event[0] == "preview":
@@ -314,6 +342,30 @@ class FineTuneWidget(QWidget):
                 self.preview.setToolTip(f"the student at step {step}, on the centre of your first dark-field image")
         except Exception as err:  # never raise into Qt's event loop
             show_warning(f"could not show training progress: {err}")
+
+    def _stage_progress(self, p) -> None:
+        """Mark the stages before ``p.stage`` done and show where ``p.stage`` is."""
+        stopping = self._stop is not None and self._stop.is_set()
+        for stage in STAGES[: STAGES.index(p.stage)]:
+            state = self.stage_state.get(stage, "")
+            if state not in ("kept", "stopped", "done"):  # ended: by a stop when it was still counting steps
+                done, _, total = state.partition("/")
+                self.stage_state[stage] = "stopped" if stopping and total and done != total else "done"
+        if p.total:
+            self.stage_state[p.stage] = "done" if p.step >= p.total and p.stage == "check" else f"{p.step}/{p.total}"
+        else:
+            self.stage_state.setdefault(p.stage, "…")
+        self._show_stages()
+
+    def _show_stages(self) -> None:
+        parts = []
+        for i, stage in enumerate(STAGES):
+            state = self.stage_state.get(stage, "")
+            mark = {"done": " ✓", "kept": " (kept)", "stopped": " (stopped)", "": ""}.get(state, f" {state}")
+            text = f"{i + 1}. {stage}{mark}"
+            active = state not in ("", "done", "kept", "stopped", "failed")
+            parts.append(f"<b>{text}</b>" if active else text)
+        self.stages.setText(" · ".join(parts))
 
     def _on_done(self, outcome, output: Path) -> None:
         try:
@@ -329,10 +381,19 @@ class FineTuneWidget(QWidget):
         done = outcome.result
         self.last_result = done
         if done.model is None:
-            text = (f"stopped at step {done.result.steps_done}, before the first validation: no validated state to "
-                    "keep, nothing was written.")
+            text = f"{done.summary}; nothing was written."
             show_info(text)
             self.status.setText(text)
+            return
+        if not done.accepted:
+            text = (f"the fine-tuned model is not better than the starting one on your held-out images, so it is not "
+                    f"offered for staining: {'; '.join(done.check.reasons)}. Check the H&E and dark-field folders "
+                    f"(not swapped, not bright-field) or train longer. It was kept aside as "
+                    f"{rejected_path(output).name} for a look.")
+            show_warning(text)
+            self.status.setText(text)
+            self.stage_state["check"] = "failed"
+            self._show_stages()
             return
         self.last_output = output
         registry().added.emit(str(output))
@@ -349,6 +410,12 @@ class FineTuneWidget(QWidget):
     def _on_finished(self) -> None:
         if _ACTIVE.get("stop") is self._stop:
             _ACTIVE.clear()
+        stopped = self._stop is not None and self._stop.is_set()
+        for stage, state in self.stage_state.items():
+            if stopped and "/" in state or state == "…":
+                self.stage_state[stage] = "stopped"
+        self._show_stages()
+        self.eta.setText("")  # no estimate outlives its run
         self._worker = self._stop = None
         self._set_running(False)
 
@@ -356,6 +423,8 @@ class FineTuneWidget(QWidget):
         self.start_button.setEnabled(not on)
         self.stop_button.setEnabled(on)
         if on:
+            self.stage_state = {} if self.teacher_steps.value() else {"teacher": "kept"}
+            self._show_stages()
             self.progress.setRange(0, 0)  # busy until the first step (loading, teacher outputs)
             self.status.setText("preparing: loading images and the teacher's outputs…")
         elif self.progress.maximum() == 0:
@@ -372,6 +441,7 @@ class FineTuneWidget(QWidget):
                 "stained": self.stained.value(), "darkfield": self.darkfield.value(),
                 "paired": self.paired.isChecked(),
                 "source": "folder" if self.source.currentIndex() == 1 else "layers", "steps": self.steps.value(),
+                "teacher_steps": self.teacher_steps.value(),
                 "size": self.size.currentText(), "device": self.device.currentText(),
                 "model_files": self.model.files})
         except OSError as err:

@@ -31,6 +31,7 @@ from .worker import start_job, wait_while
 
 SECTION = "stain"
 MODES = {"auto": "auto (lazy for large, dask, pyramid or stack)", "now": "whole image now", "lazy": "lazily, as viewed"}
+ADAPT_CHOICES = {"auto": "auto (when far from the model's)", "on": "always", "off": "never"}
 LAZY_STATS_PIXELS = 1024 * 1024  # statistics per pyramid level: enough crops to be stable, cheap on a CPU
 LAZY_CACHE_BYTES = 256 * 2**20  # stained chunks kept per output and pyramid level
 
@@ -83,6 +84,12 @@ class StainWidget(QWidget):
         self.mode = QComboBox()
         for key, label in MODES.items():
             self.mode.addItem(label, key)
+        self.adapt = QComboBox()
+        for key, label in ADAPT_CHOICES.items():
+            self.adapt.addItem(label, key)
+        self.adapt.setToolTip("Another microscope's dark-field: auto adapts when the image is far from the model's "
+                              "(the enhancer's dark-field CDF is refitted on the image and the student's input "
+                              "channels mapped onto the model's); on always; off never.")
         self.run_button = QPushButton("Digitally stain")
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
@@ -101,6 +108,7 @@ class StainWidget(QWidget):
         form.addRow("Device", self.device)
         form.addRow("Tile", self.tile)
         form.addRow("Mode", self.mode)
+        form.addRow("Adapt", self.adapt)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button, 1)
         buttons.addWidget(self.stop_button)
@@ -118,7 +126,7 @@ class StainWidget(QWidget):
         self.side_by_side.toggled.connect(self._toggle_grid)
         self.side_by_side.clicked.connect(self._layout_clicked)
         self.model.changed.connect(self._model_changed)
-        for widget in (self.device, self.mode):
+        for widget in (self.device, self.mode, self.adapt):
             widget.currentIndexChanged.connect(self._save)
         self.tile.valueChanged.connect(self._save)
         for box in self.output_boxes.values():
@@ -177,7 +185,7 @@ class StainWidget(QWidget):
             return False
         self._save()
         settings_used = dict(model=self.model.value, device=self.device.currentText(), tile=self.tile.value(),
-                             outputs=list(outputs), mode="lazy" if lazy else "now")
+                             outputs=list(outputs), mode="lazy" if lazy else "now", adapt=self.adapt.currentData())
         work = self._lazy_work(data, settings_used) if lazy else self._eager_work(data, settings_used)
         self._set_running(True, f"staining {layer.name!r}" + (" (lazily)" if lazy else ""))
         self._worker, self._stop = start_job(
@@ -238,11 +246,14 @@ class StainWidget(QWidget):
 
         def work(bridge, stop):
             model = load_model(used["model"], used["device"])
+            image = np.asarray(data)
+            adaptation = model.adaptation(image, used["adapt"])  # decided once, for the whole layer
             with model_lock(model):
                 results, actual = stain_with_fallback(
-                    model, np.asarray(data), used["outputs"], tile=used["tile"], device=used["device"],
-                    precision="auto", progress=bridge.progress.emit, stop=stop, notify=signals.warning.emit)
-            return model, results, actual
+                    model, image, used["outputs"], tile=used["tile"], device=used["device"],
+                    precision="auto", progress=bridge.progress.emit, stop=stop, notify=signals.warning.emit,
+                    adapt=adaptation)
+            return model, results, {**actual, "adaptation": adaptation}
 
         return work
 
@@ -258,7 +269,7 @@ class StainWidget(QWidget):
             arrays, stains = lazy_pyramid(
                 model, data, used["outputs"], chunk=used["tile"], stats_pixels=LAZY_STATS_PIXELS,
                 stats_crop=min(512, used["tile"]), background=True, cache_bytes=LAZY_CACHE_BYTES,
-                on_fallback=signals.warning.emit)
+                on_fallback=signals.warning.emit, adapt=used["adapt"])
             for stain in stains:  # bound here, so each report says which pyramid level it is from
                 stain.on_ready = lambda s=stain: signals.ready.emit(s)
                 stain.on_error = lambda error, s=stain: signals.failed.emit(s, error)
@@ -268,7 +279,8 @@ class StainWidget(QWidget):
                 for stain in stains:
                     stain.close(wait=False)
                 raise Cancelled("stopped by the user")
-            actual = {"tile": used["tile"], "device": str(model._device), "fallbacks": []}
+            actual = {"tile": used["tile"], "device": str(model._device), "fallbacks": [],
+                      "adaptation": stains[0].prep.adaptation}  # level 0's, used by every level
             return model, (arrays, stains), actual
 
         return work
@@ -289,10 +301,13 @@ class StainWidget(QWidget):
             lazy = used["mode"] == "lazy"
             stains = results[1] if lazy else None
             data = results[0] if lazy else results
+            adaptation = actual["adaptation"]
             metadata = {"digital_stain": {
                 **model.describe(), "outputs": used["outputs"], "tile": actual["tile"], "device": actual["device"],
                 "mode": used["mode"], "source_layer": source.name, "fallbacks": actual["fallbacks"],
-                "version": __version__}}
+                "adaptation": adaptation.describe(), "version": __version__}}
+            if adaptation.applied:
+                show_info(f"{source.name!r}: {adaptation.message(model.name)}")
             self.last_layers = {}
             for position, output in enumerate(used["outputs"]):
                 levels = data[output]
@@ -308,8 +323,9 @@ class StainWidget(QWidget):
             elif self.side_by_side.isChecked():
                 L.set_side_by_side(self.viewer, True)  # new panels joined the grid
             where = "as you view it" if lazy else f"in {actual['tile']}-px tiles"
+            adapted = " (adapted to this image's dark-field)" if adaptation.applied else ""
             self.progress.setValue(100)
-            self.status.setText(f"stained {source.name!r} with {model.name} on {actual['device']} {where}.")
+            self.status.setText(f"stained {source.name!r} with {model.name}{adapted} on {actual['device']} {where}.")
         except Exception as err:  # never raise into Qt's event loop
             show_error(f"could not show the result: {err}")
 
@@ -407,12 +423,13 @@ class StainWidget(QWidget):
         self.tile.setValue(_as_int(saved.get("tile"), 512))
         index = self.mode.findData(saved.get("mode", "auto"))
         self.mode.setCurrentIndex(max(index, 0))
+        self.adapt.setCurrentIndex(max(self.adapt.findData(saved.get("adapt", "auto")), 0))
 
     def _save(self, *_) -> None:
         try:
             settings.save_settings(SECTION, {
                 "model": self.model.value, "model_files": self.model.files, "device": self.device.currentText(),
-                "tile": self.tile.value(), "mode": self.mode.currentData(),
+                "tile": self.tile.value(), "mode": self.mode.currentData(), "adapt": self.adapt.currentData(),
                 "outputs": [n for n, b in self.output_boxes.items() if b.isChecked()]})
         except OSError as err:
             show_warning(f"could not remember the settings: {err}")

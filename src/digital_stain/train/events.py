@@ -24,6 +24,9 @@ class Progress:
         Estimated seconds to the end.
     message : str
         Human-readable status ("checkpoint saved", "validation ...").
+    stage : str
+        Which part of a fine-tune it is from (``enhancer``, ``teacher``, ``student``, ``check``);
+        empty from a single training loop.
     """
 
     step: int
@@ -32,6 +35,7 @@ class Progress:
     images_per_s: float = 0.0
     eta_s: float = float("nan")
     message: str = ""
+    stage: str = ""
 
 
 @dataclass

@@ -170,8 +170,12 @@ def update_ema(average: torch.nn.Module, live: torch.nn.Module, decay: float, st
 
 
 def cache_teacher(model, darkfield: list, progress=None, stop: threading.Event | None = None) -> list | None:
-    """Dark-field, enhanced and teacher stacked per image: uint8 ``(Y, X, 7)`` (computed once: the teacher is frozen).
+    """The student's dark-field input, enhanced and teacher stacked per image: uint8 ``(Y, X, 7)``
+    (computed once: the teacher is frozen).
 
+    The model's own preparation, never adapted per image: its enhancer is the training data's,
+    and the dark-field channels are those its student receives (mapped onto the distribution
+    the student was trained on when the model says so, :attr:`Enhancer.student_inputs`).
     Returns ``None`` if ``stop`` is set before it is done (checked between tiles, so a large
     image does not delay the stop).
     """
@@ -179,11 +183,14 @@ def cache_teacher(model, darkfield: list, progress=None, stop: threading.Event |
     for i, image in enumerate(darkfield):
         if stop_requested(stop):
             return None
+        prep = model.preparation(image, adapt="off")
         try:
-            outs = model.stain(image, ["enhanced", "teacher"], stop=stop)
+            outs = model.stain(image, ["enhanced", "teacher"], stop=stop, adapt=prep.adaptation)
         except Cancelled:
             return None
-        cached.append(np.concatenate([image, to_uint8(outs["enhanced"])[..., None], to_uint8(outs["teacher"])], -1))
+        student_rgb = to_uint8(prep.student_rgb(prep.unit_rgb(image, has_channels=image.ndim == 3)))
+        cached.append(np.concatenate([student_rgb, to_uint8(outs["enhanced"])[..., None],
+                                      to_uint8(outs["teacher"])], -1))
         if progress:
             progress(Progress(0, 0, message=f"teacher outputs cached: {i + 1}/{len(darkfield)}"))
     return cached

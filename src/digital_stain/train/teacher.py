@@ -22,7 +22,7 @@ from ..color import luma_torch, rgb_to_lab
 from ..devices import autocast, resolve_device, resolve_training_precision
 from ..nets.unet import AB_SCALE, ColorizationUNet, lightness_input
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import center_crop, load_rgb_folder, random_crops, validation_split
+from .data import center_crop, load_images, random_crops, validation_split
 from .events import Meter, Progress, TrainResult, stop_requested
 from .schedule import constant_then_linear, set_lr, snapshot
 
@@ -89,6 +89,7 @@ def train_teacher(
     stained_dir: str | os.PathLike,
     config: TeacherConfig | None = None,
     *,
+    names: list[str] | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     init_state: dict | None = None,
@@ -99,9 +100,11 @@ def train_teacher(
 
     Parameters
     ----------
-    stained_dir : path-like
-        Folder of RGB H&E images (any size at least ``config.crop``).
+    stained_dir : path-like or sequence of arrays
+        Folder of RGB H&E images (any size at least ``config.crop``), or the images themselves.
     config : TeacherConfig
+    names : list of str, optional
+        Names of in-memory images (they choose the validation split, as file names do).
     checkpoint : path-like, optional
         Where to save checkpoints (every ``val_every`` steps) and, with
         ``resume``, where to continue from.
@@ -119,7 +122,7 @@ def train_teacher(
     cfg = config or TeacherConfig()
     device = resolve_device(cfg.device)
     precision = resolve_training_precision(cfg.precision, device)
-    data = load_rgb_folder(stained_dir, min_side=cfg.crop, kind="H&E")
+    data = load_images(stained_dir, names, min_side=cfg.crop, kind="H&E")
     held_out = validation_split(data.names, cfg.val_fraction)
     if held_out.any() and not held_out.all():
         train_images = [im for im, h in zip(data.images, held_out) if not h]
