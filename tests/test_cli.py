@@ -16,6 +16,7 @@ from PIL import Image
 from digital_stain.arrays import to_uint8
 from digital_stain.cli import main
 from digital_stain.model import StainModel
+from digital_stain.outputs import MARKER
 
 FAST = ["--device", "cpu", "--precision", "fp32", "-q"]
 
@@ -30,6 +31,11 @@ def run(capsys, *args) -> tuple[int, str]:
 def read_png(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im)
+
+
+def visible(folder: Path) -> list[str]:
+    """What a user sees in a folder (our hidden marker and lock files aside)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -81,7 +87,7 @@ def test_stain_one_sample_file(capsys, tiny_model_file, sample_dir, tmp_path):
     assert code == 0, err
     assert "wrote" in err
     want = expected(tiny_model_file, read_png(source))
-    assert sorted(p.name for p in out.iterdir()) == ["enhanced", "student", "teacher"]
+    assert visible(out) == ["enhanced", "student", "teacher"]
     for name in ("enhanced", "teacher", "student"):
         files = list((out / name).iterdir())
         assert [f.name for f in files] == ["darkfield_0_0.png"], name
@@ -101,7 +107,7 @@ def test_folder_input_keeps_names(capsys, tiny_model_file, tmp_path, darkfield_t
     out = tmp_path / "out"
     code, err = run(capsys, folder, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["enhanced", "teacher"]
+    assert visible(out) == ["enhanced", "teacher"]
     for name in ("enhanced", "teacher"):
         assert sorted(p.name for p in (out / name).iterdir()) == ["alpha.png", "beta 2.png"], name
     assert read_png(out / "teacher" / "alpha.png").shape == (64, 80, 3)
@@ -117,7 +123,7 @@ def test_folder_single_output_goes_straight_into_folder(capsys, tiny_model_file,
     out = tmp_path / "out"
     code, err = run(capsys, folder, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced", "--format", "tif")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["one.tif", "two.tif"]
+    assert visible(out) == ["one.tif", "two.tif"]
     np.testing.assert_array_equal(tifffile.imread(out / "one.tif"), expected(tiny_model_file, crop, ["enhanced"])["enhanced"])
 
 
@@ -153,9 +159,16 @@ def test_existing_output_refused_then_overwritten(capsys, tiny_model_file, small
 
     code, err = run(capsys, small_png, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,teacher",
                     "--overwrite")
+    assert code == 2 and "did not write" in err  # --overwrite replaces only our own outputs
+    assert (out / "keep.txt").read_text() == "precious"
+
+    ours = tmp_path / "ours"
+    assert run(capsys, small_png, "-o", ours, "--model", tiny_model_file, "--outputs", "teacher")[0] == 0
+    code, err = run(capsys, small_png, "-o", ours, "--model", tiny_model_file, "--outputs", "enhanced,teacher",
+                    "--overwrite")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["enhanced", "teacher"]
-    assert (out / "teacher" / "small tile.png").is_file()
+    assert visible(ours) == ["enhanced", "teacher"] and (ours / MARKER).is_file()
+    assert (ours / "teacher" / "small tile.png").is_file()
     assert leftovers(tmp_path) == []
 
 
@@ -339,7 +352,7 @@ def stack_tif(tmp_path, darkfield_tile) -> tuple[Path, np.ndarray]:
     stack = np.stack([darkfield_tile[:48, :64, c] for c in range(3)])  # (Z, Y, X) uint8
     path = tmp_path / "in" / "stack.tif"
     path.parent.mkdir()
-    tifffile.imwrite(path, stack)
+    tifffile.imwrite(path, stack, photometric="minisblack")  # a Z stack; tifffile's default would store RGB planes
     return path, stack
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 import digital_stain
 from digital_stain.arrays import InputError
 from digital_stain.io import atomic_path, list_images, read_image, write_image
+from digital_stain.outputs import MARKER
 
 DATA = Path(digital_stain.__file__).parent / "data"
 
@@ -217,15 +218,14 @@ def test_atomic_path_writes_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
 
 
-def test_atomic_path_leaves_existing_target_untouched_when_block_raises(tmp_path):
-    target = tmp_path / "out.txt"
-    target.write_text("old")
+def test_atomic_path_leaves_existing_target_untouched_when_block_raises(tmp_path, rgb):
+    target = write_image(tmp_path / "out.png", rgb)
     with pytest.raises(_Boom):
         with atomic_path(target, overwrite=True) as tmp:
             tmp.write_text("half-written")
             raise _Boom
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temporary left behind
+    np.testing.assert_array_equal(read_image(target), rgb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temporary left behind
 
 
 def test_atomic_path_creates_nothing_when_block_raises(tmp_path):
@@ -239,20 +239,22 @@ def test_atomic_path_creates_nothing_when_block_raises(tmp_path):
 
 
 def test_atomic_path_folder_target(tmp_path):
-    target = tmp_path / "result.zarr"
-    target.mkdir()
-    (target / "old").write_text("old")
+    target = tmp_path / "result"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "old").write_text("old")
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "old"]  # a folder we write is marked as ours
     with pytest.raises(_Boom):
         with atomic_path(target, overwrite=True) as tmp:
             tmp.mkdir()
             (tmp / "new").write_text("new")
             raise _Boom
-    assert [p.name for p in target.iterdir()] == ["old"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "old"]
     with atomic_path(target, overwrite=True) as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("new")
-    assert [p.name for p in target.iterdir()] == ["new"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.zarr"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
 
 
 def test_atomic_path_refuses_existing_target_without_overwrite(tmp_path):
@@ -265,12 +267,21 @@ def test_atomic_path_refuses_existing_target_without_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
 
 
-def test_atomic_path_overwrite_replaces(tmp_path):
-    target = tmp_path / "out.txt"
-    target.write_text("old")
-    with atomic_path(target, overwrite=True) as tmp:
+def test_atomic_path_overwrite_replaces_our_output_only(tmp_path, rgb):
+    ours = write_image(tmp_path / "out.png", rgb)
+    with atomic_path(ours, overwrite=True) as tmp:
         tmp.write_text("new")
-    assert target.read_text() == "new"
+    assert ours.read_text() == "new"
+
+    theirs = tmp_path / "notes.txt"
+    theirs.write_text("precious")
+    with pytest.raises(InputError, match="did not write"):
+        with atomic_path(theirs, overwrite=True) as tmp:
+            tmp.write_text("new")
+    assert theirs.read_text() == "precious"
+    with atomic_path(theirs, overwrite=True, owned=True) as tmp:  # a caller that knows it is ours (settings)
+        tmp.write_text("new")
+    assert theirs.read_text() == "new"
 
 
 def test_atomic_path_block_that_writes_nothing_is_an_error(tmp_path):

@@ -340,3 +340,19 @@ def test_batched_tiles_stain_the_same(tiny_model, darkfield_tile, output):
     assert seen[-1] == 100 and seen == sorted(seen)
 
 
+
+
+def test_a_model_whose_student_inputs_are_its_own_histograms_saves(tiny_model, tmp_path):
+    """A fine-tuned enhancer may hold the very arrays of its dark-field histograms as the student's inputs;
+    saving must not trip over the shared memory (safetensors refuses tensors that share it)."""
+    from digital_stain.enhance import Enhancer
+    from digital_stain.histograms import Distribution
+
+    old = tiny_model.enhancer
+    channels = np.arange(3 * old.darkfield_counts.size).reshape(3, -1) % 7
+    shared = Distribution(old.darkfield_counts, channels)
+    enhancer = Enhancer(old.darkfield_counts, old.brightfield_counts, channels, shared)
+    model = StainModel(enhancer, tiny_model.teacher, tiny_model.student, tiny_model.metadata)
+    model.save(tmp_path / "shared.safetensors")
+    loaded = StainModel.load(tmp_path / "shared.safetensors", device="cpu")
+    np.testing.assert_array_equal(loaded.enhancer.student_inputs.luma, old.darkfield_counts)

@@ -71,6 +71,7 @@ def test_stop_returns_within_seconds_and_keeps_the_best_state(viewer_and_widgets
     assert written["steps"] == done.result.steps_done < 100_000
     assert "stopped early" in tune.status.text()
     assert tune.start_button.isEnabled()
+    assert tune.eta.text() == ""  # no estimate outlives its run
 
 
 def test_bad_folders_are_explained(viewer_and_widgets, qtbot, tmp_path):

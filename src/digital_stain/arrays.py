@@ -54,6 +54,17 @@ def split_planes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ..
     return tuple(shape[:-2]), tuple(shape[-2:])
 
 
+def plain_array(image) -> np.ndarray:
+    """``image`` as a numpy array; a masked array whose mask hides pixels is refused (staining would ignore it)."""
+    if isinstance(image, np.ma.MaskedArray):
+        if np.ma.getmaskarray(image).any():
+            raise InputError(
+                f"the image is a masked array with {int(np.ma.getmaskarray(image).sum())} masked pixel(s); staining "
+                "cannot leave pixels out. Fill them first (e.g. image.filled(0)) and pass a plain array.")
+        return np.asarray(image.data)
+    return np.asarray(image)
+
+
 def check_plane_shape(shape: tuple[int, ...]) -> None:
     """Refuse planes too small to stain."""
     ny, nx = shape[0], shape[1]
@@ -89,10 +100,7 @@ def scaling_of(image) -> ValueScaling:
     lo, hi, finite = da.compute(image.min(), image.max(), da.isfinite(image).all())
     if not finite:
         raise InputError("the image has NaN or infinite pixels; fill or mask them before staining.")
-    lo, hi = float(lo), float(hi)
-    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return ValueScaling(0.0, 1.0, described)
-    return ValueScaling(lo, (hi - lo) or 1.0, described)
+    return _scaling_from_range(dtype, float(lo), float(hi), described)
 
 
 def value_scaling(image: np.ndarray) -> ValueScaling:
@@ -107,12 +115,36 @@ def value_scaling(image: np.ndarray) -> ValueScaling:
         raise InputError(
             f"the image has {bad} NaN or infinite pixel(s); fill or mask them (e.g. numpy.nan_to_num) before staining."
         )
+    if image.size == 0:
+        raise InputError(f"the image is empty (shape {image.shape}); open an image with pixels in it.")
     lo, hi = float(image.min()), float(image.max())
+    return _scaling_from_range(dtype, lo, hi, dtype.name)
+
+
+# Staining computes in float32: a range wider than this cannot be mapped to [0, 1] without overflow.
+FLOAT32_SPAN = float(np.finfo(np.float32).max) / 4
+
+
+def _scaling_from_range(dtype: np.dtype, lo: float, hi: float, described: str) -> ValueScaling:
     if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return ValueScaling(0.0, 1.0, "float in [0, 1]")
+        return ValueScaling(0.0, 1.0, "float in [0, 1]" if described == dtype.name else described)
+    if not (abs(lo) <= FLOAT32_SPAN and abs(hi) <= FLOAT32_SPAN):
+        raise InputError(
+            f"the image's values span [{lo:g}, {hi:g}], beyond what staining can scale (it computes in 32-bit "
+            "floats); rescale the image (e.g. to [0, 1]) before staining.")
     if hi == lo:
         return ValueScaling(lo, 1.0, f"constant image ({lo:g})")
-    return ValueScaling(lo, hi - lo, f"{dtype.name} stretched from [{lo:g}, {hi:g}]")
+    return ValueScaling(lo, hi - lo, f"{described} stretched from [{lo:g}, {hi:g}]")
+
+
+def scaling_note(scaling: ValueScaling) -> str | None:
+    """The sentence to show a user when their values were not taken as they are (stretched or constant)."""
+    if "stretched" in scaling.source:
+        return (f"values {scaling.source} to [0, 1] (only uint8, uint16 and floats in [0, 1] are taken as they "
+                "are): brightness is relative to this image, so images stained apart may differ in tone.")
+    if scaling.source.startswith("constant"):
+        return f"the image is constant ({scaling.offset:g}): its stain is flat."
+    return None
 
 
 def to_unit_rgb(plane: np.ndarray, scaling: ValueScaling | None = None) -> np.ndarray:

@@ -14,9 +14,24 @@ from pathlib import Path
 
 import numpy as np
 
+from . import options
 from .adapt import ADAPT_MODES
 from .arrays import InputError, to_uint8
 from .devices import DEVICES, PRECISIONS
+
+STEPS = options.integer(1, what="a number of steps")
+BATCH = options.integer(1, 1024, "a batch size")
+CROP = options.integer(32, 4096, "a crop side in pixels")
+SEED = options.integer(0, 2**32 - 1, "a seed")
+
+
+class _UsageError(Exception):
+    """A command line argparse refuses: ``main`` prints the message (with a pointer to --help) and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would sys.exit(2); main returns 2 instead, as for every refusal
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 EPILOG = "Docs: docs/usage.md. Models: shipped names ({models}) or a path to a .safetensors model file."
 
@@ -28,7 +43,7 @@ def _models_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="digital-stain",
         description="Digitally stain dark-field microscopy as H&E (Xu et al., knowledge distillation).",
     )
@@ -44,12 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output folder (or an image file when staining one file to one output); a name ending "
                             "in .zarr (e.g. OUT.ome.zarr) writes one OME-Zarr store with a pyramid, chunk by chunk "
                             "(whole slides: bounded memory, resumable)")
-    stain.add_argument("--model", "-m", default="dsd-unpaired", help="shipped model name or model file path")
+    stain.add_argument("--model", "-m", type=options.model, default="dsd-unpaired", help="shipped model name or model file path")
     stain.add_argument("--device", default="auto", choices=DEVICES)
     stain.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="auto: bf16 only where the hardware is fast at it (CUDA, AMX CPUs), else fp32")
-    stain.add_argument("--tile", type=int, default=512, help="tile side in pixels (memory vs speed)")
-    stain.add_argument("--overlap", type=int, default=128,
+    stain.add_argument("--tile", type=options.tile, default=512, help="tile side in pixels (memory vs speed)")
+    stain.add_argument("--overlap", type=options.overlap, default=128,
                        help="tile overlap in pixels (smaller is faster, less exact at tile borders)")
     stain.add_argument("--outputs", default=None,
                        help="comma-separated: student,teacher,enhanced (default: all the model has)")
@@ -61,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--resume", action="store_true",
                        help="OME-Zarr output: finish an interrupted run, redoing only unfinished chunks "
                             "(same model and settings)")
-    stain.add_argument("--chunk", type=int, default=None,
+    stain.add_argument("--chunk", type=options.integer(256, 4096, "a chunk side in pixels"), default=None,
                        help="OME-Zarr output: chunk side in pixels, 256..4096 (default 1024; memory grows with it)")
-    stain.add_argument("--scheduler", default=None, metavar="ADDRESS",
+    stain.add_argument("--scheduler", type=options.scheduler, default=None, metavar="ADDRESS",
                        help="OME-Zarr output: run the chunks on this dask.distributed scheduler (tcp://host:8786); "
                             "every worker needs the package and the model file")
-    stain.add_argument("--workers", type=int, default=None, metavar="N",
+    stain.add_argument("--workers", type=options.integer(1, 256, "a number of worker processes"), default=None, metavar="N",
                        help="OME-Zarr output: run the chunks on a local dask.distributed cluster of N processes")
     stain.add_argument("--view", action="store_true",
                        help="open the input and outputs in napari when a display is present "
@@ -84,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--darkfield", type=Path, default=None,
                        help="folder of dark-field images for the enhancer's CDF (default: keep --init's enhancer)")
     teach.add_argument("--output", "-o", type=Path, required=True, help="model file to write (.safetensors)")
-    teach.add_argument("--init", default=None, help="model to start from (its teacher, enhancer and student)")
-    teach.add_argument("--steps", type=int, default=None)
-    teach.add_argument("--batch", type=int, default=None)
-    teach.add_argument("--crop", type=int, default=None)
-    teach.add_argument("--width", type=int, default=None)
-    teach.add_argument("--depth", type=int, default=None)
-    teach.add_argument("--input-noise", type=float, default=None,
+    teach.add_argument("--init", type=options.model, default=None, help="model to start from (its teacher, enhancer and student)")
+    teach.add_argument("--steps", type=STEPS, default=None)
+    teach.add_argument("--batch", type=BATCH, default=None)
+    teach.add_argument("--crop", type=CROP, default=None)
+    teach.add_argument("--width", type=options.integer(1, 512, "a channel width"), default=None)
+    teach.add_argument("--depth", type=options.integer(1, 8, "a depth"), default=None)
+    teach.add_argument("--input-noise", type=options.number(0, 1, what="a noise std"), default=None,
                        help="largest std of Gaussian noise added to the gray input (default 0.04; 0 = paper)")
     _add_run_options(teach)
     train = sub.add_parser("train", help="adapt a model to your microscope and H&E (refit the enhancer, fine-tune the "
@@ -105,20 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "--stained images by file name; a registration network aligns the output with each "
                             "section during training (losses 2 kd, 10 cyc, 20 con, 10 smooth)")
     train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (.safetensors)")
-    train.add_argument("--init", default="dsd-unpaired", help="model whose enhancer and teacher are used "
+    train.add_argument("--init", type=options.model, default="dsd-unpaired", help="model whose enhancer and teacher are used "
                        "(and whose student is fine-tuned if it has one); default dsd-unpaired")
     train.add_argument("--size", choices=("full", "small", "fast", "tiny"), default=None,
                        help="student size: full = the paper's (default on a CUDA GPU), small = CPU-friendly "
                             "(default otherwise), fast = for staining on a CPU, tiny = tests")
-    train.add_argument("--steps", type=int, default=None,
+    train.add_argument("--steps", type=STEPS, default=None,
                        help="student steps (default 500 when fine-tuning --init's student, which with every stage "
                             "takes minutes on a 2-core CPU (docs/usage.md); 20000 for a new student)")
-    train.add_argument("--crop", type=int, default=None)
-    train.add_argument("--batch", type=int, default=None)
-    train.add_argument("--lambda-kd", type=float, default=None,
+    train.add_argument("--crop", type=CROP, default=None)
+    train.add_argument("--batch", type=BATCH, default=None)
+    train.add_argument("--lambda-kd", type=options.number(0, what="a loss weight"), default=None,
                        help="weight of the distillation loss (default the paper's: 5, or 2 with --paired; "
                             "0 = CycleGAN, the ablation)")
-    train.add_argument("--teacher-steps", type=int, default=None, metavar="N",
+    train.add_argument("--teacher-steps", type=options.integer(0, what="a number of steps"), default=None, metavar="N",
                        help="first fine-tune the teacher on --stained for N steps (default 300 when --init has a "
                             "teacher; 0 keeps its teacher as it is)")
     train.add_argument("--refit", choices=ADAPT_MODES, default="auto",
@@ -130,23 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "the held-out dark-field images (default: checked; a failing model is not written)")
     train.add_argument("--from-scratch", action="store_true",
                        help="start a new student even if --init has one (default: fine-tune its student)")
-    train.add_argument("--ema", type=float, default=None, metavar="DECAY",
+    train.add_argument("--ema", type=options.number(0, 0.99999, what="an EMA decay, 0 for none"), default=None, metavar="DECAY",
                        help="validate, choose and save a moving average of the student's weights with this decay "
-                            "(e.g. 0.999; default 0 = off, the paper's training): steadier than the live weights")
-    train.add_argument("--reg-warmup", type=int, default=None, metavar="STEPS",
+                            "(default 0.99 when fine-tuning --init's student; 0 = off, the paper's training, for a new "
+                            "student): steadier than the live weights")
+    train.add_argument("--reg-warmup", type=options.integer(0, what="a number of steps"), default=None, metavar="STEPS",
                        help="with --paired: first train the registration network for STEPS steps to recover known "
                             "random warps of the training sections (e.g. 3000; default 0 = the paper's training)")
-    train.add_argument("--lambda-smooth", type=float, default=None,
+    train.add_argument("--lambda-smooth", type=options.number(0, what="a loss weight"), default=None,
                        help="with --paired: weight of the field's smoothness loss (default the paper's 10; 1 lets "
                             "the registration network follow deformations of a few pixels, docs/benchmarks.md)")
-    train.add_argument("--reg-lr-scale", type=float, default=None,
+    train.add_argument("--reg-lr-scale", type=options.number(0, above=True, what="a learning-rate factor"), default=None,
                        help="with --paired: the registration network's learning rate as a multiple of the "
                             "student's (default the paper's 1; 10 with --lambda-smooth 1 made it learn the alignment)")
     _add_run_options(train)
     evaluate = sub.add_parser("evaluate", help="score a model's outputs (PSNR/SSIM/nuclei Dice with references; "
                               "NIQE, structure and stain style without)")
     evaluate.add_argument("--darkfield", type=Path, required=True, help="folder of dark-field images to stain")
-    evaluate.add_argument("--model", "-m", default="dsd-unpaired", help="shipped model name or model file path")
+    evaluate.add_argument("--model", "-m", type=options.model, default="dsd-unpaired", help="shipped model name or model file path")
     evaluate.add_argument("--reference", type=Path, default=None,
                           help="folder of H&E of the same tissue, pixel-aligned, with the same file names")
     evaluate.add_argument("--stained", type=Path, default=None,
@@ -156,24 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapt", choices=ADAPT_MODES, default="auto",
                           help="adaptation to another microscope, decided once for the whole folder (as stain does)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the scores to this JSON file")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace a --json file this tool wrote before")
     evaluate.add_argument("--quiet", "-q", action="store_true")
     synth = sub.add_parser("synth", help="make synthetic dark-field images from H&E by the enhancer's inverse "
                            "(paired data with a known answer)")
     synth.add_argument("--stained", type=Path, required=True, help="folder of RGB H&E images")
     synth.add_argument("--output", "-o", type=Path, required=True, help="folder to write (PNG, same names)")
-    synth.add_argument("--model", "-m", default="dsd-unpaired", help="model whose enhancer histograms are inverted")
+    synth.add_argument("--model", "-m", type=options.model, default="dsd-unpaired",
+                       help="model whose enhancer histograms are inverted")
     synth.add_argument("--tint-from", type=Path, default=None,
                        help="folder of real dark-field images whose mean colour to give the output (default gray)")
-    synth.add_argument("--blur", type=float, default=1.0, help="Gaussian blur sigma in pixels (default 1)")
-    synth.add_argument("--noise", type=float, default=0.003, help="Gaussian noise std on the [0, 1] scale (default 0.003)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--blur", type=options.number(0, 100, what="a blur sigma in pixels"), default=1.0,
+                       help="Gaussian blur sigma in pixels (default 1)")
+    synth.add_argument("--noise", type=options.number(0, 1, what="a noise std"), default=0.003,
+                       help="Gaussian noise std on the [0, 1] scale (default 0.003)")
+    synth.add_argument("--seed", type=SEED, default=0)
     synth.add_argument("--overwrite", action="store_true")
     return parser
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options every training command shares."""
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: OUTPUT.ckpt.safetensors)")
@@ -186,10 +206,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 # -- stain ---------------------------------------------------------------
 def _inputs(path: Path) -> list[Path]:
-    from .io import is_image_path, list_images
+    from .io import broken_links, is_image_path, list_images
 
     if path.is_dir() and not path.name.lower().endswith(".zarr"):
         found = list_images(path)
+        broken = broken_links(path)
+        if broken:
+            print(f"note: skipping {len(broken)} link(s) in {path} that lead nowhere (a missing target or a loop): "
+                  f"{', '.join(broken[:10])}{' ...' if len(broken) > 10 else ''}", file=sys.stderr)
         if not found:
             raise InputError(f"{path} has no image files (PNG, TIFF, OME-Zarr).")
         return found
@@ -211,8 +235,11 @@ def _is_zarr_output(path: Path) -> bool:
 def cmd_stain(args) -> int:
     from tqdm import tqdm
 
+    from .arrays import scaling_note, value_scaling
     from .io import atomic_path, read_image, write_image
     from .model import StainModel
+    from .outputs import check_not_input, check_replaceable, output_lock
+    from .tiling import check_tiling
 
     if _is_zarr_output(args.output):
         return cmd_stain_slide(args)
@@ -220,7 +247,10 @@ def cmd_stain(args) -> int:
                           ("--scheduler", args.scheduler is not None), ("--workers", args.workers is not None)):
         if given:
             raise InputError(f"{option} is for OME-Zarr output; give an output ending in .zarr (e.g. -o OUT.ome.zarr).")
+    check_tiling(args.tile, args.overlap)  # each is checked at parse time; here, the two together
     inputs = _inputs(args.input)
+    check_not_input(args.output, [args.input, *inputs])
+    check_replaceable(args.output, overwrite=args.overwrite)  # before the model loads and the images are read
     model = StainModel.load(args.model, device=args.device)
     wanted = model.check_outputs(args.outputs.split(",") if args.outputs else None)
     single_file = (len(inputs) == 1 and not args.input.is_dir() and len(wanted) == 1
@@ -241,7 +271,7 @@ def cmd_stain(args) -> int:
         print(f"{'folder' if len(inputs) > 1 else 'input'}: {adaptation.message(model.name)}", file=sys.stderr)
     failed: list[str] = []
     shown = []
-    with atomic_path(args.output, overwrite=args.overwrite) as staging:
+    with output_lock(args.output), atomic_path(args.output, overwrite=args.overwrite) as staging:
         if not single_file:
             staging.mkdir(parents=True)
         for path in tqdm(inputs, desc="images", disable=args.quiet or len(inputs) == 1, unit="image"):
@@ -257,6 +287,9 @@ def cmd_stain(args) -> int:
                 results = model.stain(image, wanted, tile=args.tile, overlap=args.overlap, adapt=adaptation,
                                       precision=args.precision, compile=args.compile, progress=progress)
                 bar.close()
+                note = scaling_note(value_scaling(image))  # stained, so the values are usable
+                if note is not None:
+                    tqdm.write(f"note: {path.name}: {note}", file=sys.stderr)
             except InputError as err:
                 if len(inputs) == 1:
                     raise
@@ -400,8 +433,8 @@ def cmd_stain_slide(args) -> int:
 @contextlib.contextmanager
 def _ctrl_c_sets(stop: threading.Event,
                  message: str = "stopping after the current chunk (the store stays resumable)"):
-    """Inside the block, a first Ctrl-C sets ``stop`` and prints ``message`` (the work ends cleanly);
-    a second raises KeyboardInterrupt."""
+    """Inside the block, a first Ctrl-C (or SIGTERM) sets ``stop`` and prints ``message`` (the work ends
+    cleanly); a second raises KeyboardInterrupt."""
     import signal
 
     def handler(signum, frame):
@@ -411,12 +444,31 @@ def _ctrl_c_sets(stop: threading.Event,
         print(f"\n{message} (Ctrl-C again aborts)...", file=sys.stderr)
 
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, handler) if main_thread else None
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+@contextlib.contextmanager
+def _terminate_interrupts():
+    """SIGTERM (a job scheduler, ``kill``) ends the command as Ctrl-C does: the ``finally`` blocks run, so
+    staged files are removed and locks released (the default would end the process on the spot)."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _napari_or_none():
@@ -468,6 +520,7 @@ def _view(shown, model, adaptation) -> None:
 def cmd_train_teacher(args) -> int:
     from .enhance import Enhancer
     from .model import StainModel, provenance
+    from .train.data import skipped_note
     from .train.teacher import TeacherConfig, train_teacher
 
     _refuse_existing(args, resuming=args.resume)
@@ -494,9 +547,11 @@ def cmd_train_teacher(args) -> int:
             init=str(args.init) if args.init else None,
             teacher=dict(steps=result.steps_done, best_step=result.best_step,
                          val_l1_ab=result.best_score, seconds=seconds,
-                         cancelled=result.cancelled, config=vars(cfg)),
+                         cancelled=result.cancelled, config=vars(cfg), skipped=result.skipped),
         ),
     }
+    if result.skipped:
+        print(f"note: {skipped_note(result.skipped, 'H&E', args.stained)}", file=sys.stderr)
     model = StainModel(enhancer, net, init.student if init is not None else None, meta)
     return _save_trained(args, model, result, f"best validation L1(ab) {result.best_score}")
 
@@ -570,8 +625,12 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_model, format_table
     from .metrics import lab_pixels
     from .model import StainModel
+    from .outputs import check_not_input, check_replaceable
     from .train.data import load_rgb_folder
 
+    if args.json:  # before the work, so that it never ends in a refused write
+        check_not_input(args.json, [p for p in (args.darkfield, args.reference, args.stained) if p is not None])
+        check_replaceable(args.json, overwrite=args.overwrite)
     darkfield = load_rgb_folder(args.darkfield, min_side=1, kind="dark-field")
     references = _paired(darkfield, args.reference) if args.reference else None
     style = None
@@ -590,9 +649,10 @@ def cmd_evaluate(args) -> int:
     print(format_table(results))
     if args.json:
         from .io import atomic_path
+        from .outputs import software
 
-        with atomic_path(args.json, overwrite=True) as staging:
-            staging.write_text(json.dumps({**model.describe(), "darkfield": str(args.darkfield),
+        with atomic_path(args.json, overwrite=args.overwrite) as staging:
+            staging.write_text(json.dumps({"written_by": software(), **model.describe(), "darkfield": str(args.darkfield),
                                            "adaptation": adaptation.describe(), "scores": results}, indent=2))
     return 0
 
@@ -600,9 +660,12 @@ def cmd_evaluate(args) -> int:
 def cmd_synth(args) -> int:
     from .io import atomic_path, write_image
     from .model import StainModel
+    from .outputs import check_not_input, check_replaceable
     from .synth import darkfield_tint, synthesize_darkfield
     from .train.data import load_rgb_folder
 
+    check_not_input(args.output, [p for p in (args.stained, args.tint_from) if p is not None])
+    check_replaceable(args.output, overwrite=args.overwrite)
     stained = load_rgb_folder(args.stained, min_side=1, kind="H&E")
     tint = (1.0, 1.0, 1.0)
     if args.tint_from:
@@ -628,10 +691,17 @@ def _refuse_existing(args, resuming: bool = False) -> None:
 
     A resumed run may replace the model file its stopped run wrote.
     """
-    if resuming and _checkpoint_path(args).exists():
+    from .outputs import check_replaceable
+
+    from .train.finetune import teacher_checkpoint
+
+    if resuming:
+        checkpoint = _checkpoint_path(args)
+        if not checkpoint.exists() and not teacher_checkpoint(checkpoint).exists():
+            raise InputError(f"--resume: there is no checkpoint at {checkpoint}, so there is nothing to resume. "
+                             "Leave out --resume to start a new training (or give --checkpoint PATH).")
         return
-    if args.output.exists() and not args.overwrite:
-        raise InputError(f"{args.output} already exists; choose another --output or pass --overwrite.")
+    check_replaceable(args.output, overwrite=args.overwrite)
 
 
 def _checkpoint_path(args) -> Path:
@@ -672,7 +742,12 @@ def _run_training(args, desc: str, work):
 
 def _save_trained(args, model, result, summary: str) -> int:
     """Write the trained model (also after a stop: the best state so far) and report; 130 if stopped."""
-    model.save(args.output, half=args.half, overwrite=args.overwrite or args.resume)
+    try:
+        model.save(args.output, half=args.half, overwrite=args.overwrite or args.resume)
+    except OSError as err:  # after the training: say where its state is kept
+        raise InputError(f"cannot write {args.output} ({err.strerror or err}). The training's checkpoint is kept "
+                         f"in {_checkpoint_path(args)}: fix the cause (space, permissions), then run the same "
+                         "command with --resume to write the model without training again.") from err
     state = "stopped early; wrote the best state so far to" if result.cancelled else "wrote"
     print(f"{state} {args.output} (step {result.steps_done}, {summary})", file=sys.stderr)
     return 130 if result.cancelled else 0
@@ -680,23 +755,45 @@ def _save_trained(args, model, result, summary: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in model provenance
     try:
-        if args.command == "stain":
-            return cmd_stain(args)
+        with _terminate_interrupts():
+            return _dispatch(args)
+    except InputError as err:
+        print(f"digital-stain: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only folder, a full disk, a vanished file: say which path and why
+        where = f" {err.filename}" if err.filename else ""
+        print(f"digital-stain: error: cannot access{where}: {err.strerror or err}. Nothing half-written was left; "
+              "check the path, its permissions and the free space, then run the command again.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        output = getattr(args, "json", None) or getattr(args, "output", None)
+        print(f"\ndigital-stain: interrupted; {output} was not written (nothing half-written is left)."
+              if output is not None else "\ndigital-stain: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "stain":
+        return cmd_stain(args)  # locks its output itself (a whole slide: stain_to_zarr does)
+    from .outputs import output_lock
+
+    if args.command == "evaluate":
+        with output_lock(args.json) if args.json else contextlib.nullcontext():  # taken first: fails early
+            return cmd_evaluate(args)
+
+    with output_lock(args.output):  # one writer at a time (a model file and its checkpoints, a folder)
         if args.command == "train-teacher":
             return cmd_train_teacher(args)
         if args.command == "train":
             return cmd_train(args)
-        if args.command == "evaluate":
-            return cmd_evaluate(args)
-        if args.command == "synth":
-            return cmd_synth(args)
-    except InputError as err:
-        print(f"digital-stain: error: {err}", file=sys.stderr)
-        return 2
-    return 0  # pragma: no cover
+        return cmd_synth(args)
 
 
 if __name__ == "__main__":

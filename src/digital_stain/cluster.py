@@ -75,7 +75,19 @@ def cluster_client(scheduler: str | None = None, workers: int | None = None, *, 
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       env=env) as cluster, Client(cluster, set_as_default=False) as client:
-        yield client
+        try:
+            yield client
+        finally:
+            _close_workers(client)
+
+
+def _close_workers(client) -> None:
+    """Retire the local workers before the scheduler closes, so that none of them is left sending a
+    heartbeat to a scheduler that is gone (which prints an error and a traceback at exit)."""
+    import contextlib
+
+    with contextlib.suppress(Exception):  # closing anyway: a failure here must not hide the result
+        client.retire_workers(close_workers=True, remove=True)
 
 
 def source_reference(source, src) -> object:

@@ -129,6 +129,8 @@ class Enhancer:
         self.brightfield_counts = np.asarray(brightfield_counts, dtype=np.int64)
         if self.darkfield_counts.shape != (BINS,) or self.brightfield_counts.shape != (BINS,):
             raise ValueError(f"histograms must have {BINS} bins")
+        if (self.darkfield_counts < 0).any() or (self.brightfield_counts < 0).any():
+            raise ValueError("histogram counts must not be negative")
         self.darkfield = Distribution(self.darkfield_counts, darkfield_channel_counts)
         self._student_inputs = student_inputs
         self.table = enhancement_table(self.darkfield_counts, self.brightfield_counts)

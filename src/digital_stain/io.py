@@ -38,6 +38,18 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_path(p))
 
 
+def broken_links(folder: str | os.PathLike) -> list[str]:
+    """Names of the links in ``folder`` that lead nowhere (dangling, or a loop): listed, since they are skipped."""
+    broken = []
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.is_symlink() and not entry.name.startswith("."):
+            try:
+                entry.resolve(strict=True)
+            except (OSError, RuntimeError):  # missing target, or a loop
+                broken.append(entry.name)
+    return broken
+
+
 def read_image(path: str | os.PathLike, *, lazy: bool = False, chunk: int | None = None,
                notes: list | None = None):
     """Read one image.
@@ -66,7 +78,7 @@ def read_image(path: str | os.PathLike, *, lazy: bool = False, chunk: int | None
     try:
         if path.is_dir() or name.endswith(ZARR_SUFFIXES):
             return _read_zarr(path, lazy=lazy, chunk=chunk, notes=notes)
-        if name.endswith((".tif", ".tiff")):
+        if is_tiff(path):  # by the file's signature: a TIFF named .png is still read as the TIFF it is
             return _read_tiff(path, lazy=lazy, chunk=chunk, notes=notes)
         from PIL import Image, UnidentifiedImageError
 
@@ -86,6 +98,15 @@ def read_image(path: str | os.PathLike, *, lazy: bool = False, chunk: int | None
         raise InputError(f"cannot read {path} as an image ({type(err).__name__}: {err}).") from err
 
 
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and Big TIFF, both byte orders
+
+
+def is_tiff(path: Path) -> bool:
+    """Whether the file starts with a TIFF signature (whatever its name says)."""
+    with open(path, "rb") as fh:
+        return fh.read(4) in TIFF_SIGNATURES
+
+
 def _refuse_16bit_colour_png(path: Path) -> None:
     """Pillow reads 16-bit RGB(A) PNGs as 8-bit, silently; refuse them rather than lose the low byte."""
     with open(path, "rb") as fh:
@@ -103,7 +124,9 @@ def _read_tiff(path: Path, *, lazy: bool, chunk: int | None = None, notes: list 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         axes = series.axes
+        order = arrangement(axes, series.shape, path)  # refuses what is not Y, X and gray or RGB, before reading
         if not lazy:
+            check_fits_in_memory(series.shape, order, series.dtype, path)
             data = series.asarray()
     if lazy:
         import zarr
@@ -111,19 +134,71 @@ def _read_tiff(path: Path, *, lazy: bool, chunk: int | None = None, notes: list 
         store = tifffile.imread(path, aszarr=True)
         node = zarr.open(store, mode="r")
         data = _lazy_array(node if hasattr(node, "shape") else node["0"], axes, chunk, path, notes)
-    return _channels_last(data, axes)
+    return _arrange(data, order)
 
 
-def _channels_last(data, axes: str):
-    """Move a leading 'C'/'S' axis of a TIFF to the end so RGB is (Y, X, 3)."""
-    if "S" in axes or "C" not in axes:
-        return data
-    c = axes.index("C")
-    if data.shape[c] in (3, 4) and c < len(axes) - 1:
-        return np.moveaxis(data, c, -1) if isinstance(data, np.ndarray) else data.transpose(
-            [i for i in range(data.ndim) if i != c] + [c]
-        )
+COLOUR_AXES = "SC"  # tifffile: S samples per pixel; OME: C channels
+
+
+def arrangement(axes: str, shape: tuple[int, ...], path) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """How to bring a file's axes into our order: ``(transpose order, colour axes to drop, colours)``.
+
+    Our order is planes (every other axis, in the file's order), then Y, X, then colour if any
+    (:mod:`digital_stain.arrays`). A colour axis (``S`` or ``C``) must hold 1 (gray), 3 (RGB) or 4
+    (RGBA) values; one of length 1 is dropped. Anything else (2 channels, 8 samples per pixel,
+    channels on two axes, no Y or X) is refused with the file's axes in the message.
+    """
+    axes = axes.upper()
+    described = " x ".join(f"{a}={n}" for a, n in zip(axes, shape)) or "none"
+    if "Y" not in axes or "X" not in axes:
+        raise InputError(f"{path} has no Y and X axes (its axes: {described}); it is not an image this tool stains.")
+    colour = [i for i, a in enumerate(axes) if a in COLOUR_AXES and shape[i] > 1]
+    if len(colour) > 1:
+        raise InputError(f"{path} has colour on two axes ({described}); save it as one gray or RGB image per plane.")
+    if colour and shape[colour[0]] not in (3, 4):
+        raise InputError(
+            f"{path} has {shape[colour[0]]} channels ({described}); dark-field input must be gray (1 channel) or "
+            "RGB (3; RGBA's alpha is dropped). Pick one channel, or merge the channels to RGB first.")
+    drop = tuple(i for i, a in enumerate(axes) if a in COLOUR_AXES and shape[i] == 1)
+    planes = [i for i, a in enumerate(axes) if a not in "YX" and i not in colour and i not in drop]
+    return (*planes, axes.index("Y"), axes.index("X"), *colour, *drop), drop, shape[colour[0]] if colour else 1
+
+
+def _arrange(data, order: tuple):
+    """``data`` in our axis order (see :func:`arrangement`); numpy or dask."""
+    transpose, drop, _ = order
+    if tuple(transpose) != tuple(range(data.ndim)):
+        data = data.transpose(transpose)
+    if drop:
+        data = data[(Ellipsis, *(0,) * len(drop))]  # the dropped length-1 colour axes were moved last
     return data
+
+
+# An image read whole must leave room to stain it: its float32 RGB copy (what the networks read,
+# one of several working arrays) has to fit in the memory available now.
+def check_fits_in_memory(shape: tuple[int, ...], order: tuple, dtype, path) -> None:
+    """Refuse, from the declared shape and before reading, an image too large to stain in memory.
+
+    ``order`` is :func:`arrangement`'s (its colour axis is not counted as pixels).
+    """
+    transpose, drop, colours = order
+    spatial = [shape[i] for i in transpose[:len(transpose) - len(drop) - (colours > 1)]]
+    pixels = float(np.prod(spatial, dtype=np.float64))
+    need = pixels * 3 * 4
+    available = _available_memory()
+    if available is not None and need > available:
+        size = " x ".join(map(str, spatial))
+        raise InputError(
+            f"{path} declares {size} px ({np.dtype(dtype).name}), {need / 2**30:.1f} GiB as the float image staining "
+            f"reads, more than the {available / 2**30:.1f} GiB of memory available. Stain it chunk by chunk to "
+            f"OME-Zarr instead (-o {Path(path).stem}-stained.ome.zarr), or crop it first.")
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: do not guess
+        return None
 
 
 # Stored chunks whose sides lie in this range are read as they are; others are read in pieces
@@ -239,10 +314,41 @@ def ome_zarr_pixel_size(path: str | os.PathLike) -> dict | None:
 
 def _read_zarr(path: Path, *, lazy: bool, chunk: int | None = None, notes: list | None = None):
     array, axes, _ = open_ome_zarr(path)
+    if axes is not None and len(axes) != array.ndim:
+        raise InputError(f"{path}: its OME-Zarr metadata names {len(axes)} axes ({axes}) for a {array.ndim}-D "
+                         f"array {tuple(array.shape)}; the store is inconsistent.")
+    order = arrangement(axes, tuple(array.shape), path) if axes else None
+    hole_note = _missing_chunks_note(array, path)
+    if hole_note is not None:  # zarr reads a missing chunk as its fill value, silently: say so
+        (notes.append(hole_note) if notes is not None else logging.getLogger("digital_stain.io").warning(hole_note))
+    if not lazy:
+        if order is not None:
+            check_fits_in_memory(tuple(array.shape), order, array.dtype, path)
     data = _lazy_array(array, axes, chunk if lazy else None, path, notes)
-    if axes and "C" in axes:
-        data = _channels_last(data, axes)
+    if order is not None:
+        data = _arrange(data, order)
     return data if lazy else data.compute()
+
+
+def _missing_chunks_note(array, path: Path) -> str | None:
+    try:
+        total, stored = int(array.nchunks), int(array.nchunks_initialized)
+    except Exception:  # a store that cannot list its keys: nothing to say
+        return None
+    if stored >= total:
+        return None
+    return (f"{path}: {total - stored} of {total} stored chunks of the full-resolution image are missing and "
+            "are read as empty (fill value): the stain has holes there. Re-export the slide if that is not intended.")
+
+
+def reading_failed(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside a file-format library while decoding the input (a damaged file or
+    store), rather than in our own code."""
+    import traceback
+
+    libraries = ("zarr", "numcodecs", "tifffile", "imagecodecs", "blosc", "PIL", "zlib")
+    modules = [frame.f_globals.get("__name__", "") for frame, _ in traceback.walk_tb(err.__traceback__)]
+    return bool(modules) and modules[-1].split(".")[0] in libraries
 
 
 # -- whole slides -----------------------------------------------------------------
@@ -260,12 +366,15 @@ class Source:
         ``{"y": (size, unit), "x": (size, unit)}`` from OME-Zarr metadata, copied to the output.
     notes : list of str
         What was done to read it (e.g. re-cut chunks); also logged as warnings.
+    path : Path, optional
+        The file or store it was read from (an output must not replace it).
     """
 
     array: object
     name: str
     pixel_size: dict | None = None
     notes: list[str] = field(default_factory=list)
+    path: Path | None = None
 
 
 def open_source(source, *, chunk: int = 1024) -> Source:
@@ -299,7 +408,7 @@ def open_source(source, *, chunk: int = 1024) -> Source:
     if isinstance(source, Source):
         return source
     notes: list[str] = []
-    pixel_size = None
+    pixel_size = path = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -327,7 +436,7 @@ def open_source(source, *, chunk: int = 1024) -> Source:
             array = array.rechunk({0: chunk, 1: chunk})
     for note in notes:
         logging.getLogger("digital_stain.io").warning(note)
-    return Source(array, name, pixel_size, notes)
+    return Source(array, name, pixel_size, notes, path)
 
 
 def _one_plane(array, name: str):
@@ -341,22 +450,31 @@ def _one_plane(array, name: str):
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, *, overwrite: bool = False, owned: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; move it into place only if the block succeeds.
 
-    Works for files and folders. On any error the temporary is removed and
-    ``target`` is untouched.
+    Works for files and folders; a folder is marked as our output
+    (:mod:`digital_stain.outputs`). On any error the temporary is removed and
+    ``target`` is untouched. An existing ``target`` is replaced only with
+    ``overwrite`` and only if it is our own output (or ``owned``: the caller
+    knows it is, e.g. our settings file).
     """
+    from .outputs import check_replaceable, mark_folder
+
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise InputError(f"{target} already exists; choose another output path or pass --overwrite.")
+    if not (owned and overwrite):
+        check_replaceable(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale_partials(target)
+    # the pid in the name tells a later run whether the writer is gone (killed mid-write)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     staged = tmp / target.name
     try:
         yield staged
         if not staged.exists():
             raise RuntimeError(f"nothing was written for {target}")
+        if staged.is_dir():
+            mark_folder(staged)
         _default_permissions(staged)
         if target.is_dir() and not target.is_symlink():
             # a folder cannot be swapped atomically: move the old one aside, put it back if the swap fails
@@ -373,12 +491,51 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+STALE_UNKNOWN_WRITER = 24 * 3600  # seconds: a partial file without a pid in its name is stale after a day
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove what killed writes of ``target`` left beside it (``.NAME.partial-PID-*``, PID no longer running)."""
+    import glob
+    import time
+
+    from .outputs import process_running
+
+    removed = []
+    for partial in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        tail = partial.name[len(f".{target.name}.partial-"):]
+        pid = tail.split("-", 1)[0]
+        try:
+            if pid.isdigit() and "-" in tail:
+                if process_running(int(pid)):
+                    continue
+            elif time.time() - partial.lstat().st_mtime < STALE_UNKNOWN_WRITER:
+                continue
+            shutil.rmtree(partial) if partial.is_dir() and not partial.is_symlink() else partial.unlink()
+            removed.append(partial)
+        except OSError:
+            continue  # another run removing it, or not ours to remove: leave it
+    return removed
+
+
 def _default_permissions(path: Path) -> None:
     """Give a staged result the permissions a plain new file/folder would have (mkdtemp makes them private)."""
     umask = os.umask(0)
     os.umask(umask)
     for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
         entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+def _short_write(err: OSError, path: Path, needed: int) -> OSError:
+    """tifffile reports a short write as a bare ``OSError("N requested and M written")``, without errno
+    or path: name the file and, when the disk has less room than the image, say that it is full."""
+    import errno
+    import shutil
+
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    if shutil.disk_usage(folder).free < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"the write was cut short ({err})", str(path))
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False, rgb: bool | None = None) -> Path:
@@ -392,6 +549,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
     rgb : bool, optional
         Whether the last axis is colour; default: it has length 3 or 4.
     """
+    from .outputs import software
+
     path = Path(path)
     rgb = image.shape[-1] in (3, 4) if rgb is None else rgb
     suffix = path.suffix.lower()
@@ -399,13 +558,22 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            tifffile.imwrite(tmp, image, photometric="rgb" if rgb else "minisblack")
+            try:
+                tifffile.imwrite(tmp, image, photometric="rgb" if rgb else "minisblack", software=software())
+            except OSError as err:
+                if err.errno is not None:
+                    raise
+                raise _short_write(err, path, image.nbytes) from None
         elif suffix in (".png", ".jpg", ".jpeg", ".bmp"):
-            from PIL import Image
+            from PIL import Image, PngImagePlugin
 
             if image.ndim != (3 if rgb else 2):
                 raise InputError(f"a {image.shape} array cannot be written as one {suffix} image; use .tif for stacks.")
-            Image.fromarray(np.asarray(image)).save(tmp)
+            options = {}
+            if suffix == ".png":  # the mark that lets --overwrite replace it later (digital_stain.outputs)
+                options["pnginfo"] = PngImagePlugin.PngInfo()
+                options["pnginfo"].add_text("Software", software())
+            Image.fromarray(np.asarray(image)).save(tmp, **options)
         else:
             raise InputError(f"unknown output format {suffix!r}; use .png or .tif.")
     return path

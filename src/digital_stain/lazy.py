@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .adapt import Adaptation
-from .arrays import MIN_SIDE, InputError, ValueScaling, check_dtype, check_plane_shape, scaling_of, split_planes
+from .arrays import MIN_SIDE, InputError, ValueScaling, check_dtype, check_plane_shape, plain_array, scaling_of, split_planes
 from .devices import autocast, resolve_precision
 from .nets.norm import TileStableInstanceNorm, set_norm_mode
 from .nets.unet import colorize
@@ -184,6 +184,8 @@ class LazyStain:
         self.precision = resolve_precision(precision, self.device)
         self.overlap = max(self.GRID, overlap + (-overlap) % self.GRID)
         self.chunk = max(2 * self.overlap, chunk - chunk % self.GRID)
+        if isinstance(image, np.ndarray):
+            image = plain_array(image)  # a masked array's mask cannot be honoured: refused
         stack, plane = split_planes(tuple(image.shape))
         check_plane_shape(plane)
         check_dtype(image.dtype)
@@ -342,7 +344,9 @@ class LazyStain:
     def _overlapped(self, role: str):
         """A network's output, chunk by chunk with ``overlap`` borrowed from each neighbour."""
         axes = {i: 0 for i in range(self.rgb.ndim)}
-        axes[self.stack_ndim] = axes[self.stack_ndim + 1] = self.overlap
+        for axis in (self.stack_ndim, self.stack_ndim + 1):
+            # one chunk along an axis has no neighbour to borrow from (and dask refuses a depth over the size)
+            axes[axis] = self.overlap if len(self.rgb.chunks[axis]) > 1 else 0
 
         def block(rgb, block_info=None):
             return self._network_block(role, rgb, tuple(block_info[0]["chunk-location"]))

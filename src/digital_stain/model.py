@@ -25,15 +25,15 @@ import torch
 
 from . import __version__
 from .adapt import Adaptation, check_mode, decide
-from .arrays import InputError, ValueScaling, check_plane_shape, scaling_of, split_planes
+from .arrays import InputError, ValueScaling, check_plane_shape, plain_array, scaling_of, split_planes
 from .devices import autocast, resolve_device, resolve_precision
 from .enhance import Enhancer
 from .histograms import measure
-from .modelfile import load_bundle, numpy_state, save_bundle, torch_state
+from .modelfile import ModelFileError, load_bundle, numpy_state, save_bundle, torch_state
 from .nets import ColorizationUNet, ResnetGenerator, frozen_norm_statistics
 from .nets.unet import colorize
 from .prepare import Preparation, each_band, row_bands
-from .tiling import stats_sample, tiled_apply
+from .tiling import check_tiling, stats_sample, tiled_apply
 
 OUTPUTS = ("enhanced", "teacher", "student")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -55,6 +55,43 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         return path
     shipped = ", ".join(available_models()) or "none"
     raise InputError(f"no model named {text!r} and no such file. Shipped models: {shipped}; or give a path to a .safetensors model.")
+
+
+def _build_parts(path: Path, tensors: dict, meta: dict):
+    """The enhancer and networks of a verified model file; a file whose config and tensors disagree, or
+    whose weights are not finite, is refused with what is wrong (its checksum only proves it is intact)."""
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: its metadata 'config' is not a mapping; the file was not written by digital-stain.")
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelFileError(f"{path} has NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
+                             "the training that wrote it diverged or the file was altered. Use another model.")
+    enhancer_state = numpy_state(tensors, "enhancer")
+    try:
+        enhancer = Enhancer.from_state(enhancer_state)
+    except KeyError as err:
+        raise ModelFileError(f"{path} has no enhancer tensor {err}; it is not a complete digital-stain model.") from None
+    except (ValueError, TypeError) as err:
+        raise ModelFileError(f"{path}: its enhancer histograms are unusable ({err}).") from None
+    nets = {}
+    for role, kind in (("teacher", ColorizationUNet), ("student", ResnetGenerator)):
+        if role not in config:
+            nets[role] = None
+            continue
+        try:
+            net = kind(**config[role])
+        except (TypeError, ValueError) as err:
+            raise ModelFileError(f"{path}: its {role} config {config[role]} is not one this version builds ({err}).") \
+                from None
+        try:
+            net.load_state_dict(torch_state(tensors, role))
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            raise ModelFileError(f"{path}: its {role} weights do not match its config {config[role]} "
+                                 f"({' '.join(first[1:3]).strip() or first[0]}).") from None
+        nets[role] = net
+    return enhancer, nets["teacher"], nets["student"]
 
 
 def provenance(**extra) -> dict:
@@ -129,15 +166,7 @@ class StainModel:
         tensors, meta = load_bundle(path)
         if meta.get("kind") == "checkpoint":
             raise InputError(f"{path} is a training checkpoint, not a model; finish or resume the training to get a model.")
-        config = meta.get("config", {})
-        enhancer = Enhancer.from_state(numpy_state(tensors, "enhancer"))
-        teacher = student = None
-        if "teacher" in config:
-            teacher = ColorizationUNet(**config["teacher"])
-            teacher.load_state_dict(torch_state(tensors, "teacher"))
-        if "student" in config:
-            student = ResnetGenerator(**config["student"])
-            student.load_state_dict(torch_state(tensors, "student"))
+        enhancer, teacher, student = _build_parts(path, tensors, meta)
         model = cls(enhancer, teacher, student, meta)
         model.path = path
         from safetensors import safe_open
@@ -149,7 +178,9 @@ class StainModel:
     def save(self, path: str | os.PathLike, *, half: bool = False, overwrite: bool = False) -> str:
         """Write the model file atomically. ``half`` stores network weights as float16 (half the size)."""
         tensors: dict[str, torch.Tensor] = {
-            f"enhancer.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.enhancer.state().items()
+            # copies: the student's input histograms may be the very arrays of the enhancer's,
+            # and safetensors refuses tensors that share memory
+            f"enhancer.{k}": torch.from_numpy(np.array(v, copy=True, order="C")) for k, v in self.enhancer.state().items()
         }
         config = {}
         for role, net in (("teacher", self.teacher), ("student", self.student)):
@@ -283,7 +314,8 @@ class StainModel:
         dict of output name to float32 array in [0, 1].
         """
         wanted = self.check_outputs(outputs)
-        image = np.asarray(image)
+        check_tiling(tile, overlap)
+        image = plain_array(image)
         stack, plane_dims = split_planes(image.shape)
         check_plane_shape(plane_dims)
         if device is not None:

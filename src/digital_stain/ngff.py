@@ -228,10 +228,12 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> dict | Non
     if not overwrite:
         raise InputError(f"{output} already exists; pass --resume (resume=True) to finish it, --overwrite "
                          "(overwrite=True) to replace it, or choose another output.")
-    if output.is_dir() and (looks_like_zarr(output) or not any(output.iterdir())):
-        shutil.rmtree(output)
+    if output.is_dir() and not output.is_symlink() and (read_state(output) is not None or not any(output.iterdir())):
+        shutil.rmtree(output)  # only a store this package wrote, or an empty folder
         return None
-    raise InputError(f"{output} exists and is not a Zarr store; not deleting it. Choose another output.")
+    what = "Zarr store" if looks_like_zarr(output) else "folder" if output.is_dir() else "file"
+    raise InputError(f"{output} is a {what} that digital-stain did not write; --overwrite only replaces a stained "
+                     "store this tool wrote, so it is not deleted. Choose another output.")
 
 
 class SlideStore:

@@ -86,5 +86,5 @@ def save_settings(section: str, values: dict) -> None:
     except (OSError, ValueError):
         current = {}
     current[section] = values
-    with atomic_path(path, overwrite=True) as tmp:
+    with atomic_path(path, overwrite=True, owned=True) as tmp:  # our own settings file
         tmp.write_text(json.dumps(current, indent=2, sort_keys=True), encoding="utf-8")

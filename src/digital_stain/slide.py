@@ -56,10 +56,11 @@ from pathlib import Path
 import numpy as np
 
 from .adapt import Adaptation, check_mode
-from .arrays import InputError, ValueScaling, to_uint8
-from .io import Source, open_source
+from .arrays import InputError, ValueScaling, scaling_note, to_uint8
+from .io import Source, open_source, reading_failed
 from .lazy import LazyStain
 from .ngff import FORMAT, FORMAT_VERSION, Grid, SlideStore, level_shapes, prepare_output
+from .outputs import check_not_input, check_writable, output_lock
 
 log = logging.getLogger(__name__)
 __all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk",
@@ -386,9 +387,6 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         The disk filled up; units written so far are kept and marked, so the
         same call with ``resume=True`` continues once space is freed.
     """
-    from . import __version__
-    from .model import StainModel, provenance
-
     started = time.perf_counter()
     output = Path(output)
     if not CHUNK_RANGE[0] <= chunk <= CHUNK_RANGE[1]:
@@ -396,8 +394,32 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     if resume and overwrite:
         raise InputError("resume and overwrite exclude each other: resume continues the store, overwrite replaces it.")
     src = open_source(source, chunk=chunk)
-    if isinstance(source, (str, os.PathLike)) and _inside(output, Path(source)):
-        raise InputError(f"the output {output} is the input or inside it; write the stained slide somewhere else.")
+    if src.path is not None:
+        check_not_input(output, [src.path])
+    check_writable(output)
+    with output_lock(output):  # one writer at a time: a second run on the same store is refused
+        try:
+            return _stain_to_zarr(model, source, src, output, outputs, chunk=chunk, overlap=overlap,
+                                  device=device, precision=precision, min_side=min_side, resume=resume,
+                                  overwrite=overwrite, progress=progress, stop=stop, client=client,
+                                  threads=threads, compile=compile, adapt=adapt, started=started)
+        except (InputError, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            if not reading_failed(err):
+                raise
+            raise InputError(f"part of {src.name} cannot be read ({type(err).__name__}: {err}): the file or store "
+                             f"is damaged. What was stained is kept in {output}; repair or re-export the input, "
+                             "then finish with --resume (resume=True).") from err
+
+
+def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, overlap, device, precision,
+                   min_side, resume, overwrite, progress, stop, client, threads, compile, adapt,
+                   started) -> SlideResult:
+    """:func:`stain_to_zarr` once its input is open and checked and the output is locked."""
+    from . import __version__
+    from .model import StainModel, provenance
+
     if not isinstance(model, StainModel):
         model = StainModel.load(model, device=device or "auto")
     elif device is not None:
@@ -429,6 +451,8 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         scaling = _scaling_tuple(stored)
     else:
         scaling = (stainer.scaling.offset, stainer.scaling.scale, stainer.scaling.source)
+        if scaling_note(stainer.scaling) is not None:
+            notes.append(scaling_note(stainer.scaling))
         statistics = stainer.record_statistics() if "student" in wanted else None
     job = SlideJob(grid, wanted, stainer.overlap, stainer.precision, scaling, statistics,
                    token=stored["token"] if stored else uuid.uuid4().hex, compile=bool(compile),
@@ -565,11 +589,6 @@ def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: Sli
 
         store.finish(finished=provenance()["date"])
     result.complete = True
-
-
-def _inside(path: Path, other: Path) -> bool:
-    path, other = path.resolve(), other.resolve()
-    return path == other or other in path.parents
 
 
 def _check_resume(output: Path, stored: dict, model_id: dict, settings: dict, identity: dict) -> None:

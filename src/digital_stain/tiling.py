@@ -78,6 +78,22 @@ def pad_image(image: np.ndarray, multiple: int, min_size: int = 0) -> tuple[np.n
     return padded, (h, w)
 
 
+# What a caller may ask for (the CLI checks the same at parse time, digital_stain.options).
+TILE_RANGE = (32, 4096)  # under 32 px a tile is mostly its overlap; over 4096 px its activations fill memory
+OVERLAP_RANGE = (0, 1024)
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    """Refuse a tile side or overlap outside the ranges above, or an overlap over half the tile."""
+    from .arrays import InputError
+
+    if not TILE_RANGE[0] <= tile <= TILE_RANGE[1]:
+        raise InputError(f"tile {tile} px is out of range; use {TILE_RANGE[0]}..{TILE_RANGE[1]} (default 512).")
+    if not OVERLAP_RANGE[0] <= overlap <= OVERLAP_RANGE[1] or 2 * overlap > tile:
+        raise InputError(f"overlap {overlap} px is out of range for tile {tile}: use 0..{min(OVERLAP_RANGE[1], tile // 2)} "
+                         "(at most half the tile; default 128).")
+
+
 def tiled_apply(
     fn: Callable[[torch.Tensor], torch.Tensor],
     image: np.ndarray,

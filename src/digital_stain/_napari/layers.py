@@ -97,6 +97,24 @@ def show_output(viewer, source, output: str, data, metadata: dict, *, multiscale
     return layer
 
 
+def label_earlier_outputs(viewer, source, outputs) -> list[str]:
+    """Rename the outputs of an earlier stain of ``source`` that this stain (``outputs``) does not replace,
+    so that their names say which model made them; returns their new names."""
+    renamed = []
+    for output in ("enhanced", "teacher", "student"):
+        name = output_name(source, output)
+        if output in outputs or name not in viewer.layers or not is_output(viewer.layers[name]):
+            continue
+        layer = viewer.layers[name]
+        model = layer.metadata["digital_stain"].get("model", "an earlier model")
+        new, n = f"{name} (earlier, {model})", 2
+        while new in viewer.layers:
+            new, n = f"{name} (earlier, {model}, {n})", n + 1
+        layer.name = new
+        renamed.append(new)
+    return renamed
+
+
 def _place(viewer, layer, source, position: int) -> None:
     """Put ``layer`` just above ``source`` (so the grid shows input, enhanced, teacher, student in order)."""
     current = viewer.layers.index(layer)

@@ -95,6 +95,7 @@ class ModelPicker(QWidget):
         self.files: list[str] = [p for p in (remembered or []) if Path(p).is_file()]
         self.bad: set[str] = set()  # files that failed to load: not offered again this session
         self._last = DEFAULT_MODEL
+        self._before: str | None = None
         self.refresh()
         self.combo.activated.connect(self._activated)
         self.browse.clicked.connect(self._browse)
@@ -112,16 +113,25 @@ class ModelPicker(QWidget):
         index = self.combo.findData(choice)
         if index >= 0:
             self.combo.setCurrentIndex(index)
+        self._chosen()
+
+    def _chosen(self) -> None:
+        if self.value != self._last:
+            self._before = self._last  # where reject() goes back to
         self._last = self.value
         self.changed.emit(self.value)
 
-    def reject(self, choice: str) -> None:
-        """Forget a model that cannot be used and go back to the default one."""
+    def reject(self, choice: str) -> str:
+        """Forget a model that cannot be used and go back to the one chosen before it (else the default);
+        returns the model now chosen."""
         self.bad.add(choice)
         self.files = [f for f in self.files if f != choice]
         self.refresh()
-        self.combo.setCurrentIndex(max(self.combo.findData(DEFAULT_MODEL), 0))
+        back = self._before if self._before not in (choice, None) and self._before not in self.bad else None
+        index = self.combo.findData(back) if back is not None else -1
+        self.combo.setCurrentIndex(index if index >= 0 else max(self.combo.findData(DEFAULT_MODEL), 0))
         self._last = self.value
+        return self.value
 
     def refresh(self) -> None:
         """List the shipped models, the fine-tuned ones in the user's models folder, and picked files."""
@@ -141,8 +151,7 @@ class ModelPicker(QWidget):
         if self.combo.itemData(index) is None:  # "Other model file…"
             self._browse()
         else:
-            self._last = self.value
-            self.changed.emit(self.value)
+            self._chosen()
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a model file", str(settings.models_dir()),

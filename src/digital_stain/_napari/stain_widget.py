@@ -26,7 +26,7 @@ from ..devices import DEVICES
 from ..model import OUTPUTS
 from ..tiling import Cancelled
 from . import layers as L
-from .models import ModelPicker, load_model, model_lock
+from .models import ModelPicker, load_model, model_label, model_lock
 from .worker import start_job, wait_while
 
 SECTION = "stain"
@@ -290,6 +290,7 @@ class StainWidget(QWidget):
         try:
             if outcome.error is not None:
                 show_error(outcome.error)
+                self.status.setText(f"not stained: {outcome.error}")
                 return
             if outcome.stopped:
                 self.status.setText("stopped; nothing was added.")
@@ -309,6 +310,7 @@ class StainWidget(QWidget):
             if adaptation.applied:
                 show_info(f"{source.name!r}: {adaptation.message(model.name)}")
             self.last_layers = {}
+            L.label_earlier_outputs(self.viewer, source, used["outputs"])
             for position, output in enumerate(used["outputs"]):
                 levels = data[output]
                 pyramid = lazy and len(levels) > 1
@@ -396,8 +398,8 @@ class StainWidget(QWidget):
         try:
             model = load_model(choice, "cpu")
         except Exception as err:  # a corrupt or vanished file: say so and go back to a usable model
-            show_error(f"cannot use this model: {err}")
-            self.model.reject(choice)
+            back = self.model.reject(choice)
+            show_error(f"cannot use this model: {err} Back to {model_label(back)}.")
             if self.model.value != choice:
                 self._model_changed(self.model.value)
             return

@@ -64,10 +64,11 @@ def start_job(work: Callable[[Bridge, threading.Event], object], *, on_progress=
     """
     stop = threading.Event()
     bridge = Bridge()
+    on_done, on_crash, on_finished = _guarded(on_done), _guarded(on_crash), _guarded(on_finished)
     if on_progress is not None:
-        bridge.progress.connect(on_progress)
+        bridge.progress.connect(_guarded(on_progress))
     if on_event is not None:
-        bridge.event.connect(on_event)
+        bridge.event.connect(_guarded(on_event))
 
     def job() -> Outcome:
         try:
@@ -90,6 +91,20 @@ def start_job(work: Callable[[Bridge, threading.Event], object], *, on_progress=
     _RUNNING.add(worker)
     worker.start()
     return worker, stop
+
+
+def _guarded(callback: Callable) -> Callable:
+    """``callback``, made harmless once its widget is gone: a viewer closed from a script while a job
+    ran deletes the widget's Qt objects, and the job's last reports must not raise into Qt then."""
+    def call(*args):
+        try:
+            return callback(*args)
+        except RuntimeError as err:
+            if "has been deleted" in str(err):  # PyQt/PySide: "wrapped C/C++ object ... has been deleted"
+                return None
+            raise
+
+    return call
 
 
 def stop_all(timeout_s: float = 30.0) -> None:

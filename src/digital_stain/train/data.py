@@ -26,10 +26,27 @@ class ImageSet:
     def skip(self, reason: str, name: str) -> None:
         self.skipped.setdefault(reason, []).append(name)
 
+    def skipped_note(self, kind: str) -> str | None:
+        """A sentence naming the files that were skipped and why (None if none were)."""
+        return skipped_note(self.skipped, kind, self.folder)
+
     def summary(self) -> str:
         parts = [f"{len(self.images)} image(s) " + (f"from {self.folder}" if self.folder is not None else "in memory")]
         parts += [f"skipped {len(v)} ({k})" for k, v in self.skipped.items()]
         return "; ".join(parts)
+
+
+def skipped_note(skipped: dict, kind: str, folder=None, shown: int = 10) -> str | None:
+    """``skipped`` (reason -> names) as one sentence that names the files (the first ``shown`` per reason)."""
+    if not skipped:
+        return None
+    parts = []
+    for reason, names in skipped.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{reason}: {', '.join(names[:shown])}{more}")
+    where = f" in {folder}" if folder is not None else ""
+    total = sum(len(v) for v in skipped.values())
+    return f"skipped {total} {kind} file(s){where}, not used for training ({'; '.join(parts)})."
 
 
 def load_rgb_folder(folder: str | os.PathLike, *, min_side: int, kind: str = "H&E") -> ImageSet:

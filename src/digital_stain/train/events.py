@@ -48,6 +48,7 @@ class TrainResult:
     best_step: int | None = None
     best_score: float | None = None
     history: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # reason -> names of the training files not used
 
 
 class Meter:

@@ -45,7 +45,7 @@ from ..histograms import Distribution, arrays_distribution
 from ..metrics import lab_pixels
 from ..model import StainModel, provenance
 from .check import Check, compare
-from .data import is_folder_source, load_images, validation_split
+from .data import is_folder_source, load_images, skipped_note, validation_split
 from .events import Progress, TrainResult, stop_requested
 from .paired import load_pairs
 from .student import StudentConfig, _carve_reference, train_student
@@ -287,10 +287,16 @@ def fine_tune(
         pairs = load_pairs(darkfield, stained_dir, darkfield_names, None, min_side=cfg.crop)
         dark_images, dark_names = pairs.darkfield.images, pairs.darkfield.names
         hne_images, hne_names = pairs.stained, list(pairs.darkfield.names)
+        skipped = {"pairs": pairs.skipped}
     else:
         dark = load_images(darkfield, darkfield_names, min_side=cfg.crop, kind="dark-field")
         hne = load_images(stained_dir, min_side=cfg.crop, kind="H&E")
         dark_images, dark_names, hne_images, hne_names = dark.images, dark.names, hne.images, hne.names
+        skipped = {"darkfield": dark.skipped, "stained": hne.skipped}
+    for kind, reasons in skipped.items():  # said, and recorded in the provenance
+        text = skipped_note(reasons, {"pairs": "pair", "darkfield": "dark-field", "stained": "H&E"}[kind])
+        if text is not None:
+            note(text)
 
     # 1. enhancer
     teacher_steps = TEACHER_STEPS if teacher_steps is None else int(teacher_steps)
@@ -348,7 +354,7 @@ def fine_tune(
                                   "checkpoint; --resume runs the check again)", notes, teacher_result)
     seconds = round(time.time() - started, 1)
     tuned.metadata = _metadata(model, init, tuned, name, command, darkfield, darkfield_names, stained_dir, cfg,
-                               result, teacher_result, verdict, paired, refitted, seconds)
+                               result, teacher_result, verdict, paired, refitted, seconds, skipped)
     chosen = next((h for h in result.history if h["step"] == result.best_step), {})
     scores = ", ".join(f"{k} {v:.3f}" for k, v in chosen.items() if k != "step")
     summary = f"chosen at step {result.best_step}: {scores}"
@@ -427,7 +433,7 @@ def _held_out(dark_images, dark_names, hne_images, hne_names, cfg: StudentConfig
 
 
 def _metadata(model, init, tuned, name, command, darkfield, darkfield_names, stained_dir, cfg, result,
-              teacher_result, verdict, paired, refitted, seconds) -> dict:
+              teacher_result, verdict, paired, refitted, seconds, skipped) -> dict:
     aligned = " (paired-but-misaligned sections, Learning to Align)" if paired else ""
     student = dict(mode=cfg.mode, darkfield=_describe_data(darkfield, darkfield_names),
                    stained=_describe_data(stained_dir, None), init=_init_description(init, model),
@@ -443,6 +449,8 @@ def _metadata(model, init, tuned, name, command, darkfield, darkfield_names, sta
                                 stained=_describe_data(stained_dir, None))
     if verdict is not None:
         extra["check"] = verdict.as_dict()
+    if any(skipped.values()):
+        extra["skipped"] = {kind: reasons for kind, reasons in skipped.items() if reasons}
     return {
         "name": name or default_output_name(model.name),
         "description": f"histogram-matching enhancer + colorization teacher + distilled student{aligned}",

@@ -187,5 +187,6 @@ def train_teacher(
     best = ColorizationUNet(cfg.width, cfg.depth)
     best.load_state_dict(best_state if best_step is not None else net.state_dict())
     best.eval()
-    result = TrainResult(None, step, cancelled, best_step, None if best_step is None else best_score, history)
+    result = TrainResult(None, step, cancelled, best_step, None if best_step is None else best_score, history,
+                         data.skipped)
     return best, result
