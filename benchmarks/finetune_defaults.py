@@ -2,7 +2,8 @@
 
 The training part of ``benchmarks/transfer.py`` (DSD_P/train outside its held-out 15 %) is split
 again by another salted file-name hash: about 18 % of it is the dev split, the rest is given to
-``fine_tune`` as unpaired folders. Each configuration (JSON: ``fine_tune`` keyword arguments and a
+``fine_tune`` as two folders of the same names (adjacent sections: ``fine_tune``'s default,
+``paired="auto"``, trains them paired; a configuration with ``"paired": false`` trains unpaired). Each configuration (JSON: ``fine_tune`` keyword arguments and a
 ``label``) is fine-tuned and scored on the dev pairs against the adjacent sections (PSNR, SSIM,
 nuclei Dice) for the teacher and the student, with its time, chosen step, validation history and
 the check's verdict. Configurations with the same ``teacher_steps`` share the teacher stage (its
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     dev_dark, dev_hne, dark_dir, hne_dir = dev_split(args.data / "DSD_P/train", args.workdir)
     print(f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
     print(f"`{args.init}`; dev split: {len(dev_dark)} pairs; fine-tuned on the other "
-          f"{len(list(dark_dir.iterdir()))} as unpaired folders.\n")
+          f"{len(list(dark_dir.iterdir()))} (pairing as each configuration says; default: detected).\n")
     print("| configuration | teacher PSNR / SSIM / Dice | student PSNR / SSIM / Dice | chosen step | minutes | "
           "check | validation: step: style (structure) |")
     print("|---|---|---|---|---|---|---|")

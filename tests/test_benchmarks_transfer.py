@@ -43,8 +43,9 @@ def test_every_part_runs_and_prints_its_table(monkeypatch, capsys, data, tiny_mo
     assert code == 0
     for heading in ("Zero-shot on DSD_P", "After `fine_tune`", "Synthetic shift", "auto`'s threshold"):
         assert heading in out
-    assert "Held-out DSD_P/train pairs: 2" in out and "train on the other 1 as unpaired folders" in out
+    assert "Held-out DSD_P/train pairs: 2" in out and "train on the other 1 (two folders" in out
     assert "adapt auto, folder" in out and "adapt auto, per image" in out and "(for scale)" in out
-    assert "fine-tuned: student" in out
+    assert "fine-tuned, defaults (trained paired): student" in out  # one real pair: its tissue agrees
+    assert "fine-tuned, unpaired (trained unpaired): student" in out
     assert "x10, γ 1.0" in out and "| auto (folder) |" in out
     assert "DSD_P/train/darkfield, each tile" in out

@@ -457,6 +457,21 @@ def test_train_paired_refuses_folders_that_do_not_pair(capsys, tiny_model_file, 
 DSD_P = Path(__file__).parent / "data" / "dsd_p"
 
 
+@pytest.mark.slow
+def test_train_finds_adjacent_sections_and_unpaired_overrides_it(capsys, tiny_model_file, tmp_path):
+    argv = ["train", "--darkfield", str(DSD_P / "darkfield"), "--stained", str(DSD_P / "stained"), "--init",
+            str(tiny_model_file), "--steps", "2", "--teacher-steps", "0", "--crop", "64", "--no-check", *FAST]
+    assert main(argv + ["--output", str(tmp_path / "auto.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "paired sections: the names and sizes pair and the tissue of the pairs agrees" in err
+    assert StainModel.load(tmp_path / "auto.safetensors").metadata["provenance"]["student"]["mode"] == "paired"
+    assert main(argv + ["--output", str(tmp_path / "plain.safetensors"), "--unpaired"]) == 0
+    assert "paired sections" not in capsys.readouterr().err
+    assert StainModel.load(tmp_path / "plain.safetensors").metadata["provenance"]["student"]["mode"] == "unpaired"
+    assert main(argv + ["--output", str(tmp_path / "x.safetensors"), "--paired", "--unpaired"]) == 2  # exclusive
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_stain_adapts_to_another_microscope_and_says_so(capsys, tmp_path):
     """A real DSD_P tile (the lab's 9x brighter set-up) through the shipped DSD_U model."""
     tile = sorted((DSD_P / "darkfield").glob("*.png"))[0]

@@ -124,7 +124,7 @@ def test_paired_sections_train_with_learning_to_align(viewer_and_widgets, qtbot,
         viewer.layers.remove(layer)
     for path in sorted(hne_dir.glob("*.png")):  # dark-field layers named like their adjacent H&E sections
         viewer.add_image(darkfield_tile, rgb=True, name=path.stem)
-    tune.paired.setChecked(True)
+    tune.pairing.setCurrentText("paired sections (same names)")
     tune.steps.setValue(3)
     assert tune.start()
     qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
@@ -209,3 +209,26 @@ def test_a_broken_fine_tune_is_not_offered_and_the_starting_model_stays(viewer_a
     assert stain.model.value == "dsd-unpaired-fast"  # the starting model stays selected
     assert stain.model.combo.findData(str(output)) < 0
     assert "4. check failed" in tune.stages.text() and tune.last_output is None
+
+
+def test_pairing_auto_trains_adjacent_sections_paired_and_says_so(viewer_and_widgets, qtbot):
+    from pathlib import Path
+
+    from PIL import Image
+
+    sections = Path(__file__).parent / "data" / "dsd_p"
+    viewer, stain, tune = viewer_and_widgets
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    for path in sorted((sections / "darkfield").glob("*.png")):  # layers named like their sections' files
+        viewer.add_image(np.asarray(Image.open(path).convert("RGB")), rgb=True, name=path.stem)
+    tune.stained.set(str(sections / "stained"))
+    assert tune.pairing.currentText() == "auto"  # the default
+    tune.steps.setValue(2)
+    start = len(notification_manager.records)
+    assert tune.start()
+    qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
+    said = [str(n.message) for n in notification_manager.records[start:] if n.severity == NotificationSeverity.INFO]
+    assert any(m.startswith("paired sections:") and "Learning to Align" in m for m in said), said
+    record = StainModel.load(tune.last_output, device="cpu").metadata["provenance"]
+    assert record["student"]["mode"] == "paired" and record["fine_tune"]["pairing"]["pairs"] == 3

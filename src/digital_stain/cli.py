@@ -115,10 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stained", type=Path, required=True,
                        help="folder of RGB H&E images: unpaired, or with --paired the stained adjacent section of "
                             "each dark-field image, with the same file name and pixel size")
-    train.add_argument("--paired", action="store_true",
-                       help="paired-but-misaligned training (the paper's Learning to Align): pairs --darkfield and "
-                            "--stained images by file name; a registration network aligns the output with each "
-                            "section during training (losses 2 kd, 10 cyc, 20 con, 10 smooth)")
+    pairing = train.add_mutually_exclusive_group()
+    pairing.add_argument("--paired", dest="paired", action="store_const", const=True, default="auto",
+                         help="paired-but-misaligned training (the paper's Learning to Align): pairs --darkfield and "
+                              "--stained images by file name; a registration network aligns the output with each "
+                              "section during training (losses 2 kd, 10 cyc, 20 con, 10 smooth). Default: paired when "
+                              "the two folders are found to hold adjacent sections (same names and sizes, and tissue "
+                              "that agrees), else unpaired; a line says which")
+    pairing.add_argument("--unpaired", dest="paired", action="store_const", const=False,
+                         help="train unpaired even if --stained holds the adjacent sections of --darkfield")
     train.add_argument("--output", "-o", type=Path, required=True, help="model file to write (.safetensors)")
     train.add_argument("--init", type=options.model, default="dsd-unpaired", help="model whose enhancer and teacher are used "
                        "(and whose student is fine-tuned if it has one); default dsd-unpaired")
@@ -571,7 +576,7 @@ def cmd_train(args) -> int:
     paired_only = {"--reg-warmup": args.reg_warmup, "--lambda-smooth": args.lambda_smooth,
                    "--reg-lr-scale": args.reg_lr_scale}
     given = [flag for flag, value in paired_only.items() if value is not None]
-    if given and not args.paired:
+    if given and args.paired is not True:
         raise InputError(f"{', '.join(given)} set the registration network of paired training: add --paired "
                          f"(with a folder of adjacent sections as --stained), or leave {', '.join(given)} out.")
     overrides = {k: v for k, v in dict(ema_decay=args.ema, reg_warmup=args.reg_warmup, lambda_smooth=args.lambda_smooth,

@@ -40,6 +40,8 @@ SIZES = ("auto", "full", "small", "fast", "tiny")
 _ACTIVE: dict = {}  # the one training of this process: {"stop": Event, "widget": FineTuneWidget}
 PREVIEW_EVERY = 200  # steps between previews (and one after the first step, to show it works)
 PREVIEW_SIDE = 256
+PAIRINGS = ("auto", "paired sections (same names)", "unpaired")
+_PAIRED = dict(zip(PAIRINGS, ("auto", True, False)))  # fine_tune's paired=
 MAX_LAYER_PIXELS = 8192 * 8192  # larger layers: train on exported regions instead
 
 
@@ -58,10 +60,13 @@ class FineTuneWidget(QWidget):
 
         self.stained = _FolderField("Folder of H&E images from your lab (unpaired: any tissue, any size ≥ 128 px).")
         self.stained.set(saved.get("stained", ""))
-        self.paired = QCheckBox("paired sections (same names)")
-        self.paired.setToolTip("Learning to Align: each H&E image is the stained neighbour section of the dark-field "
-                               "image (or layer) of the same name; alignment is learned, not required.")
-        self.paired.setChecked(bool(saved.get("paired", False)))
+        self.pairing = QComboBox()
+        self.pairing.addItems(PAIRINGS)
+        self.pairing.setToolTip("Paired sections (Learning to Align): each H&E image is the stained neighbour section "
+                                "of the dark-field image (or layer) of the same name; alignment is learned, not "
+                                "required. auto: paired when the names and sizes pair and the tissue agrees.")
+        remembered = saved.get("pairing", "paired sections (same names)" if saved.get("paired") else PAIRINGS[0])
+        self.pairing.setCurrentText(remembered if remembered in PAIRINGS else PAIRINGS[0])
         self.source = QComboBox()
         self.source.addItems(["open image layers", "a folder"])
         self.layers = QListWidget()
@@ -109,7 +114,7 @@ class FineTuneWidget(QWidget):
         size_row.addWidget(self.size, 1)
         form = QFormLayout()
         form.addRow("H&&E folder", self.stained)  # && shows one & (a single one marks a shortcut)
-        form.addRow("", self.paired)
+        form.addRow("Pairing", self.pairing)
         form.addRow("Dark-field", self.source)
         form.addRow("", self.layers)
         form.addRow("", self.darkfield)
@@ -179,7 +184,7 @@ class FineTuneWidget(QWidget):
         overrides = {} if self.val_every is None else {"val_every": self.val_every}
         options = dict(steps=steps, device=self.device.currentText(), config_overrides=overrides,
                        teacher_steps=self.teacher_steps.value(),
-                       paired=self.paired.isChecked(),
+                       paired=_PAIRED[self.pairing.currentText()],
                        from_scratch=self.scratch.isChecked(),
                        size=None if not self.scratch.isChecked() or self.size.currentText() == "auto"
                        else self.size.currentText())
@@ -298,7 +303,7 @@ class FineTuneWidget(QWidget):
             try:
                 done = fine_tune(init, darkfield, stained, name=output.stem, checkpoint=checkpoint,
                                  darkfield_names=names,
-                                 command="napari Fine-tune widget", on_note=lambda text: None,  # the CLI's flags
+                                 command="napari Fine-tune widget", on_note=lambda text: bridge.event.emit(("note", text)),
                                  progress=lambda p: bridge.event.emit(("progress", p)), stop=stop,
                                  callback=callback, on_enhancer=lambda e: trained_with.update(enhancer=e),
                                  **options)
@@ -337,6 +342,9 @@ class FineTuneWidget(QWidget):
                         self.eta.setText(f"{where}step {p.step} of {p.total} · {p.images_per_s:.1f} images/s{eta}")
                 if p.message:
                     self.status.setText(p.message)
+            elif event[0] == "note":
+                if "edge agreement" in event[1]:  # how Pairing "auto" decided, when the names pair
+                    show_info(event[1])
             elif event[0] == "preview":
                 _, step, image = event
                 self.preview.setPixmap(_pixmap(image))
@@ -440,7 +448,7 @@ class FineTuneWidget(QWidget):
         try:
             settings.save_settings(SECTION, {
                 "stained": self.stained.value(), "darkfield": self.darkfield.value(),
-                "paired": self.paired.isChecked(),
+                "pairing": self.pairing.currentText(),
                 "source": "folder" if self.source.currentIndex() == 1 else "layers", "steps": self.steps.value(),
                 "teacher_steps": self.teacher_steps.value(),
                 "size": self.size.currentText(), "device": self.device.currentText(),

@@ -47,7 +47,8 @@ from ..model import StainModel, provenance
 from .check import Check, compare
 from .data import is_folder_source, load_images, skipped_note, validation_split
 from .events import Progress, TrainResult, stop_requested
-from .paired import load_pairs
+from .paired import load_pairs, pair_sets
+from .pairing import Pairing, detect_pairs
 from .student import StudentConfig, _carve_reference, train_student
 from .teacher import TeacherConfig, train_teacher
 
@@ -55,6 +56,9 @@ STAGES = ("enhancer", "teacher", "student", "check")
 # Defaults sized for a laptop when a student is fine-tuned (docs/usage.md, "Your own microscope"):
 FINE_TUNE_STEPS = 500  # student steps (a new student: its preset's 20000); chosen on a dev split (docs/benchmarks.md)
 FINE_TUNE_EMA = 0.99  # a fine-tuned student is validated, chosen and returned as this moving average of its weights
+# a fine-tune trained paired: R's learning rate x10 and lambda_smooth 1 (the paper's: x1, 10), with which R
+# learnt the alignment in the LtA benchmark and the student found more nuclei on the dev split (docs/benchmarks.md)
+FINE_TUNE_ALIGNMENT = {"reg_lr_scale": 10.0, "lambda_smooth": 1.0}
 TEACHER_STEPS = 300  # teacher steps (batch 8, 128 px crops)
 VALIDATIONS = 6  # a student is validated about this often per run (every 50 to 500 steps)
 
@@ -170,7 +174,7 @@ def fine_tune(
     darkfield_names: Sequence[str] | None = None,
     on_note: Callable[[str], None] | None = None,
     config_overrides: dict | None = None,
-    paired: bool = False,
+    paired: bool | str = "auto",
     teacher_steps: int | None = None,
     refit: str = "auto",
     check: bool = True,
@@ -224,11 +228,17 @@ def fine_tune(
         Further :class:`StudentConfig` fields (e.g. ``val_every``, ``report_every``,
         ``disc_width``, ``lambda_con``); a fine-tuned student's width and blocks still come from
         ``init``. The mode is chosen by ``paired``, not here.
-    paired : bool
-        Paired-but-misaligned training (paper section IV-C, Learning to Align): ``darkfield`` and
-        ``stained_dir`` are paired by name (:func:`digital_stain.train.paired.load_pairs`) and a
-        registration network, used in training only, aligns the student's output with each
-        section. Same progress, stop, callback, checkpoint and result as unpaired.
+    paired : ``"auto"``, True or False
+        True: paired-but-misaligned training (paper section IV-C, Learning to Align):
+        ``darkfield`` and ``stained_dir`` are paired by name
+        (:func:`digital_stain.train.paired.load_pairs`) and a registration network, used in
+        training only, aligns the student's output with each section. Same progress, stop,
+        callback, checkpoint and result as unpaired. ``"auto"`` (default) trains paired when the
+        H&E images are found to be the adjacent sections of the dark-field images (same names
+        and sizes, and tissue that agrees: :func:`digital_stain.train.pairing.detect_pairs`),
+        says so in a note and records it in the provenance; False always trains unpaired. A
+        student fine-tuned paired gets ``FINE_TUNE_ALIGNMENT`` (R's learning rate x10,
+        ``lambda_smooth`` 1) unless ``config_overrides`` say otherwise.
     teacher_steps : int, optional
         Steps of the teacher's fine-tuning (default ``TEACHER_STEPS``, 300); 0 keeps the init
         model's teacher as it is.
@@ -273,7 +283,11 @@ def fine_tune(
         raise InputError(f"model {model.name!r} has no teacher to distil from; train one with "
                          "`digital-stain train-teacher`.")
     fine_tuning = model.student is not None and not from_scratch
-    cfg = _student_config(model, size, steps, crop, batch, lambda_kd, seed, device, precision, paired,
+    if isinstance(paired, str) and paired != "auto":
+        raise InputError(f"paired is True, False or 'auto', not {paired!r}.")
+    auto = paired == "auto"
+    paired = "auto" if auto else bool(paired)
+    cfg = _student_config(model, size, steps, crop, batch, lambda_kd, seed, device, precision, paired is True,
                           config_overrides, fine_tuning)
     if fine_tuning:
         ignored = f" (--size {size} ignored)" if size else ""
@@ -283,14 +297,26 @@ def fine_tune(
         return _stopped_early(TrainResult(None, 0, True), started, notes)
 
     # the data, loaded once for every stage
-    if paired:
+    pairing = None
+    if paired is True:
         pairs = load_pairs(darkfield, stained_dir, darkfield_names, None, min_side=cfg.crop)
+    else:
+        dark = load_images(darkfield, darkfield_names, min_side=cfg.crop, kind="dark-field")
+        hne = load_images(stained_dir, min_side=cfg.crop, kind="H&E")
+        if auto:
+            pairing = detect_pairs(dark, hne)
+            paired = pairing.paired
+            if pairing.names_pair:  # otherwise plainly unpaired: nothing to say
+                note(_pairing_note(pairing))
+            if paired:
+                pairs = pair_sets(dark, hne, min_side=cfg.crop)
+                cfg = _student_config(model, size, steps, crop, batch, lambda_kd, seed, device, precision, True,
+                                      config_overrides, fine_tuning)
+    if paired:
         dark_images, dark_names = pairs.darkfield.images, pairs.darkfield.names
         hne_images, hne_names = pairs.stained, list(pairs.darkfield.names)
         skipped = {"pairs": pairs.skipped}
     else:
-        dark = load_images(darkfield, darkfield_names, min_side=cfg.crop, kind="dark-field")
-        hne = load_images(stained_dir, min_side=cfg.crop, kind="H&E")
         dark_images, dark_names, hne_images, hne_names = dark.images, dark.names, hne.images, hne.names
         skipped = {"darkfield": dark.skipped, "stained": hne.skipped}
     for kind, reasons in skipped.items():  # said, and recorded in the provenance
@@ -354,7 +380,7 @@ def fine_tune(
                                   "checkpoint; --resume runs the check again)", notes, teacher_result)
     seconds = round(time.time() - started, 1)
     tuned.metadata = _metadata(model, init, tuned, name, command, darkfield, darkfield_names, stained_dir, cfg,
-                               result, teacher_result, verdict, paired, refitted, seconds, skipped)
+                               result, teacher_result, verdict, paired, refitted, seconds, skipped, pairing)
     chosen = next((h for h in result.history if h["step"] == result.best_step), {})
     scores = ", ".join(f"{k} {v:.3f}" for k, v in chosen.items() if k != "step")
     summary = f"chosen at step {result.best_step}: {scores}"
@@ -410,6 +436,8 @@ def _student_config(model, size, steps, crop, batch, lambda_kd, seed, device, pr
     defaults = dict(seed=seed, device=device, precision=precision, mode=mode)
     if fine_tuning:  # a short run from good weights: the average is the steadier state to judge
         defaults["ema_decay"] = FINE_TUNE_EMA
+        if paired:  # ... in which R must learn the alignment quickly
+            defaults.update(FINE_TUNE_ALIGNMENT)
     # config_overrides win over the arguments, and the constructor checks them all
     settings = {**defaults, **overrides, **extra}
     cfg = StudentConfig.preset(size or default_size(device), **settings)
@@ -433,7 +461,7 @@ def _held_out(dark_images, dark_names, hne_images, hne_names, cfg: StudentConfig
 
 
 def _metadata(model, init, tuned, name, command, darkfield, darkfield_names, stained_dir, cfg, result,
-              teacher_result, verdict, paired, refitted, seconds, skipped) -> dict:
+              teacher_result, verdict, paired, refitted, seconds, skipped, pairing) -> dict:
     aligned = " (paired-but-misaligned sections, Learning to Align)" if paired else ""
     student = dict(mode=cfg.mode, darkfield=_describe_data(darkfield, darkfield_names),
                    stained=_describe_data(stained_dir, None), init=_init_description(init, model),
@@ -449,6 +477,8 @@ def _metadata(model, init, tuned, name, command, darkfield, darkfield_names, sta
                                 stained=_describe_data(stained_dir, None))
     if verdict is not None:
         extra["check"] = verdict.as_dict()
+    if pairing is not None:
+        extra["pairing"] = pairing.as_dict()
     if any(skipped.values()):
         extra["skipped"] = {kind: reasons for kind, reasons in skipped.items() if reasons}
     return {
@@ -457,6 +487,17 @@ def _metadata(model, init, tuned, name, command, darkfield, darkfield_names, sta
         "provenance": {**model.metadata.get("provenance", {}),
                        **provenance(command=command, student=student, fine_tune=extra)},
     }
+
+
+def _pairing_note(pairing: Pairing) -> str:
+    """What ``paired="auto"`` decided, as the user reads it."""
+    numbers = (f" (edge agreement {pairing.agreement:.2f} on {pairing.pairs} pair(s), against {pairing.baseline:.2f} "
+               "for the same images half a turn apart)" if pairing.agreement is not None else "")
+    if pairing.paired:
+        return (f"paired sections: {pairing.reason}{numbers}, so each H&E image is taken as the adjacent section of "
+                "its dark-field image and the student trains paired-but-misaligned, with Learning to Align "
+                "(to train unpaired: --unpaired, or Pairing 'unpaired' in napari)")
+    return f"unpaired training: {pairing.reason}{numbers}"
 
 
 def _stopped_early(result: TrainResult, started: float, notes: list, when: str = "before training started") -> FineTuneResult:

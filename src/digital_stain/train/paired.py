@@ -79,6 +79,11 @@ def load_pairs(darkfield, stained, darkfield_names=None, stained_names=None, *, 
     """
     dark = load_images(darkfield, darkfield_names, min_side=1, kind="dark-field")
     ref = load_images(stained, stained_names, min_side=1, kind="H&E")
+    return pair_sets(dark, ref, min_side=min_side)
+
+
+def pair_sets(dark: ImageSet, ref: ImageSet, *, min_side: int) -> PairedSet:
+    """Pair loaded dark-field and stained images by name, or refuse saying why (see :func:`load_pairs`)."""
     dark_names, ref_names = _all_names(dark), _all_names(ref)
     dark_where, ref_where = _where(dark, "dark-field"), _where(ref, "stained")
     for names, where in ((dark_names, dark_where), (ref_names, ref_where)):
