@@ -22,6 +22,11 @@ Examples (from the repository root)::
 
     python benchmarks/compare_methods.py --student runs/student-kd.safetensors --ablation runs/student-nokd.safetensors
     python benchmarks/compare_methods.py --train-steps 200 --workdir runs/compare-smoke
+    python benchmarks/compare_methods.py --also 'fast=dsd-unpaired-fast'   # shipped students, no ablation
+
+Besides those scores every row has the checkerboard (``checkerboard_2``,
+``checkerboard_4``: the grid a stride-2 transposed convolution leaves, median
+over tiles; :func:`digital_stain.metrics.checkerboard`).
 """
 
 from __future__ import annotations
@@ -95,8 +100,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/dsd/DSD_U")
     parser.add_argument("--base", default="dsd-unpaired", help="model with the enhancer and teacher")
-    parser.add_argument("--student", type=Path, help="model file with the student (lambda_kd 5)")
-    parser.add_argument("--ablation", type=Path, help="model file with the no-distillation student (lambda_kd 0)")
+    parser.add_argument("--student", type=Path, help="model file with the student (lambda_kd 5; default: --base's own)")
+    parser.add_argument("--ablation", type=Path, help="model file with the no-distillation student (lambda_kd 0; "
+                                                      "default: none)")
     parser.add_argument("--train-steps", type=int, default=None, help="train both students here first")
     parser.add_argument("--size", default="small")
     parser.add_argument("--crop", type=int, default=128)
@@ -112,15 +118,13 @@ def main(argv=None) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
         args.student, args.ablation = train_pair(base, args.data, args.workdir, args.train_steps,
                                                  args.size, args.crop, args.seed)
-    if not (args.student and args.ablation):
-        parser.error("pass --student and --ablation model files, or --train-steps N")
-    student, ablation = StainModel.load(args.student, device="cpu"), StainModel.load(args.ablation, device="cpu")
-    methods = {
-        "enhancer only (gray)": (base, "enhanced"),
-        "teacher": (base, "teacher"),
-        "CycleGAN, no distillation (λ_kd = 0)": (ablation, "student"),
-        "student (ours, λ_kd = 5)": (student, "student"),
-    }
+    methods = {"enhancer only (gray)": (base, "enhanced"), "teacher": (base, "teacher")}
+    if args.ablation:
+        methods["CycleGAN, no distillation (λ_kd = 0)"] = (StainModel.load(args.ablation, device="cpu"), "student")
+    if args.student:
+        methods["student (ours, λ_kd = 5)"] = (StainModel.load(args.student, device="cpu"), "student")
+    elif base.student is not None:
+        methods[f"student of {args.base} (shipped)"] = (base, "student")
     for item in args.also:
         label, _, path = item.partition("=")
         methods[label] = (StainModel.load(path, device="cpu"), "student")
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
                  for i, y in enumerate(val_hne.images)]
 
     print(f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
-    print(f"Students: `{args.student}` and `{args.ablation}`; base `{args.base}`.\n")
+    print(f"Students: `{args.student or args.base}` and `{args.ablation or 'none'}`; base `{args.base}`.\n")
     _log(f"DSD_U/val, real dark-field ({len(val_dark.images)} images)")
     real = compare(methods, val_dark.images, None, style)
     other_hne = load_rgb_folder(args.data / "train/stained", min_side=1, kind="H&E").images[:40]

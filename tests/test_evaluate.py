@@ -19,13 +19,14 @@ def _images(folder):
 def test_score_images_gives_what_the_data_allows(hne_dir):
     hne = _images(hne_dir)
     alone = score_images(hne)
-    assert set(alone) == {"niqe"}
+    assert set(alone) == {"niqe", "checkerboard_2", "checkerboard_4"}
     full = score_images(hne, [im.mean(-1) / 255 for im in hne], hne, lab_pixels(np.stack(hne)))
-    assert set(full) == {"psnr", "ssim", "nuclei_dice", "structure", "niqe", "style"}
+    assert set(full) == {"psnr", "ssim", "nuclei_dice", "structure", "niqe", "style", "checkerboard_2",
+                         "checkerboard_4"}
     assert full["psnr"] == float("inf") and full["ssim"] == pytest.approx(1.0) and full["nuclei_dice"] == 1.0
     assert full["structure"] > 0.95 and full["style"] < 1.0
     table = format_table({"real": full})
-    assert "psnr ↑" in table and "niqe ↓" in table and "| real |" in table
+    assert "psnr ↑" in table and "niqe ↓" in table and "checkerboard_2 ↓" in table and "| real |" in table
 
 
 def test_niqe_mean_skips_featureless_and_small_images_and_lists_must_match(hne_dir):
@@ -68,7 +69,8 @@ def test_synth_then_evaluate_with_references(capsys, tiny_model_file, hne_dir, d
     assert "| teacher |" in printed and "| student |" in printed
     report = json.loads(out.read_text())
     assert report["checksum"] and set(report["scores"]) == {"enhanced", "teacher", "student"}
-    assert set(report["scores"]["teacher"]) == {"psnr", "ssim", "nuclei_dice", "structure", "niqe", "style"}
+    assert set(report["scores"]["teacher"]) == {"psnr", "ssim", "nuclei_dice", "structure", "niqe", "style",
+                                                 "checkerboard_2", "checkerboard_4"}
     assert main(["synth", "--stained", str(hne_dir), "--output", str(synthetic), "--model", str(tiny_model_file)]) == 2
     assert "already exists" in capsys.readouterr().err
 

@@ -38,6 +38,7 @@ def test_real_hne_is_closer_to_real_hne_than_its_gray_is():
 from scipy import ndimage  # noqa: E402
 
 from digital_stain.metrics import (  # noqa: E402
+    checkerboard,
     dice,
     hematoxylin,
     nuclei_dice,
@@ -100,3 +101,26 @@ def test_structure_score_rewards_kept_edges_ignores_brightness_and_flags_inversi
     assert structure_score(255 - hne_tile, gray) < -0.99  # background and cells swapped (the CycleGAN failure)
     moved = np.roll(hne_tile, (5, 5), axis=(0, 1))
     assert structure_score(moved, gray) < 0.5
+
+
+# -- artefacts ----------------------------------------------------------------------------------
+
+
+def test_checkerboard_is_low_on_real_hne_and_finds_a_faint_two_or_four_pixel_grid(hne_tile):
+    clean = checkerboard(hne_tile)
+    assert clean[2] < 30 and clean[4] < 3
+    rows, cols = np.indices(hne_tile.shape[:2])
+    def plus(pattern):  # 3 gray levels: invisible at 1:1, as a student's grid is until one zooms in
+        return np.clip(hne_tile + 3.0 * pattern[..., None], 0, 255).astype(np.uint8)
+    two = checkerboard(plus((rows + cols) % 2))
+    assert two[2] > 100 * clean[2] and two[4] == pytest.approx(clean[4], rel=0.01)
+    four = checkerboard(plus((cols % 4 < 2) + (rows % 4 < 2)))
+    assert four[4] > 100 * clean[4] and four[2] == pytest.approx(clean[2], rel=0.01)
+    assert checkerboard(hne_tile.astype(np.float32) / 255) == pytest.approx(clean, rel=1e-3)  # float in [0, 1] alike
+
+
+def test_checkerboard_refuses_what_it_cannot_measure(hne_tile):
+    with pytest.raises(ValueError, match="at least 32 x 32"):
+        checkerboard(hne_tile[:20, :20])
+    with pytest.raises(ValueError, match=r"\(Y, X, 3\) RGB"):
+        checkerboard(hne_tile[..., :2])

@@ -37,7 +37,7 @@ def _norm_modes(net: nn.Module) -> list[str]:
 
 def test_resnet_generator_default_is_paper_size():
     net = ResnetGenerator()
-    assert net.config == dict(in_channels=4, out_channels=3, width=64, n_blocks=9)
+    assert net.config == dict(in_channels=4, out_channels=3, width=64, n_blocks=9, upsample="transpose")
     assert 11.0e6 <= _n_params(net) <= 11.8e6
     with torch.no_grad():
         out = net(torch.rand(1, 4, 12, 16) * 2 - 1)
@@ -340,3 +340,23 @@ def test_frozen_statistics_on_net_without_our_norm_is_a_no_op():
             assert same is net
             inside = net(x)
     torch.testing.assert_close(inside, before)
+
+
+def test_resize_convolution_upsampling_leaves_no_checkerboard_and_old_configs_build_transposed():
+    from digital_stain.metrics import checkerboard
+
+    image = torch.rand(1, 4, 128, 128) * 2 - 1
+    grids = {}
+    for mode in ("transpose", "nearest", "bilinear"):
+        torch.manual_seed(0)
+        net = ResnetGenerator(4, 3, 8, 2, upsample=mode).eval()
+        assert _n_params(net) == _n_params(ResnetGenerator(4, 3, 8, 2))  # only where the upsampling is made differs
+        with torch.no_grad():
+            out = ((net(image)[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+        grids[mode] = checkerboard(out)[2]
+    # even untrained, a stride-2 transposed convolution paints a 2-pixel grid; a resize then a convolution does not
+    assert grids["transpose"] > 10 * grids["nearest"] and grids["transpose"] > 10 * grids["bilinear"]
+    old = dict(in_channels=4, out_channels=3, width=8, n_blocks=2)  # a model file from before the option
+    assert ResnetGenerator(**old).config["upsample"] == "transpose"
+    with pytest.raises(ValueError, match="unknown upsampling 'cubic'"):
+        ResnetGenerator(upsample="cubic")

@@ -104,19 +104,6 @@ def test_cli_train_writes_a_model_with_a_student(tiny_model_file, darkfield_dir,
     assert main(argv) == 2  # the output exists now: refused without --overwrite
 
 
-def test_selection_keeps_structure_first_then_prefers_hne_colours():
-    from digital_stain.train.student import selection_score
-
-    floor = 0.9
-    keeps_structure_gray = {"structure": 0.95, "style": 12.0}
-    keeps_structure_hne = {"structure": 0.92, "style": 4.0}
-    loses_structure = {"structure": 0.5, "style": 1.0}  # H&E colours on the wrong places
-    ranked = sorted([loses_structure, keeps_structure_gray, keeps_structure_hne],
-                    key=lambda s: selection_score(s, floor), reverse=True)
-    assert ranked == [keeps_structure_hne, keeps_structure_gray, loses_structure]
-    assert selection_score({"structure": 0.6}, floor) > selection_score({"structure": 0.5}, floor)
-
-
 def _messy_folders(tmp_path, darkfield_dir, hne_dir):
     """RGBA H&E of mixed sizes plus a broken file; gray dark-field of mixed sizes plus a text file."""
     from PIL import Image
@@ -181,11 +168,20 @@ def test_cli_ablation_flag_reaches_the_config(tiny_model_file, darkfield_dir, hn
     # the tiny init model has a (width 8) student: --from-scratch must start a new one of the asked size
     assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),
                  "--init", str(tiny_model_file), "--size", "fast", "--from-scratch", "--steps", "2", "--crop", "64",
-                 "--lambda-kd", "0", "--ema", "0.99", "--device", "cpu", "-q"]) == 0
-    config = StainModel.load(output).metadata["provenance"]["student"]["config"]
+                 "--lambda-kd", "0", "--ema", "0.99", "--upsample", "bilinear", "--device", "cpu", "-q"]) == 0
+    written = StainModel.load(output)
+    config = written.metadata["provenance"]["student"]["config"]
     assert config["lambda_kd"] == 0.0 and (config["width"], config["blocks"]) == (16, 4)
-    assert config["ema_decay"] == 0.99
+    assert config["ema_decay"] == 0.99 and config["upsample"] == "bilinear"
+    assert written.student.config["upsample"] == "bilinear"  # the network built from the file is the trained one
     assert "chosen at step" in capsys.readouterr().err
+    # a fine-tuned student keeps its architecture: asking for another upsampling is refused before any work
+    assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output",
+                 str(tmp_path / "other.safetensors"), "--init", str(output), "--upsample", "nearest", "--steps", "2",
+                 "--crop", "64", "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "upsamples by 'bilinear', not 'nearest'" in err and "--from-scratch" in err and "Traceback" not in err
+    assert not (tmp_path / "other.safetensors").exists()
     tuned = tmp_path / "tuned.safetensors"
     assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(tuned),
                  "--init", str(tiny_model_file), "--size", "fast", "--steps", "2", "--crop", "64",
@@ -268,5 +264,5 @@ def test_ema_changes_only_the_judged_weights_and_resumes_exactly(tiny_model, dar
     for a, b in zip(averaged_net.state_dict().values(), resumed_net.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(InputError, match="ema_decay 0.9 -> 0.0"):
-        train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=6, val_every=1),
+        train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=6, val_every=1, ema_decay=0.0),
                       checkpoint=ckpt, resume=True)

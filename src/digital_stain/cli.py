@@ -18,6 +18,7 @@ from . import options
 from .adapt import ADAPT_MODES
 from .arrays import InputError, to_uint8
 from .devices import DEVICES, PRECISIONS
+from .nets.generator import UPSAMPLING
 
 STEPS = options.integer(1, what="a number of steps")
 BATCH = options.integer(1, 1024, "a batch size")
@@ -152,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a new student even if --init has one (default: fine-tune its student)")
     train.add_argument("--ema", type=options.number(0, 0.99999, what="an EMA decay, 0 for none"), default=None, metavar="DECAY",
                        help="validate, choose and save a moving average of the student's weights with this decay "
-                            "(default 0.99 when fine-tuning --init's student; 0 = off, the paper's training, for a new "
-                            "student): steadier than the live weights")
+                            "(default 0.99 when fine-tuning --init's student, 0.999 for a new student; 0 = off, the "
+                            "paper's training): steadier than the live weights")
+    train.add_argument("--upsample", choices=UPSAMPLING, default=None,
+                       help="how a new student upsamples: bilinear (default) or nearest = resize then convolve, no "
+                            "checkerboard; transpose = the paper's transposed convolutions (a fine-tuned student keeps "
+                            "its own)")
     train.add_argument("--reg-warmup", type=options.integer(0, what="a number of steps"), default=None, metavar="STEPS",
                        help="with --paired: first train the registration network for STEPS steps to recover known "
                             "random warps of the training sections (e.g. 3000; default 0 = the paper's training)")
@@ -579,7 +584,7 @@ def cmd_train(args) -> int:
     if given and args.paired is not True:
         raise InputError(f"{', '.join(given)} set the registration network of paired training: add --paired "
                          f"(with a folder of adjacent sections as --stained), or leave {', '.join(given)} out.")
-    overrides = {k: v for k, v in dict(ema_decay=args.ema, reg_warmup=args.reg_warmup, lambda_smooth=args.lambda_smooth,
+    overrides = {k: v for k, v in dict(ema_decay=args.ema, upsample=args.upsample, reg_warmup=args.reg_warmup, lambda_smooth=args.lambda_smooth,
                                        reg_lr_scale=args.reg_lr_scale).items() if v is not None}
     tuned, _ = _run_training(args, "student", lambda checkpoint, progress, stop: fine_tune(
         args.init, args.darkfield, args.stained, size=args.size, steps=args.steps, crop=args.crop, batch=args.batch,

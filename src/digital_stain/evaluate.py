@@ -3,8 +3,11 @@
 Every output (``enhanced``, ``teacher``, ``student``) of every image is scored
 with what the data allows: PSNR, SSIM and nuclei Dice when a reference H&E of
 the same tissue exists; always NIQE and the structure score (against the
-enhanced image); the stain-style distance when real H&E is given for its
-colours. Scores are means over images.
+enhanced image) and the checkerboard (the period-2 and period-4 grid peaks,
+:func:`digital_stain.metrics.checkerboard`); the stain-style distance when real
+H&E is given for its colours. Scores are means over images, except the
+checkerboard's, which are medians: one tile of a truly regular texture should
+not stand for a whole set.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from .arrays import InputError, to_uint8
 from .niqe import MIN_SIZE as NIQE_MIN_SIDE
 from .niqe import niqe
 
-SCORES = ("psnr", "ssim", "nuclei_dice", "structure", "niqe", "style")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "nuclei_dice": True, "structure": True, "niqe": False, "style": False}
+SCORES = ("psnr", "ssim", "nuclei_dice", "structure", "niqe", "style", "checkerboard_2", "checkerboard_4")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "nuclei_dice": True, "structure": True, "niqe": False, "style": False,
+                    "checkerboard_2": False, "checkerboard_4": False}
+MEDIANS = ("checkerboard_2", "checkerboard_4")
 
 
 def as_rgb_uint8(output: np.ndarray) -> np.ndarray:
@@ -53,7 +58,8 @@ def score_images(
 
     Returns
     -------
-    dict of score name -> float (only the scores the data allows).
+    dict of score name -> float (only the scores the data allows; the checkerboard for images of at
+    least 32 px a side).
     """
     stained = [as_rgb_uint8(s) for s in stained]
     if not stained:
@@ -72,11 +78,20 @@ def score_images(
             scores["structure"].append(metrics.structure_score(image, enhanced[i]))
         if min(image.shape[:2]) >= NIQE_MIN_SIDE:
             scores["niqe"].append(niqe(image))
+        if min(image.shape[:2]) >= metrics.CHECKERBOARD_MIN_SIDE:
+            for period, ratio in metrics.checkerboard(image).items():
+                scores[f"checkerboard_{period}"].append(ratio)
     if style_reference is not None:
         pixels = np.concatenate([s.reshape(-1, 3) for s in stained])[None]
         scores["style"].append(metrics.sliced_wasserstein(metrics.lab_pixels(pixels), style_reference))
     # NIQE is nan on featureless images (and skipped under 192 px): the mean is over the images it could score
-    return {k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan") for k, v in scores.items() if v}
+    return {k: _summary(k, v) for k, v in scores.items() if v}
+
+
+def _summary(score: str, values: list) -> float:
+    if np.isnan(values).all():
+        return float("nan")
+    return float(np.nanmedian(values) if score in MEDIANS else np.nanmean(values))
 
 
 def evaluate_model(

@@ -41,8 +41,10 @@ from ..arrays import InputError, to_uint8
 from ..devices import autocast, resolve_device, resolve_training_precision
 from ..metrics import lab_pixels, sliced_wasserstein, structure_score
 from ..nets import PatchDiscriminator, ResnetGenerator
+from ..nets.generator import UPSAMPLING
 from ..nets.norm import set_norm_mode
 from ..nets.registration import RegistrationNet, smoothness_loss, warp
+from .selection import BOOTSTRAP_PIXELS, chosen_step, selection_score, style_noise
 from ..tiling import Cancelled
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_images, random_crops, validation_split
@@ -64,7 +66,10 @@ PAPER_WEIGHTS = {"unpaired": dict(lambda_kd=5.0, lambda_cyc=80.0), "paired": dic
 
 @dataclass
 class StudentConfig:
-    """Student training settings; defaults are the paper's losses and optimiser.
+    """Student training settings; defaults are the paper's losses and optimiser, with two changes
+    that measured better (``docs/models.md``): a weight average (``ema_decay`` 0.999) and
+    resize-convolution upsampling (``upsample="bilinear"``). ``ema_decay=0, upsample="transpose"``
+    is the paper's training.
 
     ``mode`` is ``"unpaired"`` (section IV-B) or ``"paired"`` (paired-but-misaligned, IV-C:
     adds the registration network and ``lambda_con``, ``lambda_smooth``). ``lambda_kd`` and
@@ -76,7 +81,7 @@ class StudentConfig:
     (:func:`update_ema`) and validates, chooses and returns that average instead of the live
     weights: a GAN's colours drift from one step to the next, and the average is the steadier
     state to choose from. The live weights are validated too (``live_*`` in the history) and
-    train exactly as without the average. 0 (the default) is the paper's training.
+    train exactly as without the average. 0 is the paper's training.
 
     ``reg_warmup`` > 0 (paired with ``R`` only; ignored otherwise) first trains ``R`` for that many
     steps to recover known random fields between a training section and its warped copy
@@ -108,7 +113,9 @@ class StudentConfig:
     reg_depth: int = 3
     registration: bool = True  # paired: False = pix2pix-style baseline, L_con on the unregistered output (no R)
     reg_lr_scale: float = 1.0  # paired: R's learning rate as a multiple of lr (1 = the paper's)
-    ema_decay: float = 0.0  # 0: off (the paper); e.g. 0.999: validate, choose and return an EMA of G's weights
+    # the generators' 2x upsamplings (nets.generator.UPSAMPLING): bilinear leaves no checkerboard; transpose = the paper's
+    upsample: str = "bilinear"
+    ema_decay: float = 0.999  # validate, choose and return an EMA of G's weights; 0: off (the paper)
     reg_warmup: int = 0  # paired: steps of R's self-supervised warm-up on warped sections first (0 = the paper's)
 
     def __post_init__(self):
@@ -119,6 +126,8 @@ class StudentConfig:
                 setattr(self, key, value)
         if self.reg_warmup < 0:
             raise InputError(f"reg_warmup is a number of steps (0 = none), not {self.reg_warmup}.")
+        if self.upsample not in UPSAMPLING:
+            raise InputError(f"unknown upsampling {self.upsample!r}; choose from {', '.join(UPSAMPLING)}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay must be in [0, 1) (0 = off, e.g. 0.999), not {self.ema_decay}.")
 
@@ -155,6 +164,11 @@ class ImagePool:
             else:
                 out.append(fake)
         return torch.stack(out)
+
+
+def _generator(cfg: StudentConfig, in_channels: int = 4) -> ResnetGenerator:
+    """The student (4 -> 3) or the reverse generator (3 -> 3) of ``cfg``."""
+    return ResnetGenerator(in_channels, 3, cfg.width, cfg.blocks, cfg.upsample)
 
 
 def update_ema(average: torch.nn.Module, live: torch.nn.Module, decay: float, step: int) -> None:
@@ -290,22 +304,9 @@ def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.
         scores["aligned_psnr"] = float(np.mean(aligned_psnr))
     if reference_lab is not None:
         scores["style"] = sliced_wasserstein(lab_pixels(np.concatenate(outputs)[None]), reference_lab)
+        scores["style_noise"] = style_noise([lab_pixels(o[None], max_pixels=BOOTSTRAP_PIXELS // 2) for o in outputs],
+                                            reference_lab)
     return scores
-
-
-def selection_score(scores: dict, structure_floor: float) -> float:
-    """One number to choose the best student by, higher is better.
-
-    A student must keep the structure (at least ``structure_floor``, 85 % of
-    the teacher's, whose lightness is the enhanced image: about 0.85; a
-    3-pixel shift of the enhanced image itself scores about 0.64); among those, the most H&E-like colours win. A student
-    below the floor ranks under every one above it, by structure.
-    """
-    if "style" not in scores:
-        return scores["structure"]
-    if scores["structure"] >= structure_floor:
-        return -scores["style"]
-    return -1000.0 + scores["structure"]
 
 
 def train_student(
@@ -354,7 +355,7 @@ def train_student(
         uses a copy); train mode, norm modes and grad mode are restored afterwards. It must
         not change the weights. It may set ``stop``.
 
-    Returns the student chosen on the validation split (:func:`selection_score`;
+    Returns the student chosen on the validation split (:func:`digital_stain.train.selection.chosen_step`;
     eval mode, on the CPU) and a :class:`TrainResult`; on ``stop`` it returns within one
     step. ``result.best_step is None`` means no validation ran yet: the
     returned weights are then the current, unvalidated ones. In paired mode the split is
@@ -382,7 +383,7 @@ def train_student(
         held_out[-1] = True
     cached = cache_teacher(model, dark.images, progress, stop)
     if cached is None:
-        return ResnetGenerator(4, 3, cfg.width, cfg.blocks).eval(), TrainResult(None, 0, True)
+        return _generator(cfg).eval(), TrainResult(None, 0, True)
     if cfg.paired:  # the section rides along (channels 7-9), so crops, flips and turns are the same in both
         cached = [np.concatenate([c, section], -1) for c, section in zip(cached, pairs.stained)]
     train_items = [c for c, h in zip(cached, held_out) if not h] or cached
@@ -399,8 +400,8 @@ def train_student(
         progress(Progress(0, 0, message="too few H&E images to hold any out: states are chosen by structure alone"))
 
     torch.manual_seed(cfg.seed)
-    student = ResnetGenerator(4, 3, cfg.width, cfg.blocks).to(device)
-    reverse = ResnetGenerator(3, 3, cfg.width, cfg.blocks).to(device)
+    student = _generator(cfg).to(device)
+    reverse = _generator(cfg, in_channels=3).to(device)
     disc = PatchDiscriminator(3, cfg.disc_width).to(device)
     if init_state is not None:
         student.load_state_dict(init_state)
@@ -426,12 +427,12 @@ def train_student(
 
         sections = [c[..., 7:10] for c in train_items]
         if warm_up_registration(reg, sections, cfg.reg_warmup, cfg.crop, device, cfg.seed, progress, stop) is None:
-            return ResnetGenerator(4, 3, cfg.width, cfg.blocks).eval(), TrainResult(None, 0, True)
+            return _generator(cfg).eval(), TrainResult(None, 0, True)
     start, best, best_step, history = 0, -float("inf"), None, []
     due = False  # a validation of the current step is owed (a stop interrupted it)
     best_state = snapshot(judged)
     if resuming:
-        holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
+        holder = _generator(cfg)
         _check_resumable(checkpoint, cfg)
         meta = load_checkpoint(checkpoint, {**nets, "best": holder}, opts)
         start, best, best_step, history = meta["step"], meta["best"], meta["best_step"], meta["history"]
@@ -442,7 +443,7 @@ def train_student(
 
     def save(step: int) -> None:
         if checkpoint:
-            holder = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
+            holder = _generator(cfg)
             holder.load_state_dict(best_state)
             meta = dict(step=step, best=best, best_step=best_step, history=history, config=asdict(cfg),
                         validation_due=bool(due and val_items))
@@ -463,7 +464,7 @@ def train_student(
                 break
             due = False
             history.append({"step": step, **scores})
-            if selection_score(scores, floor) > best:
+            if chosen_step(history, floor) == step:
                 best, best_step = selection_score(scores, floor), step
                 best_state = snapshot(judged)
             save(step)
@@ -535,7 +536,7 @@ def train_student(
         meter.add(losses, cfg.batch)
     if cancelled:
         save(step)
-    result_net = ResnetGenerator(4, 3, cfg.width, cfg.blocks)
+    result_net = _generator(cfg)
     result_net.load_state_dict(best_state if best_step is not None else judged.state_dict())
     result_net.eval()
     return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history)
@@ -563,9 +564,10 @@ def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
         how = "with --paired (mode='paired')" if saved_mode == "paired" else "without --paired (mode='unpaired')"
         raise InputError(f"checkpoint {checkpoint} was made by {saved_mode} training and this run is {cfg.mode}; "
                          f"resume it {how}, or start afresh without --resume (or with another --checkpoint).")
-    saved = {"ema_decay": 0.0, "reg_warmup": 0, **saved}  # checkpoints from before these options had neither
-    keys = ("width", "blocks", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc", "lr",
-            "ema_decay")
+    # checkpoints from before these options had none of them
+    saved = {"ema_decay": 0.0, "reg_warmup": 0, "upsample": "transpose", **saved}
+    keys = ("width", "blocks", "upsample", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc",
+            "lr", "ema_decay")
     if cfg.paired:
         keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration", "reg_lr_scale", "reg_warmup")
     differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
