@@ -584,8 +584,9 @@ def cmd_train(args) -> int:
     if given and args.paired is not True:
         raise InputError(f"{', '.join(given)} set the registration network of paired training: add --paired "
                          f"(with a folder of adjacent sections as --stained), or leave {', '.join(given)} out.")
-    overrides = {k: v for k, v in dict(ema_decay=args.ema, upsample=args.upsample, reg_warmup=args.reg_warmup, lambda_smooth=args.lambda_smooth,
-                                       reg_lr_scale=args.reg_lr_scale).items() if v is not None}
+    overrides = {k: v for k, v in dict(ema_decay=args.ema, upsample=args.upsample, reg_warmup=args.reg_warmup,
+                                       lambda_smooth=args.lambda_smooth, reg_lr_scale=args.reg_lr_scale).items()
+                 if v is not None}
     tuned, _ = _run_training(args, "student", lambda checkpoint, progress, stop: fine_tune(
         args.init, args.darkfield, args.stained, size=args.size, steps=args.steps, crop=args.crop, batch=args.batch,
         lambda_kd=args.lambda_kd, seed=args.seed, device=args.device, precision=args.precision,

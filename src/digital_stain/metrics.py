@@ -232,8 +232,8 @@ def checkerboard(rgb: np.ndarray) -> dict[int, float]:
     if min(image.shape[:2]) < CHECKERBOARD_MIN_SIDE:
         raise ValueError(f"checkerboard needs at least {CHECKERBOARD_MIN_SIDE} x {CHECKERBOARD_MIN_SIDE} pixels "
                          f"to resolve a 4-pixel period; this image is {image.shape[:2]}.")
-    gray = luma(image) if image.ndim == 3 else image
-    return {p: _peak_ratio(_power(gray), p) for p in CHECKERBOARD_PERIODS}
+    power = _power(luma(image) if image.ndim == 3 else image)  # one spectrum serves every period
+    return {p: _peak_ratio(power, p) for p in CHECKERBOARD_PERIODS}
 
 
 def _power(gray: np.ndarray) -> np.ndarray:

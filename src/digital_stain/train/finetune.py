@@ -445,7 +445,7 @@ def _student_config(model, size, steps, crop, batch, lambda_kd, seed, device, pr
         cfg.val_every = min(500, max(50, cfg.steps // VALIDATIONS))
     if fine_tuning:
         cfg.width, cfg.blocks = model.student.config["width"], model.student.config["n_blocks"]
-        built = model.student.config.get("upsample", "transpose")
+        built = model.student.config["upsample"]  # every ResnetGenerator records it (old files: transpose)
         if cfg.upsample != built and "upsample" in extra:
             raise InputError(f"the student being fine-tuned upsamples by {built!r}, not {cfg.upsample!r}: an "
                              "architecture is fixed once trained. Train a new student (from_scratch, CLI "

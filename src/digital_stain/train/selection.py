@@ -74,10 +74,8 @@ def chosen_step(history: list[dict], structure_floor: float) -> int | None:
     """
     if not history:
         return None
-    if any("style" not in h for h in history):
-        return max(history, key=lambda h: (h["structure"], -h["step"]))["step"]
     above = [h for h in history if h["structure"] >= structure_floor]
-    if not above:
+    if not above or any("style" not in h for h in history):
         return max(history, key=lambda h: (h["structure"], -h["step"]))["step"]
     lowest = min(above, key=lambda h: (h["style"], h["step"]))
     within = [h for h in above if h["style"] - lowest["style"]
