@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
 import pytest
+import torch
 
 from digital_stain.arrays import InputError
 from digital_stain.model import StainModel, available_models
@@ -239,7 +241,7 @@ def test_stop_event_cancels_promptly(tiny_model, darkfield_tile):
 
     with pytest.raises(Cancelled):
         tiny_model.stain(darkfield_tile[:128, :128], ["student"], tile=32, overlap=8, progress=progress, stop=stop,
-                         **FAST)
+                         stats_pixels=32 * 32, **FAST)  # statistics from crops: the student is tiled
     assert len(calls) == 1, f"kept going for {len(calls)} tiles after the stop was set"
 
 
@@ -332,9 +334,9 @@ def test_batched_tiles_stain_the_same(tiny_model, darkfield_tile, output):
     """``stain(batch=4)`` equals one tile at a time (fp32, CPU): tiles are independent."""
     image = darkfield_tile[:200, :232]
     seen = []
-    one = tiny_model.stain(image, [output], tile=64, overlap=16, **FAST)[output]
-    four = tiny_model.stain(image, [output], tile=64, overlap=16, batch=4, progress=lambda d, t: seen.append(d),
-                            **FAST)[output]
+    tiled = dict(tile=64, overlap=16, stats_pixels=64 * 64, **FAST)  # statistics from crops: the student is tiled
+    one = tiny_model.stain(image, [output], **tiled)[output]
+    four = tiny_model.stain(image, [output], batch=4, progress=lambda d, t: seen.append(d), **tiled)[output]
     assert one.std() > 0.01
     np.testing.assert_allclose(four, one, atol=1e-5)
     assert seen[-1] == 100 and seen == sorted(seen)
@@ -356,3 +358,49 @@ def test_a_model_whose_student_inputs_are_its_own_histograms_saves(tiny_model, t
     model.save(tmp_path / "shared.safetensors")
     loaded = StainModel.load(tmp_path / "shared.safetensors", device="cpu")
     np.testing.assert_array_equal(loaded.enhancer.student_inputs.luma, old.darkfield_counts)
+
+
+def _count_forwards(net) -> list:
+    calls = []
+    net.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
+    return calls
+
+
+def test_an_image_that_fits_the_statistics_pass_runs_the_student_once(tiny_model, darkfield_tile):
+    """No second, tiled pass: the whole-image pass is the stain (the next test: it equals the tiles)."""
+    image = darkfield_tile[:200, :232]
+    model = copy.deepcopy(tiny_model)
+    calls = _count_forwards(model.student)
+    seen = []
+    once = model.stain(image, ["student"], tile=64, overlap=32, progress=lambda d, t: seen.append((d, t)),
+                       **FAST)["student"]
+    assert len(calls) == 1 and calls[0][-2:] == (200, 232), calls  # the whole image, padded to the multiple
+    assert seen == [(100, 100)]
+    calls.clear()
+    model.stain(image, ["student"], tile=64, overlap=32, stats_pixels=100 * 100, **FAST)
+    assert len(calls) > 2  # larger than the statistics budget: statistics from crops, then the tiles
+    assert once.std() > 0.01
+
+
+def test_the_one_pass_stain_is_the_former_statistics_then_tiles_stain(tiny_model, darkfield_tile):
+    """What the two passes gave: the whole image's statistics frozen, then tiled (here one tile and two)."""
+    from digital_stain.nets import frozen_norm_statistics
+    from digital_stain.tiling import pad_image, tiled_apply
+
+    image = darkfield_tile[:128, :160]
+    once = tiny_model.stain(image, ["student"], **FAST)["student"]
+    student_in = tiny_model.preparation(image).plane(image, student=True)[1]
+    padded, _ = pad_image(student_in, tiny_model.student.size_multiple, tiny_model.student.min_size)
+    for tile, overlap in ((512, 128), (128, 64)):
+        with frozen_norm_statistics(tiny_model.student, torch.from_numpy(padded[None])):
+            tiles = tiled_apply(lambda x: (tiny_model.student(x) + 1) / 2, student_in, out_channels=3, tile=tile,
+                                overlap=overlap, multiple=tiny_model.student.size_multiple,
+                                min_size=tiny_model.student.min_size)
+        np.testing.assert_allclose(once, np.clip(tiles.transpose(1, 2, 0), 0, 1), atol=1e-5 if tile == 512 else 0.05)
+
+
+def test_stop_set_before_the_one_pass_cancels_it(tiny_model, small):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        tiny_model.stain(small, ["student"], stop=stop, **FAST)

@@ -178,6 +178,32 @@ def tiled_apply(
     return out[:, :h, :w] / norm[:h, :w]
 
 
+def whole_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image: np.ndarray,
+    *,
+    multiple: int = 8,
+    min_size: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> np.ndarray:
+    """Apply ``fn`` to the whole image in one call: :func:`tiled_apply` with a single tile and no blending.
+
+    ``image`` ``(C, H, W)`` float32 is padded as :func:`pad_image` does and the result cropped
+    back, ``(out_channels, H, W)`` float32; ``progress`` gets ``(1, 1)`` after the call and
+    ``stop`` is checked before it.
+    """
+    if stop is not None and stop.is_set():
+        raise Cancelled("stopped by the user")
+    padded, (h, w) = pad_image(image, multiple, min_size)
+    with torch.no_grad():
+        out = fn(torch.from_numpy(padded[None]).to(torch.device(device)))[0, :, :h, :w].float().cpu().numpy()
+    if progress is not None:
+        progress(1, 1)
+    return out
+
+
 def _blend_on_device(padded: np.ndarray, out_channels: int, device: torch.device) -> bool:
     """Whether to cut and blend tiles on ``device``: CUDA, when the padded input and the
     blend buffers take at most a third of the free GPU memory."""
