@@ -168,11 +168,12 @@ def test_cli_ablation_flag_reaches_the_config(tiny_model_file, darkfield_dir, hn
     # the tiny init model has a (width 8) student: --from-scratch must start a new one of the asked size
     assert main(["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),
                  "--init", str(tiny_model_file), "--size", "fast", "--from-scratch", "--steps", "2", "--crop", "64",
-                 "--lambda-kd", "0", "--ema", "0.99", "--upsample", "bilinear", "--device", "cpu", "-q"]) == 0
+                 "--lambda-kd", "0", "--ema", "0.99", "--upsample", "bilinear", "--lambda-structure", "2",
+                 "--device", "cpu", "-q"]) == 0
     written = StainModel.load(output)
     config = written.metadata["provenance"]["student"]["config"]
     assert config["lambda_kd"] == 0.0 and (config["width"], config["blocks"]) == (16, 4)
-    assert config["ema_decay"] == 0.99 and config["upsample"] == "bilinear"
+    assert config["ema_decay"] == 0.99 and config["upsample"] == "bilinear" and config["lambda_structure"] == 2.0
     assert written.student.config["upsample"] == "bilinear"  # the network built from the file is the trained one
     assert "chosen at step" in capsys.readouterr().err
     # a fine-tuned student keeps its architecture: asking for another upsampling is refused before any work

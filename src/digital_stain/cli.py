@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lambda-kd", type=options.number(0, what="a loss weight"), default=None,
                        help="weight of the distillation loss (default the paper's: 5, or 2 with --paired; "
                             "0 = CycleGAN, the ablation)")
+    train.add_argument("--lambda-structure", type=options.number(0, what="a loss weight"), default=None, metavar="W",
+                       help="weight of a structure loss: the stain's gray keeps the enhanced gray's gradients "
+                            "(default 0, the paper's losses; docs/models.md)")
     train.add_argument("--teacher-steps", type=options.integer(0, what="a number of steps"), default=None, metavar="N",
                        help="first fine-tune the teacher on --stained for N steps (default 300 when --init has a "
                             "teacher; 0 keeps its teacher as it is)")
@@ -585,7 +588,8 @@ def cmd_train(args) -> int:
         raise InputError(f"{', '.join(given)} set the registration network of paired training: add --paired "
                          f"(with a folder of adjacent sections as --stained), or leave {', '.join(given)} out.")
     overrides = {k: v for k, v in dict(ema_decay=args.ema, upsample=args.upsample, reg_warmup=args.reg_warmup,
-                                       lambda_smooth=args.lambda_smooth, reg_lr_scale=args.reg_lr_scale).items()
+                                       lambda_smooth=args.lambda_smooth, reg_lr_scale=args.reg_lr_scale,
+                                       lambda_structure=args.lambda_structure).items()
                  if v is not None}
     tuned, _ = _run_training(args, "student", lambda checkpoint, progress, stop: fine_tune(
         args.init, args.darkfield, args.stained, size=args.size, steps=args.steps, crop=args.crop, batch=args.batch,

@@ -49,6 +49,7 @@ from ..tiling import Cancelled
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_images, random_crops, validation_split
 from .events import Meter, Progress, TrainResult, stop_requested
+from .losses import structure_loss
 from .paired import load_pairs
 from .schedule import constant_then_linear, set_lr, snapshot
 
@@ -117,6 +118,8 @@ class StudentConfig:
     upsample: str = "bilinear"
     ema_decay: float = 0.999  # validate, choose and return an EMA of G's weights; 0: off (the paper)
     reg_warmup: int = 0  # paired: steps of R's self-supervised warm-up on warped sections first (0 = the paper's)
+    # weight of train.losses.structure_loss (the stain's gray keeps the enhanced gray's gradients); 0 = the paper's
+    lambda_structure: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -128,6 +131,8 @@ class StudentConfig:
             raise InputError(f"reg_warmup is a number of steps (0 = none), not {self.reg_warmup}.")
         if self.upsample not in UPSAMPLING:
             raise InputError(f"unknown upsampling {self.upsample!r}; choose from {', '.join(UPSAMPLING)}.")
+        if self.lambda_structure < 0:
+            raise InputError(f"lambda_structure is a loss weight (0 = off), not {self.lambda_structure}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay must be in [0, 1) (0 = off, e.g. 0.999), not {self.ema_decay}.")
 
@@ -502,6 +507,9 @@ def train_student(
             kd = F.l1_loss(fake.float(), teacher)
             cyc = F.l1_loss(reverse(fake).float(), x)
             loss_g = adv + cfg.lambda_kd * kd + cfg.lambda_cyc * cyc
+            if cfg.lambda_structure:
+                structure = structure_loss(fake, z)
+                loss_g = loss_g + cfg.lambda_structure * structure
             if reg is not None:  # Learning to Align: phi = R(y_hat, y), L_con = |y_hat o phi - y|_1, L_smoo(phi)
                 phi = reg(fake, real).float()
                 con = F.l1_loss(warp(fake.float(), phi), real)
@@ -533,6 +541,8 @@ def train_student(
         losses = {"adv": adv.item(), "kd": kd.item(), "cyc": cyc.item(), "d": loss_d.item()}
         if cfg.paired:
             losses.update(con=con.item(), smooth=smooth.item())
+        if cfg.lambda_structure:
+            losses["structure"] = structure.item()
         meter.add(losses, cfg.batch)
     if cancelled:
         save(step)
@@ -565,9 +575,9 @@ def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
         raise InputError(f"checkpoint {checkpoint} was made by {saved_mode} training and this run is {cfg.mode}; "
                          f"resume it {how}, or start afresh without --resume (or with another --checkpoint).")
     # checkpoints from before these options had none of them
-    saved = {"ema_decay": 0.0, "reg_warmup": 0, "upsample": "transpose", **saved}
+    saved = {"ema_decay": 0.0, "reg_warmup": 0, "upsample": "transpose", "lambda_structure": 0.0, **saved}
     keys = ("width", "blocks", "upsample", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc",
-            "lr", "ema_decay")
+            "lr", "ema_decay", "lambda_structure")
     if cfg.paired:
         keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration", "reg_lr_scale", "reg_warmup")
     differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
