@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--model", "-m", type=options.model, default="dsd-unpaired", help="shipped model name or model file path")
     stain.add_argument("--device", default="auto", choices=DEVICES)
     stain.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="auto: bf16 only where the hardware is fast at it (CUDA, AMX CPUs), else fp32")
+                       help="auto: bf16 only where the hardware is fast at it (CUDA, CPUs with AMX or AVX512-BF16), else fp32")
     stain.add_argument("--tile", type=options.tile, default=512, help="tile side in pixels (memory vs speed)")
     stain.add_argument("--overlap", type=options.overlap, default=128,
                        help="tile overlap in pixels (smaller is faster, less exact at tile borders)")

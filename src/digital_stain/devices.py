@@ -37,10 +37,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX or AVX512-BF16, where bf16 autocast pays."""
-    probe = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    amx = getattr(getattr(torch._C, "_cpu", None), "_is_amx_tile_supported", lambda: False)()
-    return bool(amx) or "AVX512" in str(probe) and getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)()
+    """True on CPUs with AMX or AVX512-BF16, where bf16 autocast pays (read off the CPU's flags)."""
+    return _cpu_flag("amx_tile") or _cpu_flag("avx512_bf16")
+
+
+def _cpu_flag(name: str) -> bool:
+    # torch.cpu has the probes since 2.3; older releases kept them in torch._C._cpu. Where neither
+    # answers, fall back to the flags the kernel reports (Linux), never to an assumption.
+    for module in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
+        probe = getattr(module, f"_is_{name}_supported", None)
+        if probe is not None:
+            return bool(probe())
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and name in line.split() for line in cpuinfo)
+    except OSError:
+        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -58,14 +70,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def resolve_training_precision(precision: str, device: torch.device) -> str:
-    """Like :func:`resolve_precision`, but never fp16: training in fp16 needs loss scaling, which we do not do.
+    """Like :func:`resolve_precision`, but never fp16, and ``auto`` is fp32 on the CPU.
 
-    ``auto`` falls back to fp32 where it would pick fp16 (CUDA GPUs without
-    bf16); an explicit ``fp16`` is refused with what to use instead.
+    fp16 training needs loss scaling, which we do not do: ``auto`` falls back to fp32 where
+    it would pick fp16 (CUDA GPUs without bf16), and an explicit ``fp16`` is refused with what
+    to use instead. On a CPU with fast bf16 (AVX512-BF16), bf16 autocast training measured
+    worse: a fine-tune's student collapsed at step 166 of 500 and the run was not faster
+    (``docs/benchmarks.md``), so ``auto`` trains in fp32 there; ``bf16`` can still be asked for.
     """
     if precision.lower() == "fp16":
         raise InputError("fp16 training is not supported (it needs loss scaling); use bf16 where the GPU has it, or fp32.")
     resolved = resolve_precision(precision, device)
+    if precision.lower() == "auto" and device.type == "cpu":
+        return "fp32"
     return "fp32" if resolved == "fp16" else resolved
 
 
