@@ -11,9 +11,9 @@ def test_the_loop_and_stain_are_timed_side_by_side(monkeypatch, capsys, tiny_mod
     assert bench.main(["--models", str(tiny_model_file), "--side", "96", "--tile", "32", "--repeats", "1",
                        "--data", str(tmp_path / "none")]) == 0  # no DSD data there: the package's samples
     out = capsys.readouterr().out
-    assert "package's dark-field sample tiles" in out and "precision auto = " in out
+    assert "package's dark-field sample tiles" in out and "fast bf16 by the CPU's flags" in out
     row = next(line for line in out.splitlines() if line.startswith(f"| `{tiny_model_file}`"))
-    assert row.count("MP/s") == 3 and row.count("x |") == 2
+    assert row.count("MP/s") == 3 and row.count("x |") == 2 and ("| fp32 |" in row or "| bf16 |" in row)
 
 
 def test_the_official_loop_normalises_each_tile_alone(monkeypatch, tiny_model):

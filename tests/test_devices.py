@@ -44,3 +44,34 @@ def test_fast_bf16_agrees_with_the_flags_the_kernel_reports():
     with open("/proc/cpuinfo") as cpuinfo:
         flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
     assert cpu_has_fast_bf16() == ("amx_tile" in flags or "avx512_bf16" in flags)
+
+
+@pytest.mark.parametrize("slow", ["bf16", "fp32"])
+def test_auto_precision_on_a_fast_bf16_cpu_is_timed_once_and_picks_the_faster(slow):
+    import time
+
+    from digital_stain.devices import faster_cpu_precision
+
+    calls = []
+
+    def run(precision):
+        calls.append(precision)
+        time.sleep(0.05 if precision == slow else 0.01)
+
+    key = ("test network", slow)
+    chosen = faster_cpu_precision(run, key)
+    if not cpu_has_fast_bf16():  # bf16 is slow on such CPUs whatever the network: nothing is timed
+        assert chosen == "fp32" and calls == []
+        return
+    assert chosen == ("fp32" if slow == "bf16" else "bf16")
+    assert calls.count("fp32") == calls.count("bf16") == 3  # a warm-up and two timed calls each
+    assert faster_cpu_precision(run, key) == chosen and len(calls) == 6  # cached
+    calls.clear()
+    assert faster_cpu_precision(lambda precision: time.sleep(0.01), ("a tie", slow)) == "fp32"  # bf16 must pay
+
+
+def test_a_model_stains_in_the_precision_asked_for_or_the_timed_one(tiny_model):
+    assert tiny_model.precision_for("fp32") == "fp32" and tiny_model.precision_for("BF16") == "bf16"
+    auto = tiny_model.precision_for("auto")
+    assert auto == "fp32" if not cpu_has_fast_bf16() else auto in ("fp32", "bf16")
+    assert tiny_model.precision_for("auto") == auto  # timed once

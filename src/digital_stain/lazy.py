@@ -54,7 +54,7 @@ import torch
 
 from .adapt import Adaptation
 from .arrays import MIN_SIDE, InputError, ValueScaling, check_dtype, check_plane_shape, plain_array, scaling_of, split_planes
-from .devices import autocast, resolve_precision
+from .devices import autocast
 from .nets.norm import TileStableInstanceNorm, set_norm_mode
 from .nets.unet import colorize
 from .oom import is_out_of_memory, release_memory
@@ -181,7 +181,7 @@ class LazyStain:
         if device is not None:
             model.to(device)
         self.device = model._device
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = model.precision_for(precision, self.device)
         self.overlap = max(self.GRID, overlap + (-overlap) % self.GRID)
         self.chunk = max(2 * self.overlap, chunk - chunk % self.GRID)
         if isinstance(image, np.ndarray):
@@ -501,7 +501,7 @@ class LazyStain:
         if "student" in self.wanted:
             self._student.to(cpu)
             self._plane_stats = {k: [(m.to(cpu), v.to(cpu)) for m, v in s] for k, s in self._plane_stats.items()}
-        self.device, self.precision = cpu, resolve_precision("auto", cpu)
+        self.device, self.precision = cpu, "fp32"  # always right on a CPU; not worth timing on this rare path
         self.compile, self._compiled = False, {}  # no second compile mid-image: the rest runs eagerly
         self.fallbacks.append(message)
         if self.on_fallback is not None:

@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .adapt import Adaptation, check_mode, decide
 from .arrays import InputError, ValueScaling, check_plane_shape, plain_array, scaling_of, split_planes
-from .devices import autocast, resolve_device, resolve_precision
+from .devices import autocast, faster_cpu_precision, resolve_device, resolve_precision
 from .enhance import Enhancer
 from .histograms import measure
 from .modelfile import ModelFileError, load_bundle, numpy_state, save_bundle, torch_state
@@ -38,6 +38,7 @@ from .tiling import check_tiling, stats_boxes, stats_sample, tiled_apply, whole_
 OUTPUTS = ("enhanced", "teacher", "student")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "dsd-unpaired"
+PRECISION_PROBE = 256  # side of the square on which auto precision times fp32 against bf16 (CPU)
 
 
 def available_models() -> list[str]:
@@ -220,6 +221,31 @@ class StainModel:
                 net.to(self._device)
         return self
 
+    def precision_for(self, precision: str, device: torch.device | None = None) -> str:
+        """The precision a stain on ``device`` (default: where the model is) runs in.
+
+        ``auto``: bf16 on CUDA GPUs that have it (else fp16); on a CPU with fast bf16 (AMX,
+        AVX512-BF16) bf16 if it runs this model's slowest network clearly faster than fp32, timed
+        once per network shape on a ``PRECISION_PROBE``-pixel square
+        (:func:`~digital_stain.devices.faster_cpu_precision`); fp32 on other CPUs.
+        """
+        device = self._device if device is None else device
+        resolved = resolve_precision(precision, device)
+        if precision.lower() != "auto" or device.type != "cpu" or resolved == "fp32":
+            return resolved
+        net = self.student if self.student is not None else self.teacher
+        if net is None:
+            return "fp32"
+        side = PRECISION_PROBE + (-PRECISION_PROBE) % net.size_multiple
+        channels = 4 if net is self.student else 1
+        probe = torch.rand(1, channels, side, side, device=device)
+
+        def run(candidate: str) -> None:
+            with torch.no_grad(), autocast(device, candidate):
+                net(probe) if net is self.student else colorize(net, probe)
+
+        return faster_cpu_precision(run, (type(net).__name__, repr(sorted(net.config.items()))))
+
     def adaptation(self, image, adapt: str | Adaptation = "auto", *, scaling: ValueScaling | None = None) -> Adaptation:
         """Decide whether to adapt to ``image`` (:mod:`digital_stain.adapt`), measuring it whole.
 
@@ -320,7 +346,7 @@ class StainModel:
         check_plane_shape(plane_dims)
         if device is not None:
             self.to(device)
-        precision = resolve_precision(precision, self._device)
+        precision = self.precision_for(precision)
         prep = self.preparation(image, adapt=adapt)
         planes = image.reshape((-1, *plane_dims))
         nets = sum(o in wanted for o in ("teacher", "student"))
