@@ -440,15 +440,18 @@ def test_partial_files_of_a_killed_writer_are_removed(tmp_path):
 def test_a_signal_during_a_folder_stain_stops_cleanly(tiny_model_file, darkfield_tile, tmp_path, signum):
     folder = tmp_path / "in"
     folder.mkdir()
-    for i in range(160):  # enough that the tiny model is still staining when the signal comes, even on a fast CPU
-        Image.fromarray(np.roll(darkfield_tile, i, axis=0)).save(folder / f"{i:03d}.png")
+    # 80 images of 768 x 768: enough that the tiny model is still staining when the signal comes, even on a fast
+    # CPU (an image stains in one pass now: 160 of 256 x 256 once finished before the signal landed)
+    mosaic = np.tile(darkfield_tile, (3, 3, 1))
+    for i in range(80):
+        Image.fromarray(np.roll(mosaic, i, axis=0)).save(folder / f"{i:03d}.png", compress_level=1)
     out = tmp_path / "out"
     script = Path(sys.executable).parent / "digital-stain"
     process = subprocess.Popen([str(script), "stain", str(folder), "-o", str(out), "--model", str(tiny_model_file),
                                 *FAST], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.01)  # staining has begun: the staged folder exists
+    while not list(tmp_path.glob(".out.partial-*/*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)  # staining has begun: the staged folder has its first output
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
