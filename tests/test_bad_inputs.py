@@ -447,8 +447,11 @@ def test_a_signal_during_a_folder_stain_stops_cleanly(tiny_model_file, darkfield
         Image.fromarray(np.roll(mosaic, i, axis=0)).save(folder / f"{i:03d}.png", compress_level=1)
     out = tmp_path / "out"
     script = Path(sys.executable).parent / "digital-stain"
+    # a background job (`cmd &` in a script, nohup) starts with SIGINT ignored and its children inherit that, so
+    # Ctrl-C's default is restored for the child: what is tested is a terminal's Ctrl-C
     process = subprocess.Popen([str(script), "stain", str(folder), "-o", str(out), "--model", str(tiny_model_file),
-                                *FAST], stderr=subprocess.PIPE, text=True)
+                                *FAST], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.partial-*/*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)  # staining has begun: the staged folder has its first output
