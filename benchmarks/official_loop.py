@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def official_loop(model: StainModel, student_in: np.ndarray, tile: int) -> np.ndarray:
     """The student tile by tile, side by side, fp32, batch 1, per-tile instance norm; ``(Y, X, 3)``."""
-    channels, height, width = student_in.shape
+    height, width = student_in.shape[1:]
     out = np.zeros((3, height, width), np.float32)
     with torch.no_grad():
         for y in range(0, height, tile):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
 
 
+@functools.cache  # the CPU's flags do not change while we run; asked before every stain
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AMX or AVX512-BF16, where bf16 autocast pays (read off the CPU's flags)."""
     return _cpu_flag("amx_tile") or _cpu_flag("avx512_bf16")

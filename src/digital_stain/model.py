@@ -387,16 +387,21 @@ class StainModel:
             return self._run_student_once(student_in, progress, precision=precision, stop=stop)
         sample = torch.from_numpy(stats_sample(student_in, multiple, stats_pixels, tile, min_size)).to(self._device)
 
-        student = self._network("student", compile)  # statistics are recorded on the eager module
+        fn = self._student_fn(self._network("student", compile), precision)
+        # the statistics are recorded on the eager module (a compiled one shares its norm layers)
+        with autocast(self._device, precision), frozen_norm_statistics(self.student, sample):
+            out = tiled_apply(fn, student_in, out_channels=3, tile=tile, overlap=overlap, multiple=multiple,
+                              min_size=min_size, device=self._device, progress=progress, stop=stop, batch=batch)
+        return to_yxc(out, clip=True)
+
+    def _student_fn(self, student: torch.nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``student`` as a function of its input to an RGB stain in [0, 1], in ``precision``."""
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             with autocast(self._device, precision):
                 return (student(x).float() + 1.0) / 2.0
 
-        with autocast(self._device, precision), frozen_norm_statistics(self.student, sample):
-            out = tiled_apply(fn, student_in, out_channels=3, tile=tile, overlap=overlap, multiple=multiple,
-                              min_size=min_size, device=self._device, progress=progress, stop=stop, batch=batch)
-        return to_yxc(out, clip=True)
+        return fn
 
     def _run_student_once(self, student_in, progress, *, precision, stop) -> np.ndarray:
         """The student on the whole image in one pass, its own instance norm statistics.
@@ -407,13 +412,8 @@ class StainModel:
         rounding. Eager even when compiling is asked for: a compile pays over many tiles,
         not over one pass of an image that fits in memory whole.
         """
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            with autocast(self._device, precision):
-                return (self.student(x).float() + 1.0) / 2.0
-
-        out = whole_apply(fn, student_in, multiple=self.student.size_multiple, min_size=self.student.min_size,
-                          device=self._device, progress=progress, stop=stop)
+        out = whole_apply(self._student_fn(self.student, precision), student_in, multiple=self.student.size_multiple,
+                          min_size=self.student.min_size, device=self._device, progress=progress, stop=stop)
         return to_yxc(out, clip=True)
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-LUMA = (0.299, 0.587, 0.114)  # the weights of ``digital_stain.color.luma``
+from ..color import luma_torch
 
 
 def _derivative_kernels(sigma: float, device, dtype) -> torch.Tensor:
@@ -53,9 +53,7 @@ def structure_loss(stained: torch.Tensor, enhanced: torch.Tensor, sigma: float =
     Tensor, shape ()
         0 when the gradients agree up to a positive gain, 1 when unrelated, up to 2 when inverted.
     """
-    weights = torch.tensor(LUMA, device=stained.device, dtype=torch.float32).view(1, 3, 1, 1)
-    gray = (stained.float() * weights).sum(1, keepdim=True)
-    g = gradients(gray, sigma).flatten(1)
+    g = gradients(luma_torch(stained.float()), sigma).flatten(1)
     h = gradients(enhanced.float(), sigma).flatten(1)
     g, h = g - g.mean(1, keepdim=True), h - h.mean(1, keepdim=True)
     corr = (g * h).sum(1) / torch.sqrt((g * g).sum(1) * (h * h).sum(1)).clamp_min(1e-12)
