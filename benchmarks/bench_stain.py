@@ -61,6 +61,10 @@ import sys
 import time
 from pathlib import Path
 
+from digital_stain import hostmem
+
+hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
+
 import numpy as np
 import torch
 
@@ -221,9 +225,10 @@ def bench_path(path_label: str, model: StainModel, output: str, args, sizes, dat
             try:
                 if use_compile:  # the library's own compiled path (StainModel.stain(compile=True))
                     torch._dynamo.reset()
-                    model._compiled.clear()
+                    model._networks.clear()  # the device copies and their compiled twins
                     if args.compile_dynamic:
-                        model._compiled[(attr, str(model._device))] = torch.compile(net, dynamic=None)
+                        nets = model.networks()
+                        nets._compiled[attr] = torch.compile(nets.network(attr), dynamic=None)
                     log(f"{path_label} {size}^2 {config}: first call (compiles) ...")
                     first, _ = one_call(model, output, image, precision, args, big, use_compile)
                     row["first"] = first
@@ -246,7 +251,7 @@ def bench_path(path_label: str, model: StainModel, output: str, args, sizes, dat
                 log(f"{path_label} {size}^2 {config}: {row['note']}")
                 continue
             finally:
-                model._compiled.clear()
+                model._networks.clear()  # the device copies and their compiled twins
             best = min(times)
             row["seconds"], row["mps"] = best, mp / best
             per_mp[config] = best / mp

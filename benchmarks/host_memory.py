@@ -62,7 +62,7 @@ def child(args) -> dict:
     import torch
 
     from digital_stain.model import StainModel
-    from digital_stain.nets import frozen_norm_statistics
+    from digital_stain.nets import record_statistics
 
     model = StainModel.load(args.model, device="cpu")
     if args.child == "unit":
@@ -70,11 +70,12 @@ def child(args) -> dict:
         channels = next(net.parameters()).shape[1]
         generator = torch.Generator().manual_seed(0)
         inputs = torch.rand(1, channels, args.unit, args.unit, generator=generator) * 2 - 1
-        with torch.inference_mode(), frozen_norm_statistics(net, inputs[..., :512, :512]):
-            net(inputs)
+        with torch.inference_mode():
+            statistics = record_statistics(net, inputs[..., :512, :512])
+            net(inputs, statistics)
             start = time.perf_counter()
             for _ in range(args.repeats):
-                net(inputs)
+                net(inputs, statistics)
             seconds = (time.perf_counter() - start) / args.repeats
         pixels = args.unit**2
     elif args.child == "stain":

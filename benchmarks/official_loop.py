@@ -18,9 +18,14 @@ Prints megapixels per second, the ratio to the official loop and what ``precisio
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
+
+from digital_stain import hostmem
+
+hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
 
 import numpy as np
 import torch
@@ -34,7 +39,21 @@ from throughput import dark_tiles, mosaic  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def official_loop(model: StainModel, student_in: np.ndarray, tile: int) -> np.ndarray:
+def official_network(model: StainModel) -> torch.nn.Module:
+    """The student as the official code builds it: the same weights, PyTorch's own ``nn.InstanceNorm2d``."""
+    from digital_stain.nets import TileStableInstanceNorm
+
+    net = copy.deepcopy(model.student).eval()
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, TileStableInstanceNorm):
+                native = torch.nn.InstanceNorm2d(child.weight.numel(), eps=child.eps, affine=True)
+                native.load_state_dict(child.state_dict())
+                setattr(module, name, native)
+    return net
+
+
+def official_loop(net: torch.nn.Module, student_in: np.ndarray, tile: int) -> np.ndarray:
     """The student tile by tile, side by side, fp32, batch 1, per-tile instance norm; ``(Y, X, 3)``."""
     height, width = student_in.shape[1:]
     out = np.zeros((3, height, width), np.float32)
@@ -42,33 +61,34 @@ def official_loop(model: StainModel, student_in: np.ndarray, tile: int) -> np.nd
         for y in range(0, height, tile):
             for x in range(0, width, tile):
                 crop = torch.from_numpy(np.ascontiguousarray(student_in[:, y : y + tile, x : x + tile]))[None]
-                out[:, y : y + tile, x : x + tile] = ((model.student(crop) + 1) / 2)[0].numpy()
+                out[:, y : y + tile, x : x + tile] = ((net(crop) + 1) / 2)[0].numpy()
     return out.transpose(1, 2, 0)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="dsd-unpaired-fast,dsd-unpaired")
-    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--side", default="1024", help="image sides, comma-separated (e.g. 1024,4096)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/dsd")
     args = parser.parse_args(argv)
 
     tiles, source = dark_tiles(args.data)
-    image = mosaic(tiles, args.side)
-    print(f"{args.side} x {args.side} mosaic of {source}; CPU, {torch.get_num_threads()} thread(s); "
+    print(f"mosaics of {source}; CPU, {torch.get_num_threads()} thread(s); "
           f"fast bf16 by the CPU's flags: {cpu_has_fast_bf16()}; best of {args.repeats}\n")
-    print("| student | official-style loop | `stain` defaults | ours / official | auto chose | `stain` fp32 | "
+    print("| student | side | official-style loop | `stain` defaults | ours / official | auto chose | `stain` fp32 | "
           "fp32 / official |")
-    print("|---|---:|---:|---:|---|---:|---:|")
-    megapixels = args.side * args.side / 1e6
-    for name in args.models.split(","):
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    for side, name in [(int(side), name) for side in str(args.side).split(",") for name in args.models.split(",")]:
+        image = mosaic(tiles, side)
+        megapixels = side * side / 1e6
         model = StainModel.load(name, device="cpu")
+        baseline = official_network(model)
         student_in = model.preparation(image).plane(image, student=True)[1]
         auto = model.precision_for("auto")  # timed here, once, before the timed calls
         runs = {
-            "official": lambda: official_loop(model, student_in, args.tile),
+            "official": lambda: official_loop(baseline, student_in, args.tile),
             "defaults": lambda: model.stain(image, ["student"]),
             "fp32": lambda: model.stain(image, ["student"], precision="fp32"),
         }
@@ -80,7 +100,7 @@ def main(argv=None) -> int:
                 if repeat:
                     seconds[key].append(time.perf_counter() - start)
         rate = {key: megapixels / min(values) for key, values in seconds.items()}
-        print(f"| `{name}` | {rate['official']:.3f} MP/s | {rate['defaults']:.3f} MP/s | "
+        print(f"| `{name}` | {side} | {rate['official']:.3f} MP/s | {rate['defaults']:.3f} MP/s | "
               f"{rate['defaults'] / rate['official']:.2f}x | {auto} | {rate['fp32']:.3f} MP/s | "
               f"{rate['fp32'] / rate['official']:.2f}x |", flush=True)
     return 0

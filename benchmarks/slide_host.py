@@ -7,7 +7,7 @@ the slide's throughput unless enough units are worked on at once. This script
 measures the two apart, on the real pipeline: it stains the level-0 units of a
 generated ``--side`` x ``--side`` OME-Zarr slide one after another in this
 thread (``slide.process_chunk``, what every worker thread runs), timing each
-unit and, inside it, each network call (``LazyStain._forward``, synchronised on
+unit and, inside it, each network call (``ChunkStainer._forward``, synchronised on
 a GPU, so it includes the copies to and from the device). Host work is the
 rest. Store writes (``SlideStore.write`` and ``mark_done``, with their fsyncs)
 are timed too.
@@ -37,6 +37,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from digital_stain import hostmem
+
+hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slide_memory import command_line, emit, make_slide  # noqa: E402
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     import torch
 
     from digital_stain.devices import resolve_device
-    from digital_stain.lazy import LazyStain
+    from digital_stain.chunks import ChunkStainer
     from digital_stain.model import StainModel
     from digital_stain.ngff import SlideStore
     from digital_stain.slide import open_source, process_chunk
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
         array = open_source(slide, chunk=args.chunk).array
         keys = job.grid.units(0)
         process_chunk(model, array, store, job, keys[0])  # warm-up (allocator, lazy imports)
-        network = Timer(LazyStain, "_forward", sync, label=lambda call: tuple(call[2][0].shape[1:]))
+        network = Timer(ChunkStainer, "_forward", sync, label=lambda call: tuple(call[2][0].shape[1:]))
         writes = [Timer(SlideStore, "write"), Timer(SlideStore, "mark_done")]
         start = time.perf_counter()
         for key in keys:

@@ -42,6 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from digital_stain import hostmem
+
+hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
+
 import numpy as np
 
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "digital_stain" / "data"

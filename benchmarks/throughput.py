@@ -49,6 +49,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from digital_stain import hostmem
+
+hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
+
 import numpy as np
 import torch
 
@@ -56,7 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))  # run from a checkout without installing
 
 from digital_stain.devices import cpu_has_fast_bf16, resolve_device  # noqa: E402
-from digital_stain import model as model_module  # noqa: E402
+from digital_stain import kernel as kernel_module  # noqa: E402
 from digital_stain.model import StainModel, available_models  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "dsd"
@@ -197,22 +201,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-TILED_S = [0.0]  # seconds spent inside tiled_apply (networks, copies, blending) during the last call
+TILED_S = [0.0]  # seconds spent inside tiled_apply/whole_apply (networks, copies, blending) during the last call
 
 
-def _timed_tiled_apply(*args, **kwargs):
-    device = torch.device(kwargs.get("device", "cpu"))
-    sync(device)
-    t0 = time.perf_counter()
-    try:
-        return _tiled_apply(*args, **kwargs)
-    finally:
+def _timed(apply):
+    def timed(*args, **kwargs):
+        device = torch.device(kwargs.get("device", "cpu"))
         sync(device)
-        TILED_S[0] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            return apply(*args, **kwargs)
+        finally:
+            sync(device)
+            TILED_S[0] += time.perf_counter() - t0
+
+    return timed
 
 
-_tiled_apply = model_module.tiled_apply
-model_module.tiled_apply = _timed_tiled_apply  # StainModel's networks run through it: time them apart
+# the kernel's networks run through these two (tiles, or the one pass): time them apart
+kernel_module.tiled_apply = _timed(kernel_module.tiled_apply)
+kernel_module.whole_apply = _timed(kernel_module.whole_apply)
 
 
 def stain_once(model: StainModel, image: np.ndarray, outputs, config: Config, overlap: int) -> tuple[float, dict]:
@@ -230,6 +238,7 @@ def set_channels_last(model: StainModel, on: bool) -> None:
     for net in (model.teacher, model.student):
         if net is not None:
             net.to(memory_format=fmt)
+    model._networks.clear()  # the device copies are made again from these (on a CPU always channels-last)
 
 
 def run_config(model: StainModel, name: str, path: str, image: np.ndarray, config: Config, args,
@@ -242,7 +251,7 @@ def run_config(model: StainModel, name: str, path: str, image: np.ndarray, confi
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
         if config.compile:
             torch._dynamo.reset()
-            model._compiled.clear()
+            model._networks.clear()  # the device copies and their compiled twins
         warm = image if (device.type == "cuda" or config.compile) else image[: min(256, image.shape[0]),
                                                                              : min(256, image.shape[1])]
         log(f"{name} {path} [{config.label}]: warm-up on {warm.shape[0]}x{warm.shape[1]} ...")
@@ -278,7 +287,7 @@ def run_config(model: StainModel, name: str, path: str, image: np.ndarray, confi
     finally:
         set_channels_last(model, False)
         torch.backends.cudnn.benchmark = False
-        model._compiled.clear()
+        model._networks.clear()  # the device copies and their compiled twins
     return row, out
 
 

@@ -13,6 +13,10 @@ import argparse
 import sys
 import time
 
+from digital_stain import hostmem
+
+hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
+
 import numpy as np
 import torch
 

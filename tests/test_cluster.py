@@ -102,6 +102,25 @@ def test_cli_workers_option(slide_and_reference, tmp_path, capfd):
     _assert_same_store(reference, out)
 
 
+def test_local_workers_ask_for_huge_pages_with_their_thread_count(monkeypatch):
+    """The workers are processes of ours: PyTorch's huge pages (hostmem.py) go into their environment,
+    while this process's environment is left as it is."""
+    from digital_stain import hostmem
+
+    monkeypatch.delenv(hostmem.ENVIRONMENT, raising=False)
+
+    def worker():
+        import torch
+
+        block = torch.ones(64 << 20, dtype=torch.uint8)  # page-aligned only when huge pages are asked for
+        return os.environ.get(hostmem.ENVIRONMENT), os.environ.get("OMP_NUM_THREADS"), block.data_ptr() % 4096
+
+    with cluster_client(workers=1) as client:
+        seen = list(client.run(worker).values())
+    assert seen == [("1", str(os.cpu_count() or 1), 0)]
+    assert hostmem.ENVIRONMENT not in os.environ
+
+
 def test_cluster_options_are_checked(tmp_path, capsys):
     with pytest.raises(InputError, match="not both"):
         with cluster_client("tcp://127.0.0.1:1", 2):

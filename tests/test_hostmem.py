@@ -1,4 +1,5 @@
-"""Huge pages for PyTorch's large CPU blocks (digital_stain.hostmem): asked for by ``import digital_stain``."""
+"""Huge pages for PyTorch's large CPU blocks (digital_stain.hostmem): asked for by the command line and the cluster
+workers, the processes the package owns; never by ``import digital_stain`` (napari's process is shared)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import pytest
 
 from digital_stain import hostmem
 
-LARGE_BLOCK = ("import digital_stain, os, torch; "
+# what the `digital-stain` script does first (then main() runs): import the CLI module, which imports torch
+CLI = "import digital_stain.cli; "
+# a library user's imports: the package, its whole-slide and model modules (they import torch and make tensors)
+LIBRARY = "import digital_stain, digital_stain.slide, digital_stain.model; "
+LARGE_BLOCK = ("import os, torch; "
                "block = torch.ones(64 << 20, dtype=torch.uint8); "
                "huge = sum(int(line.split()[1]) for line in open('/proc/self/smaps') "
                "if line.startswith('AnonHugePages')); "
-               "print(os.environ['THP_MEM_ALLOC_ENABLE'], block.data_ptr() % 4096, huge > 0)")
+               "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), block.data_ptr() % 4096, huge > 0)")
 
 
 def _in_a_fresh_process(code: str, **env) -> list[str]:
@@ -25,17 +30,36 @@ def _in_a_fresh_process(code: str, **env) -> list[str]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and transparent huge pages are Linux's")
-def test_importing_the_package_gives_pytorch_page_aligned_huge_page_blocks():
-    asked, offset, huge = _in_a_fresh_process(LARGE_BLOCK)
+def test_the_command_line_gives_pytorch_page_aligned_huge_page_blocks():
+    """Set on importing the CLI, before any of its imports makes a tensor (PyTorch reads it at the first)."""
+    asked, offset, huge = _in_a_fresh_process(CLI + LARGE_BLOCK)
     assert asked == "1" and offset == "0"  # PyTorch aligns a block to pages only when huge pages are asked for
     if hostmem.kernel_huge_pages() in ("madvise", "always"):
         assert huge == "True"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and transparent huge pages are Linux's")
+def test_importing_the_library_leaves_the_environment_alone():
+    asked, offset, _ = _in_a_fresh_process(LIBRARY + LARGE_BLOCK)
+    assert asked == "None" and offset != "0"  # PyTorch's default: its own 64-byte alignment inside a page
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and transparent huge pages are Linux's")
 def test_a_users_setting_is_kept():
-    asked, offset, _ = _in_a_fresh_process(LARGE_BLOCK, THP_MEM_ALLOC_ENABLE="0")
+    asked, offset, _ = _in_a_fresh_process(CLI + LARGE_BLOCK, THP_MEM_ALLOC_ENABLE="0")
     assert asked == "0" and offset != "0"  # PyTorch's own 64-byte alignment inside a page
+
+
+def test_the_command_line_entry_point_is_the_module_that_asks():
+    """``digital-stain`` runs ``digital_stain.cli:main``: importing that module is what sets the variable."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["digital-stain"] == "digital_stain.cli:main"
+    show = "print(os.environ.get('THP_MEM_ALLOC_ENABLE')); "
+    seen = _in_a_fresh_process("import os, digital_stain; " + show + "import digital_stain.cli; " + show)
+    assert seen == ["None", "1"]
 
 
 def test_request_huge_pages_respects_the_environment(monkeypatch):
@@ -43,6 +67,14 @@ def test_request_huge_pages_respects_the_environment(monkeypatch):
     assert hostmem.request_huge_pages() and os.environ[hostmem.ENVIRONMENT] == "1"
     monkeypatch.setenv(hostmem.ENVIRONMENT, "0")
     assert not hostmem.request_huge_pages() and os.environ[hostmem.ENVIRONMENT] == "0"
+
+
+def test_child_environment_passes_the_users_setting_or_asks(monkeypatch):
+    monkeypatch.delenv(hostmem.ENVIRONMENT, raising=False)
+    assert hostmem.child_environment() == {hostmem.ENVIRONMENT: "1"}
+    assert hostmem.ENVIRONMENT not in os.environ  # this process's environment is not changed
+    monkeypatch.setenv(hostmem.ENVIRONMENT, "0")
+    assert hostmem.child_environment() == {hostmem.ENVIRONMENT: "0"}
 
 
 def test_kernel_huge_pages_reads_the_bracketed_mode():

@@ -1,5 +1,6 @@
 """Lazy staining: dask outputs equal the eager ones, and only what is read is computed."""
 
+import copy
 import threading
 import time
 
@@ -87,8 +88,9 @@ def test_bad_inputs_are_refused_before_any_work(tiny_model):
 
 def test_building_runs_no_network(tiny_model, mosaic):
     calls = []
-    hook = tiny_model.student.register_forward_pre_hook(lambda net, args: calls.append(args[0].shape))
-    try:  # the hook is copied with the student into the LazyStain's private copy
+    # on the network the stain runs: the model's read-only copy on the CPU
+    hook = tiny_model.networks("cpu").student.register_forward_pre_hook(lambda net, args: calls.append(args[0].shape))
+    try:
         lazy = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, **FP32)
         assert calls == [] and lazy._plane_stats == {}
         lazy.arrays["student"][:10, :10].compute()
@@ -181,17 +183,30 @@ class Faulty(torch.nn.Module):
         self.net, self.error, self.when = net, error, when
         self.size_multiple, self.min_size, self.config = net.size_multiple, net.min_size, net.config
 
-    def forward(self, x):
+    def forward(self, x, *args, **kwargs):
         if self.when(x):
             raise self.error
-        return self.net(x)
+        return self.net(x, *args, **kwargs)
+
+
+def _inject(lazy, role: str, error: Exception, when, device: torch.device | None = None) -> None:
+    """Make ``lazy``'s ``role`` network raise ``error`` when ``when(x)``, on ``device`` (as if on a GPU) if given.
+
+    The kernel and its networks are shallow copies: the model's own cached networks stay as they are.
+    """
+    kernel, nets = copy.copy(lazy.kernel), copy.copy(lazy.kernel.nets)
+    setattr(nets, role, Faulty(nets.network(role), error, when))
+    if device is not None:
+        kernel.device = nets.device = device
+    kernel.nets = nets
+    lazy.kernel = kernel
 
 
 def test_a_failed_background_chunk_is_recorded_not_retried_and_the_worker_goes_on(tiny_model, mosaic):
     seen, failures = [], [1]
     lazy = LazyStain(tiny_model, mosaic, ["student"], chunk=256, overlap=64, background=True,
                      on_error=seen.append, **FP32)
-    lazy._student = Faulty(lazy._student, ValueError("boom"), lambda x: failures and failures.pop())  # fails once
+    _inject(lazy, "student", ValueError("boom"), lambda x: failures and failures.pop())  # fails once
     read = _chunk_reader(lazy)
     with lazy._net_lock:
         read(0, 0)
@@ -215,15 +230,14 @@ def test_out_of_memory_moves_the_rest_of_the_image_to_the_cpu(tiny_model, mosaic
     messages = []
     lazy = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, on_fallback=messages.append, **FP32)
     # as if on a full GPU: inputs go to a device that is not the CPU, and the student runs out of memory there
-    lazy._student = Faulty(lazy._student, error, lambda x: x.device.type != "cpu")
-    lazy.device = torch.device("meta")
+    _inject(lazy, "student", error, lambda x: x.device.type != "cpu", torch.device("meta"))
     student = lazy.arrays["student"][:300, :300].compute()
     cpu = torch.device("cpu")
     assert lazy.device == cpu and lazy.precision == "fp32"
     assert messages == lazy.fallbacks == [
         "GPU ran out of memory staining a 256-px chunk; the rest of this image is stained on the CPU"]
-    assert lazy._teacher is not tiny_model.teacher  # a private copy: the caller's model is left alone
-    for mine, theirs in zip(lazy._teacher.parameters(), tiny_model.teacher.parameters()):
+    assert lazy.kernel.nets.teacher is not tiny_model.teacher  # a copy: the caller's model is left alone
+    for mine, theirs in zip(lazy.kernel.nets.teacher.parameters(), tiny_model.teacher.parameters()):
         assert mine.device == cpu and mine.data_ptr() != theirs.data_ptr() and torch.equal(mine, theirs)
     teacher = lazy.arrays["teacher"][:300, :300].compute()
     eager = LazyStain(tiny_model, mosaic, chunk=256, overlap=64, device="cpu", precision=lazy.precision)
@@ -234,8 +248,7 @@ def test_out_of_memory_moves_the_rest_of_the_image_to_the_cpu(tiny_model, mosaic
 
 def test_other_errors_are_not_taken_for_out_of_memory(tiny_model, mosaic):
     lazy = LazyStain(tiny_model, mosaic, ["student"], chunk=256, overlap=64, **FP32)
-    lazy._student = Faulty(lazy._student, RuntimeError("expected 4 channels (test)"), lambda x: True)
-    lazy.device = torch.device("meta")
+    _inject(lazy, "student", RuntimeError("expected 4 channels (test)"), lambda x: True, torch.device("meta"))
     with pytest.raises(RuntimeError, match="expected 4 channels"):
         lazy.arrays["student"][:10, :10].compute()
     assert lazy.fallbacks == [] and lazy.device.type == "meta"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -388,7 +390,11 @@ def test_a_failing_chunk_is_reported_once_and_not_retried(viewer_and_widget, qtb
     assert stain.wait(30)
     seen = {key[0] for key in stain._cache["teacher"]}
     unseen = next(i for i in range(3) if i not in seen)
-    stain._teacher = failing = _AlwaysFails(stain._teacher)
+    # on this layer's kernel alone (shallow copies): the model's own cached networks stay as they are
+    kernel, nets = copy.copy(stain.kernel), copy.copy(stain.kernel.nets)
+    nets.teacher = failing = _AlwaysFails(nets.teacher)
+    kernel.nets = nets
+    stain.kernel = kernel
     messages = Messages()
     for plane in (unseen, next(iter(seen)), unseen, next(iter(seen)), unseen):
         viewer.dims.set_current_step(0, plane)

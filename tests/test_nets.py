@@ -11,11 +11,12 @@ from digital_stain.nets import (
     PatchDiscriminator,
     RegistrationNet,
     ResnetGenerator,
+    Statistics,
     TileStableInstanceNorm,
-    frozen_norm_statistics,
+    record_statistics,
     warp,
 )
-from digital_stain.nets.norm import set_norm_mode
+from digital_stain.nets.norm import number_norm_layers
 from digital_stain.nets.registration import smoothness_loss
 
 
@@ -28,8 +29,35 @@ def _n_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def _norm_modes(net: nn.Module) -> list[str]:
-    return [m.mode for m in net.modules() if isinstance(m, TileStableInstanceNorm)]
+def _norms(net: nn.Module) -> list[TileStableInstanceNorm]:
+    return [m for m in net.modules() if isinstance(m, TileStableInstanceNorm)]
+
+
+def _snapshot(net: nn.Module) -> list:
+    """What a call could leave on ``net``: each module's plain attributes, parameter and buffer names and values."""
+    return [(name, {k: v for k, v in vars(m).items() if not k.startswith("_")}, list(m._parameters),
+             list(m._buffers), [t.detach().clone() for t in (*m._parameters.values(), *m._buffers.values())])
+            for name, m in net.named_modules()]
+
+
+def _same_snapshot(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x[:4] == y[:4] and len(x[4]) == len(y[4]) and all(torch.equal(s, t) for s, t in zip(x[4], y[4]))
+        for x, y in zip(a, b))
+
+
+class _Pointwise(nn.Module):
+    """1x1 convolutions and norm layers; like ResnetGenerator, hands ``statistics``/``record`` to our norms."""
+
+    def __init__(self, norm=TileStableInstanceNorm):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(3, 6, 1), norm(6), nn.ReLU(), nn.Conv2d(6, 4, 1), norm(4)])
+        number_norm_layers(self)
+
+    def forward(self, x, statistics: Statistics | None = None, record: list | None = None):
+        for layer in self.layers:
+            x = layer(x, statistics, record) if isinstance(layer, TileStableInstanceNorm) else layer(x)
+        return x
 
 
 # ---------------------------------------------------------------- generator
@@ -69,6 +97,9 @@ def test_generator_norm_layers_hold_only_weight_and_bias():
     net = ResnetGenerator(width=8, n_blocks=1)
     norm_keys = [k for k in net.state_dict() if "frozen" in k]
     assert norm_keys == []
+    norms = _norms(net)
+    assert norms and all(set(m.state_dict()) == {"weight", "bias"} and list(m.buffers()) == [] for m in norms)
+    assert [m.position for m in norms] == list(range(len(norms)))  # numbered in module order when built
 
 
 # ---------------------------------------------------------------- U-Net
@@ -225,9 +256,11 @@ def test_tile_stable_norm_in_instance_mode_equals_torch_instance_norm():
         ref.bias.copy_(torch.randn(channels))
     ours.load_state_dict(ref.state_dict())  # same state dict layout
     assert set(ours.state_dict()) == {"weight", "bias"}
-    assert ours.mode == "instance"
+    assert ours.position == 0  # a layer on its own reads statistics[0]
     x = torch.randn(3, channels, 9, 7) * 4 + 2
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the fused multiply-add of inference computes the same
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 def test_tile_stable_norm_gradients_match_torch_instance_norm():
@@ -243,17 +276,35 @@ def test_tile_stable_norm_gradients_match_torch_instance_norm():
 
 def test_tile_stable_norm_keeps_input_dtype():
     norm = TileStableInstanceNorm(2)
-    assert norm(torch.randn(1, 2, 4, 4, dtype=torch.float64)).dtype == torch.float64
-    assert norm(torch.randn(1, 2, 4, 4).to(torch.bfloat16)).dtype == torch.bfloat16
+    statistics = record_statistics(norm, torch.randn(1, 2, 4, 4))
+    for dtype in (torch.float64, torch.bfloat16):
+        x = torch.randn(1, 2, 4, 4).to(dtype)
+        assert norm(x).dtype == dtype  # textbook form (grad enabled)
+        assert norm(x, statistics).dtype == dtype  # given statistics
+        assert norm(x, record=[]).dtype == dtype  # recording
+        with torch.no_grad():
+            assert norm(x).dtype == dtype  # fused multiply-add (no grad)
 
 
-def test_set_norm_mode_counts_and_refuses_unknown():
+def test_norm_layers_are_numbered_and_recorded_one_entry_each_and_wrong_statistics_refused():
     net = ResnetGenerator(width=4, n_blocks=1)
-    count = set_norm_mode(net, "frozen")
-    assert count == len(_norm_modes(net)) > 0
-    assert set(_norm_modes(net)) == {"frozen"}
-    with pytest.raises(ValueError, match="unknown norm mode"):
-        set_norm_mode(net, "batch")
+    norms = _norms(net)
+    for m in norms:
+        m.position = 0  # undone by numbering again
+    count = number_norm_layers(net)
+    assert count == len(norms) > 0
+    assert [m.position for m in norms] == list(range(count))
+    statistics = record_statistics(net, torch.rand(2, 4, 8, 8) * 2 - 1)
+    assert isinstance(statistics, tuple) and len(statistics) == count
+    assert [(mean.shape, var.shape) for mean, var in statistics] == [(m.weight.shape, m.weight.shape) for m in norms]
+    assert all(mean.dtype == var.dtype == torch.float32 and not mean.requires_grad and (var >= 0).all()
+               for mean, var in statistics)
+    x = torch.rand(1, 4, 8, 8) * 2 - 1
+    with torch.no_grad(), pytest.raises(IndexError):  # statistics of a network with fewer norm layers
+        net(x, statistics[:-1])
+    other = record_statistics(ResnetGenerator(width=8, n_blocks=1), torch.rand(1, 4, 8, 8))
+    with torch.no_grad(), pytest.raises(RuntimeError):  # statistics of a wider network
+        net(x, other)
 
 
 def _expected_frozen(x_full, crop, norm):
@@ -270,75 +321,114 @@ def test_frozen_statistics_normalise_a_crop_with_whole_image_statistics():
     image = torch.randn(1, 3, 32, 40) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 5
     image[..., :8, :8] += 10  # a crop's own statistics differ strongly from the image's
     crop = image[..., :16, :16]
-    with frozen_norm_statistics(norm, image) as net:
-        assert net is norm
-        assert norm.mode == "frozen"
-        frozen = norm(crop)
+    before = _snapshot(norm)
+    statistics = record_statistics(norm, image)
+    assert len(statistics) == 1
+    assert _same_snapshot(_snapshot(norm), before)  # nothing kept on the module
+    frozen = norm(crop, statistics)
     expected = _expected_frozen(image, crop, norm)
     torch.testing.assert_close(frozen, expected, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(norm(crop), expected, atol=1e-2)  # instance mode again: crop's own statistics
-    assert norm.mode == "instance"
+    # statistics are not shared between calls: one without them is plain instance norm, the crop's own statistics
+    after = norm(crop)
+    assert not torch.allclose(after, expected, atol=1e-2)
+    torch.testing.assert_close(after, _expected_frozen(crop, crop, norm), atol=1e-4, rtol=1e-4)
 
 
 def test_frozen_statistics_tiles_of_pointwise_net_match_whole_image():
-    # with 1x1 convolutions, a crop through the frozen net equals the crop of the whole image's output
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 1), TileStableInstanceNorm(6), nn.ReLU(), nn.Conv2d(6, 4, 1), TileStableInstanceNorm(4)
-    )
+    # with 1x1 convolutions, a crop through the net with the whole image's statistics equals the crop of its output
+    net = _Pointwise()
+    assert [m.position for m in _norms(net)] == [0, 1]
     image = torch.randn(1, 3, 24, 24) + torch.linspace(-3, 3, 24).view(1, 1, 1, 24)
     with torch.no_grad():
         whole = net(image)
-        with frozen_norm_statistics(net, image):
-            tiles = [net(image[..., :12, :12]), net(image[..., 12:, 5:20])]
+        own = net(image[..., :12, :12])  # the crop by its own statistics
+        statistics = record_statistics(net, image)
+        tiles = [net(image[..., :12, :12], statistics), net(image[..., 12:, 5:20], statistics)]
+        again = net(image[..., :12, :12])
     torch.testing.assert_close(tiles[0], whole[..., :12, :12], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(tiles[1], whole[..., 12:, 5:20], atol=1e-4, rtol=1e-4)
-    assert set(_norm_modes(net)) == {"instance"}
+    # a call without statistics after calls with them is plain instance norm again
+    assert not torch.allclose(own, whole[..., :12, :12], atol=1e-2)
+    torch.testing.assert_close(again, own, atol=0, rtol=0)
+    # the layers called by hand, statistics indexed by position: the same
+    with torch.no_grad():
+        x = image[..., 12:, 5:20]
+        conv1, norm1, relu, conv2, norm2 = net.layers
+        by_hand = norm2(conv2(relu(norm1(conv1(x), statistics))), statistics)
+    torch.testing.assert_close(by_hand, tiles[1], atol=0, rtol=0)
 
 
 def test_frozen_statistics_pooled_over_a_batch_of_crops():
     norm = TileStableInstanceNorm(2)
     image = torch.randn(1, 2, 16, 16) * 2 + 1
     crops = torch.cat([image[..., :8, :], image[..., 8:, :]], dim=0)  # cover the image exactly
-    with frozen_norm_statistics(norm, crops):
-        torch.testing.assert_close(norm.frozen_mean, image.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(norm.frozen_var, image.var(dim=(0, 2, 3), unbiased=False), atol=1e-4, rtol=1e-4)
+    ((mean, var),) = record_statistics(norm, crops)
+    assert mean.shape == var.shape == (2,) and mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean, image.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, image.var(dim=(0, 2, 3), unbiased=False), atol=1e-4, rtol=1e-4)
+    # the crops normalised with the pooled statistics are the image normalised by its own, whether recording or given
+    with torch.no_grad():
+        whole = norm(image)
+        for out in (norm(crops, ((mean, var),)), norm(crops, record=[])):
+            torch.testing.assert_close(torch.cat([out[0], out[1]], dim=-2)[None], whole, atol=1e-5, rtol=1e-5)
 
 
 def test_frozen_statistics_generator_output_of_whole_image_is_unchanged():
     net = ResnetGenerator(width=4, n_blocks=1).eval()
     image = torch.rand(1, 4, 16, 16) * 2 - 1
+    record = []
     with torch.no_grad():
         plain = net(image)
-        with frozen_norm_statistics(net, image):
-            frozen = net(image)
+        statistics = record_statistics(net, image)
+        frozen = net(image, statistics)
+        recording = net(image, record=record)
     torch.testing.assert_close(frozen, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recording, plain, atol=1e-5, rtol=1e-5)
+    assert len(record) == len(statistics) == len(_norms(net))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(record, statistics))
 
 
-def test_modes_restored_after_block_raises():
+def test_recording_and_using_statistics_store_nothing_on_the_network():
     net = ResnetGenerator(width=4, n_blocks=1)
-    with pytest.raises(KeyError):
-        with frozen_norm_statistics(net, torch.rand(1, 4, 8, 8)):
-            assert set(_norm_modes(net)) == {"frozen"}
-            raise KeyError("boom")
-    assert set(_norm_modes(net)) == {"instance"}
+    x = torch.rand(2, 4, 8, 8) * 2 - 1
+    before = _snapshot(net)
+    with torch.no_grad():
+        plain = net(x)
+    statistics = record_statistics(net, torch.rand(1, 4, 12, 12) * 2 - 1)
+    other = record_statistics(net, torch.rand(3, 4, 16, 8) * 3)
+    assert _same_snapshot(_snapshot(net), before)  # state dict, buffers and attributes as they were
+    with torch.no_grad():
+        first = net(x, statistics)
+        net(x, other)  # another image's statistics in between do not leak into the next call
+        torch.testing.assert_close(net(x, statistics), first, atol=0, rtol=0)
+        torch.testing.assert_close(net(x), plain, atol=0, rtol=0)  # without statistics: plain instance norm
+    assert not torch.allclose(first, plain, atol=1e-3)
+    assert _same_snapshot(_snapshot(net), before)
 
 
-def test_modes_restored_when_recording_fails():
+def test_failed_recording_leaves_the_network_as_it_was():
     net = ResnetGenerator(width=4, n_blocks=1)
+    x = torch.rand(1, 4, 8, 8) * 2 - 1
+    before = _snapshot(net)
+    with torch.no_grad():
+        plain = net(x)
     with pytest.raises(RuntimeError):
-        with frozen_norm_statistics(net, torch.rand(1, 2, 8, 8)):  # wrong channel count
-            pass  # pragma: no cover
-    assert set(_norm_modes(net)) == {"instance"}
+        record_statistics(net, torch.rand(1, 2, 8, 8))  # wrong channel count
+    assert torch.is_grad_enabled()
+    assert _same_snapshot(_snapshot(net), before)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain, atol=0, rtol=0)
 
 
-def test_frozen_statistics_on_net_without_our_norm_is_a_no_op():
-    net = ColorizationUNet(width=4, depth=1).eval()
-    x = torch.rand(1, 1, 8, 8)
+def test_recorded_statistics_on_net_without_our_norm_are_empty_and_a_no_op():
+    net = _Pointwise(norm=nn.BatchNorm2d).eval()  # e.g. a batch-norm network in eval mode
+    assert _norms(net) == [] and number_norm_layers(net) == 0
+    x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         before = net(x)
-        with frozen_norm_statistics(net, x) as same:
-            assert same is net
-            inside = net(x)
+        statistics = record_statistics(net, x)
+        assert statistics == ()
+        inside = net(x, statistics)
     torch.testing.assert_close(inside, before)
 
 

@@ -209,13 +209,27 @@ def test_seam_detector_sees_a_seam():
     assert seam_ratio(seamed - reference, starts, 256) > 10
 
 
-def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile):
+def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile, monkeypatch):
+    from digital_stain import kernel
+    from digital_stain.stain_settings import StainSettings
+
     image = np.tile(darkfield_tile, (3, 3, 1))  # 768 x 768, a 3 x 3 tiling of the sample
     assert image.shape == (768, 768, 3)
     tile, overlap = 256, 96
 
     one_pass = tiny_model.stain(image, ["student"], tile=1024, overlap=overlap, precision="fp32")["student"]
-    tiled = tiny_model.stain(image, ["student"], tile=tile, overlap=overlap, precision="fp32")["student"]
+    # An image within stats_pixels is stained in one pass whatever the tile; one pixel fewer makes the student
+    # tile it, with statistics recorded on one crop of 768 px: the whole image, as for the one pass.
+    tiles_seen = []
+
+    def spy(fn, image, **kwargs):
+        tiles_seen.append(kwargs["tile"])
+        return tiled_apply(fn, image, **kwargs)
+
+    monkeypatch.setattr(kernel, "tiled_apply", spy)
+    settings = StainSettings(tile=tile, overlap=overlap, precision="fp32", stats_pixels=768 * 768 - 1, stats_crop=768)
+    tiled = tiny_model.stain(image, ["student"], settings=settings)["student"]
+    assert tiles_seen == [tile], "the student must really be tiled for the comparison to mean anything"
     assert tiled.shape == one_pass.shape == (768, 768, 3)
     assert tiled.dtype == np.float32
     assert one_pass.std() > 0.01, "the random student must produce structure for the comparison to mean anything"
@@ -238,10 +252,10 @@ def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile)
     student_in = np.concatenate([rgb.transpose(2, 0, 1), model.enhancer.enhance_gray(gray)[None]], axis=0) * 2 - 1
 
     def instance_mode(x: torch.Tensor) -> torch.Tensor:
-        for module in model.student.modules():  # the default mode outside frozen_norm_statistics
-            if hasattr(module, "mode"):
-                assert module.mode == "instance"
-        return (model.student(x) + 1.0) / 2.0
+        out = model.student(x)  # no statistics given: every tile normalised by its own
+        assert x.shape[0] == 1  # so recording (pooled over the batch) is that tile's own statistics
+        torch.testing.assert_close(out, model.student(x, record=[]), atol=1e-6, rtol=1e-6)
+        return (out + 1.0) / 2.0
 
     def run(tile_size):
         out = tiled_apply(instance_mode, student_in, out_channels=3, tile=tile_size, overlap=overlap,
@@ -278,33 +292,34 @@ def test_tile_starts_stay_on_the_network_grid(overlap):
 # -- batched tiles -----------------------------------------------------------
 @pytest.fixture
 def frozen_student():
-    """A tiny random ResnetGenerator with norm statistics frozen on a test image, and that image (4, 150, 170)."""
-    from digital_stain.nets import ResnetGenerator, frozen_norm_statistics
+    """A tiny random ResnetGenerator, a test image (4, 150, 170) and the norm statistics recorded on that image."""
+    from digital_stain.nets import ResnetGenerator, record_statistics
 
     torch.manual_seed(0)
     net = ResnetGenerator(4, 3, width=8, n_blocks=2).eval()
     image = np.random.default_rng(0).random((4, 150, 170), dtype=np.float32) * 2 - 1
     padded, _ = pad_image(image, net.size_multiple, net.min_size)
-    with frozen_norm_statistics(net, torch.from_numpy(padded)[None]):
-        yield net, image
+    statistics = record_statistics(net, torch.from_numpy(padded)[None])
+    assert len(statistics) > 0
+    return net, image, statistics
 
 
-def _apply(net, image, fn=None, **kwargs):
-    return tiled_apply(fn or net, image, out_channels=3, tile=64, overlap=16, multiple=net.size_multiple,
+def _apply(net, image, fn, **kwargs):
+    return tiled_apply(fn, image, out_channels=3, tile=64, overlap=16, multiple=net.size_multiple,
                        min_size=net.min_size, **kwargs)
 
 
 @pytest.mark.parametrize("batch", [2, 4, 7, 100])
 def test_batched_tiles_equal_one_tile_at_a_time(frozen_student, batch):
     """A real network with frozen statistics: batching changes the number of calls, not the result."""
-    net, image = frozen_student
+    net, image, statistics = frozen_student
     shapes = []
 
     def fn(x):
         shapes.append(tuple(x.shape))
-        return net(x)
+        return net(x, statistics)
 
-    reference = _apply(net, image)
+    reference = _apply(net, image, lambda x: net(x, statistics))
     batched = _apply(net, image, fn, batch=batch)
     assert batched.shape == reference.shape == (3, 150, 170) and batched.dtype == np.float32
     assert reference.std() > 0.01
@@ -319,11 +334,15 @@ def test_blending_on_the_device_equals_blending_on_the_host(frozen_student, monk
     """The GPU path (tiles cut and blended where the network runs), exercised on the CPU."""
     from digital_stain import tiling
 
-    net, image = frozen_student
-    reference = _apply(net, image)
+    net, image, statistics = frozen_student
+
+    def frozen(x):
+        return net(x, statistics)
+
+    reference = _apply(net, image, frozen)
     seen = []
     monkeypatch.setattr(tiling, "_blend_on_device", lambda *args: True)
-    on_device = _apply(net, image, batch=3, progress=lambda d, t: seen.append((d, t)))
+    on_device = _apply(net, image, frozen, batch=3, progress=lambda d, t: seen.append((d, t)))
     np.testing.assert_allclose(on_device, reference, atol=1e-5)
     assert [d for d, _ in seen] == list(range(1, len(seen) + 1)) and all(t == len(seen) for _, t in seen)
 

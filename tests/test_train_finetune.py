@@ -99,19 +99,21 @@ def test_in_memory_arrays_train_like_the_folder(tiny_model, darkfield_dir, hne_d
 # -- callback and preview -----------------------------------------------------
 @pytest.mark.slow
 def test_callback_every_step_and_preview_do_not_change_training(tiny_model, darkfield_dir, hne_dir, darkfield_tile):
-    from digital_stain.nets.norm import set_norm_mode
+    from digital_stain.nets import record_statistics
 
     plain, _ = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config())
     steps, previews, modes = [], [], []
     crop = darkfield_tile[:64, :48]
+    probe = torch.rand(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1  # not the global RNG
 
     def callback(step, student):
         modes.append(student.training)  # the live student is in training mode when handed over
         steps.append(step)
         previews.append(preview_student(tiny_model.enhancer, student, crop))
-        # a careless callee: leaves eval mode, recording norms and no grad behind; train_student restores them
+        # a careless callee: records norm statistics on the live student (which keeps nothing of them) and
+        # leaves eval mode and no grad behind; train_student restores those
         student.eval()
-        set_norm_mode(student, "record")
+        assert len(record_statistics(student, probe)) > 0
         torch.set_grad_enabled(False)
 
     watched, result = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(), callback=callback)
@@ -125,14 +127,21 @@ def test_callback_every_step_and_preview_do_not_change_training(tiny_model, dark
 
 
 def test_preview_leaves_the_student_as_it_was(tiny_model, darkfield_tile):
-    from digital_stain.nets.norm import TileStableInstanceNorm
-
     student = tiny_model.student.train()
     before = {k: v.clone() for k, v in student.state_dict().items()}
+    attributes = [(name, {k: v for k, v in vars(m).items() if not k.startswith("_")}, list(m._buffers))
+                  for name, m in student.named_modules()]
+    probe = torch.rand(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        plain = student(probe)  # no statistics: each image by its own
     out = preview_student(tiny_model.enhancer, student, darkfield_tile[:40, :56, 0].astype(np.uint16) * 200)
     assert out.shape == (40, 56, 3) and 0.0 <= out.min() and out.max() <= 1.0
     assert student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
-    assert all(m.mode == "instance" for m in student.modules() if isinstance(m, TileStableInstanceNorm))
+    # nothing kept on the student (no statistics, no new attributes or buffers), and a plain call is as before
+    assert attributes == [(name, {k: v for k, v in vars(m).items() if not k.startswith("_")}, list(m._buffers))
+                          for name, m in student.named_modules()]
+    with torch.no_grad():
+        assert torch.equal(student(probe), plain)
     expected = tiny_model.stain(darkfield_tile[:40, :56, 0].astype(np.uint16) * 200, ["student"], precision="fp32")
     assert np.allclose(out, expected["student"], atol=1e-6)  # the same staining as the model's
 

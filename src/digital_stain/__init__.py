@@ -5,11 +5,10 @@ The library core (:mod:`enhance`, :mod:`nets`, :mod:`model`, :mod:`tiling`,
 thin layers over :class:`digital_stain.model.StainModel`.
 """
 
-from . import hostmem
-
 __version__ = "0.1.0"
 
-hostmem.request_huge_pages()  # before any module of ours imports torch: PyTorch reads it at its first allocation
+# no hostmem.request_huge_pages() here: PyTorch's huge pages are a process-wide setting, asked for only
+# where this package owns the process (the CLI, cluster workers), never on import (napari's, a user's)
 
 __all__ = ["Enhancer", "StainModel", "__version__"]
 

@@ -14,11 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import options
-from .adapt import ADAPT_MODES
-from .arrays import InputError, to_uint8
-from .devices import DEVICES, PRECISIONS
-from .nets.generator import UPSAMPLING
+# The command line owns its process, so it asks PyTorch for huge pages (hostmem.py); `import
+# digital_stain` does not, as inside napari the process is shared. PyTorch reads the variable at its
+# first CPU allocation, and the imports below already allocate (color.py makes tensors on import), so
+# it is set here, on importing this module (what the `digital-stain` script does first), not in main().
+from .hostmem import request_huge_pages
+
+request_huge_pages()
+
+from . import options  # noqa: E402
+from .adapt import ADAPT_MODES  # noqa: E402
+from .arrays import InputError, to_uint8  # noqa: E402
+from .devices import DEVICES, PRECISIONS  # noqa: E402
+from .nets.generator import UPSAMPLING  # noqa: E402
 
 STEPS = options.integer(1, what="a number of steps")
 BATCH = options.integer(1, 1024, "a batch size")
@@ -282,6 +290,8 @@ def cmd_stain(args) -> int:
                                   mode if first is not None else "off")
     if first is not None or mode == "off":
         print(f"{'folder' if len(inputs) > 1 else 'input'}: {adaptation.message(model.name)}", file=sys.stderr)
+    from .oom import stain_with_fallback
+
     failed: list[str] = []
     shown = []
     with output_lock(args.output), atomic_path(args.output, overwrite=args.overwrite) as staging:
@@ -297,8 +307,11 @@ def cmd_stain(args) -> int:
                     bar.update(d - done[0])
                     done[0] = d
 
-                results = model.stain(image, wanted, tile=args.tile, overlap=args.overlap, adapt=adaptation,
-                                      precision=args.precision, compile=args.compile, progress=progress)
+                # the napari widget's out-of-memory policy too (oom.next_step): smaller tiles, then the CPU
+                results, _ = stain_with_fallback(
+                    model, image, wanted, tile=args.tile, overlap=args.overlap, adapt=adaptation,
+                    precision=args.precision, compile=args.compile, progress=progress,
+                    notify=lambda message: print(f"note: {message}", file=sys.stderr))
                 bar.close()
                 note = scaling_note(value_scaling(image))  # stained, so the values are usable
                 if note is not None:

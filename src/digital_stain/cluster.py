@@ -10,7 +10,9 @@ the student's norm statistics, precision) and writes it into the store before th
 (:func:`digital_stain.slide.stain_to_zarr`). A task then names only small things: the model
 file and its checksum, where the slide is, the store's path, the :class:`~digital_stain.slide.SlideJob`
 and a unit key. Each worker process loads the model once (on its GPU if it has one) and keeps it;
-a unit's bytes do not depend on which worker made them.
+a unit's bytes do not depend on which worker made them. Which units run, in what order, and what a
+stop or an error does is decided by :func:`digital_stain.units.run_units`, as for threads; the
+back-end here, :class:`ClusterUnits`, only submits units as tasks and collects the finished ones.
 
 A unit writes its chunk, then marks it done. Writing a unit twice writes the same bytes, so when a
 worker dies, the scheduler's re-run of its units on another worker is harmless, and a unit the dead
@@ -21,14 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
 
+from . import hostmem
 from .arrays import InputError
 
 log = logging.getLogger(__name__)
-__all__ = ["cluster_client", "run_units", "source_reference"]
+__all__ = ["ClusterUnits", "cluster_client", "source_reference"]
 
 _MODELS: dict = {}  # per worker process: (model path, checksum) -> StainModel
 _SOURCES: dict = {}  # per worker process: (path, chunk) -> Source
@@ -72,7 +76,9 @@ def cluster_client(scheduler: str | None = None, workers: int | None = None, *, 
     # the input's fingerprint) stay in this process instead of shipping file handles to workers
     # torch reads its thread count when imported: set it in the workers' environment, so that N
     # workers do not each start one thread per core and slow each other down
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           # the workers are processes of ours, started before their torch allocates: huge pages (hostmem.py)
+           **hostmem.child_environment()}
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       env=env) as cluster, Client(cluster, set_as_default=False) as client:
         try:
@@ -136,14 +142,18 @@ def _worker_source(reference, chunk: int):
         return _SOURCES[key]
 
 
-def _level0_unit(model_ref: tuple, source_ref, store_path: str, job, key: tuple[int, int]) -> tuple[int, int]:
-    """Task: stain, write and mark level-0 unit ``key`` (runs on a worker)."""
+def _level0_unit(process: Callable, model_ref: tuple, source_ref, store_path: str, job,
+                 key: tuple[int, int]) -> tuple[int, int]:
+    """Task: stain, write and mark level-0 unit ``key`` (runs on a worker).
+
+    ``process`` is :func:`digital_stain.slide.process_chunk`, passed in by the client (pickled by
+    name): importing it here would make slide and cluster import each other.
+    """
     from .ngff import SlideStore
-    from .slide import process_chunk
 
     model = _worker_model(*model_ref)
     array = _worker_source(source_ref, job.grid.chunk).array
-    process_chunk(model, array, SlideStore(store_path), job, key)
+    process(model, array, SlideStore(store_path), job, key)
     return key
 
 
@@ -155,53 +165,67 @@ def _pyramid_unit(store_path: str, level: int, key: tuple[int, int]) -> tuple[in
     return key
 
 
-def run_units(client, model, source_ref, store, job, result, progress: Callable[[int, int], None] | None,
-              stop: threading.Event | None) -> None:
-    """:func:`digital_stain.slide._run_units` on a cluster: each level's missing units as tasks, level by level.
+class ClusterUnits:
+    """Back-end of :func:`digital_stain.units.run_units`: each unit a task on a dask.distributed cluster.
 
-    Fills ``result`` (``units_done``, ``units_skipped``, ``stopped``, ``complete``) the same way.
+    Level by level, each level's missing units submitted at once (the scheduler spreads them over
+    the workers and re-runs a dead worker's tasks); a level starts once the one above is written.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    model : StainModel
+        Loaded from a file every worker can read (workers load it by path and checksum).
+    source_ref : str or array
+        :func:`source_reference`.
+    store : SlideStore
+    job : SlideJob
+    process : callable
+        :func:`digital_stain.slide.process_chunk`, what a worker calls for a level-0 unit.
     """
-    from distributed import as_completed
 
-    if model.path is None:
-        raise InputError("a model staining on a cluster must come from a file the workers can read; save it "
-                         "first (StainModel.save) or use a shipped model.")
-    model_ref = (os.fspath(model.path), model.checksum)
-    store_path = os.fspath(os.path.abspath(store.path))
-    count = 0
-    for level in range(len(job.grid.levels)):
-        done = store.done(level)
-        units = job.grid.units(level)
-        todo = [key for key in units if not done[key]]
-        result.units_skipped += len(units) - len(todo)
-        count += len(units) - len(todo)
-        if progress is not None and len(units) > len(todo):
-            progress(count, result.units_total)
-        if stop is not None and stop.is_set() and todo:
-            result.stopped = True
-            return
-        futures = []
-        for key in todo:
-            name = f"digital-stain-{job.token[:12]}-L{level}-{key[0]}-{key[1]}"
-            if level == 0:
-                futures.append(client.submit(_level0_unit, model_ref, source_ref, store_path, job, key, key=name,
-                                             pure=False))
-            else:
-                futures.append(client.submit(_pyramid_unit, store_path, level, key, key=name, pure=False))
-        try:
-            for future in as_completed(futures, loop=client.loop):
-                future.result()  # a unit's error (after the scheduler's retries) ends the run
-                result.units_done += 1
-                count += 1
-                if progress is not None:
-                    progress(count, result.units_total)
-                if stop is not None and stop.is_set():
-                    result.stopped = True
-                    return
-        finally:
-            client.cancel([f for f in futures if not f.done()])
-    if not store.state.get("complete"):
-        from .model import provenance
+    interleave = False
+    slots = (math.inf, math.inf)
 
-        store.finish(finished=provenance()["date"])
-    result.complete = True
+    def __init__(self, client, model, source_ref, store, job, process: Callable):
+        if model.path is None:
+            raise InputError("a model staining on a cluster must come from a file the workers can read; save it "
+                             "first (StainModel.save) or use a shipped model.")
+        self.client, self.job, self.process = client, job, process
+        self.model_ref = (os.fspath(model.path), model.checksum)
+        self.source_ref = source_ref
+        self.store_path = os.fspath(os.path.abspath(store.path))
+        self._finished = None
+
+    def __enter__(self) -> ClusterUnits:
+        from distributed import as_completed
+
+        # one iterator for the whole run: finished tasks are taken from it as they come, however many are out
+        self._finished = as_completed(loop=self.client.loop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finished.clear()
+        self._finished = None
+
+    def submit(self, level: int, key: tuple[int, int]):
+        """Submit unit ``key`` of ``level`` as a task; returns its future."""
+        name = f"digital-stain-{self.job.token[:12]}-L{level}-{key[0]}-{key[1]}"
+        if level == 0:
+            future = self.client.submit(_level0_unit, self.process, self.model_ref, self.source_ref, self.store_path,
+                                        self.job, key, key=name, pure=False)
+        else:
+            future = self.client.submit(_pyramid_unit, self.store_path, level, key, key=name, pure=False)
+        self._finished.add(future)
+        return future
+
+    def collect(self, handles) -> list:
+        """Finished tasks (waits for one at least); ``handles`` are all in the iterator already."""
+        return self._finished.next_batch(block=True)
+
+    def cancel(self, handles) -> list:
+        """Cancel the tasks of ``handles`` not finished: a stopped or failed run leaves nothing running."""
+        pending = [future for future in handles if not future.done()]
+        if pending:
+            self.client.cancel(pending)
+        return pending

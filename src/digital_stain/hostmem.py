@@ -12,11 +12,17 @@ whole-slide unit went from 1.78 to 1.29 s and a whole slide ran 1.4-1.7x
 faster at the same peak memory (``benchmarks/host_memory.py``,
 ``docs/benchmarks.md``).
 
-PyTorch reads the variable once, at its first CPU allocation, so
-``import digital_stain`` sets it (unless it is set already) before anything of
-this package imports torch. Where torch has allocated before that, or the
-kernel's transparent huge pages are ``never``, it changes nothing. Set
-``THP_MEM_ALLOC_ENABLE=0`` in the environment to keep PyTorch's default.
+The variable is process-wide (every library of the process that uses torch
+gets it), so it is set only in processes this package owns: the command line
+(on importing :mod:`digital_stain.cli`, before the modules it imports make
+their first tensors) and the worker processes of a local cluster
+(:func:`digital_stain.cluster.cluster_client`, through their environment).
+``import digital_stain`` leaves the environment alone: inside napari, or a
+user's own script, it is theirs to set. PyTorch reads the
+variable once, at its first CPU allocation (not at ``import torch``); where
+torch has allocated before it is set, or the kernel's transparent huge pages
+are ``never``, it changes nothing. Set ``THP_MEM_ALLOC_ENABLE=0`` in the
+environment to keep PyTorch's default (a user's setting is always kept).
 """
 
 from __future__ import annotations
@@ -27,8 +33,28 @@ ENVIRONMENT = "THP_MEM_ALLOC_ENABLE"
 
 
 def request_huge_pages() -> bool:
-    """Ask PyTorch for huge pages unless the environment already says; returns whether they are asked for."""
+    """Ask PyTorch for huge pages in this process unless the environment already says.
+
+    Only for a process this package owns (the command line): it changes ``os.environ`` for the
+    whole process, and only counts before torch's first CPU allocation.
+
+    Returns
+    -------
+    bool
+        Whether huge pages are asked for (False where the user set ``THP_MEM_ALLOC_ENABLE=0``).
+    """
     return os.environ.setdefault(ENVIRONMENT, "1").strip() == "1"
+
+
+def child_environment() -> dict[str, str]:
+    """The variable for a process this package starts (a cluster worker).
+
+    Returns
+    -------
+    dict
+        ``{"THP_MEM_ALLOC_ENABLE": value}``: the user's setting, else ``"1"``.
+    """
+    return {ENVIRONMENT: os.environ.get(ENVIRONMENT, "1")}
 
 
 def kernel_huge_pages() -> str | None:

@@ -26,8 +26,9 @@ showing these arrays needs ``cache=False``: napari's own dask cache would
 keep the placeholders.)
 
 Out of GPU memory: a chunk whose network run raises an out-of-memory error
-moves this instance's (private) networks to the CPU, says so through
-``on_fallback`` and is computed again there, as is the rest of the image.
+moves this instance's kernel to the CPU (the model itself is not moved),
+says so through ``on_fallback`` and is computed again there, as is the rest
+of the image.
 
 Pyramids (:func:`lazy_pyramid`, for multiscale display): lower levels are
 produced from the *input*, never from a stained output. Each level halves
@@ -42,7 +43,6 @@ never a level-0 chunk.
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 import uuid
 import weakref
@@ -54,35 +54,9 @@ import torch
 
 from .adapt import Adaptation
 from .arrays import MIN_SIDE, InputError, ValueScaling, check_dtype, check_plane_shape, plain_array, scaling_of, split_planes
-from .devices import autocast
-from .nets.norm import TileStableInstanceNorm, set_norm_mode
-from .nets.unet import colorize
-from .oom import is_out_of_memory, release_memory
-from .tiling import pad_image, stats_boxes
-
-
-def chunk_sizes(length: int, chunk: int, overlap: int) -> tuple[int, ...]:
-    """Chunks of ``chunk`` pixels along an axis, the remainder merged into the last one if it is under ``overlap``.
-
-    Every chunk but the last starts on a multiple of ``chunk``, and none is
-    smaller than the overlap its neighbours borrow from it.
-    """
-    if length <= chunk:
-        return (length,)
-    sizes = [chunk] * (length // chunk)
-    rest = length - sum(sizes)
-    if rest >= max(overlap, 1):
-        sizes.append(rest)
-    elif rest:
-        sizes[-1] += rest
-    return tuple(sizes)
-
-
-def _cpu_copy(net: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``net`` on the CPU, made without allocating anything on its own (full) device."""
-    memo = {id(p): torch.nn.Parameter(p.detach().to("cpu", copy=True), p.requires_grad) for p in net.parameters()}
-    memo.update({id(b): b.detach().to("cpu", copy=True) for b in net.buffers()})
-    return copy.deepcopy(net, memo)
+from .chunks import GRID, ChunkStainer, chunk_sizes, chunked, grid_sizes, unit_rgb_array  # noqa: F401  (chunk_sizes: public here too)
+from .kernel import StainKernel
+from .stain_settings import StainSettings
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # background instances not yet closed
@@ -104,6 +78,10 @@ class LazyStain:
         As for :meth:`StainModel.stain`.
     outputs : sequence of str, optional
         ``enhanced``, ``teacher``, ``student``; default all the model has.
+    settings : StainSettings, optional
+        How to stain (:class:`~digital_stain.stain_settings.StainSettings`); its ``tile`` and
+        ``batch`` are the eager path's and unused here. The keywords below, when given, change
+        single settings of it.
     chunk, overlap : int
         Chunk side and the margin borrowed from neighbours, in pixels; both
         are rounded to the networks' stride grid (16).
@@ -112,7 +90,7 @@ class LazyStain:
     stats_pixels, stats_crop : int
         Images up to ``stats_pixels`` get whole-image student statistics,
         larger ones crops of ``stats_crop`` spread over them (as
-        ``StainModel.stain(tile=stats_crop)``).
+        ``StainModel.stain`` records them).
     cache_chunks : int
         How many computed chunks to keep (per output).
     cache_bytes : int, optional
@@ -142,6 +120,8 @@ class LazyStain:
         inner ones, a ``(chunk + 2 overlap)``-px square) run compiled: one shape, one graph. Chunks at
         the image's edges have other shapes and run eagerly, so they equal an uncompiled run; inner
         ones match it to float rounding. After a fallback to the CPU everything runs eagerly.
+    resolved_precision : str, optional
+        A precision already resolved (e.g. a slide's stored one): no timing of ``auto``.
     adapt : ``auto|on|off`` or Adaptation
         Adaptation to another microscope (:mod:`digital_stain.adapt`), decided once on the whole
         image (a dask image larger than 16 MP on crops spread over it) and the same for every
@@ -163,27 +143,26 @@ class LazyStain:
         Where the networks run (the CPU after a fallback).
     """
 
-    GRID = 16  # a multiple of every shipped network's stride grid
+    GRID = GRID  # chunks and margins are multiples of it (chunks.GRID)
 
-    def __init__(self, model, image, outputs: Sequence[str] | None = None, *, chunk: int = 1024,
-                 overlap: int = 128, device: str | None = None, precision: str = "auto",
-                 stats_pixels: int = 2048 * 2048, stats_crop: int = 512, cache_chunks: int = 256,
-                 background: bool = False, on_ready: Callable[[], None] | None = None,
+    def __init__(self, model, image, outputs: Sequence[str] | None = None, *, settings: StainSettings | None = None,
+                 chunk: int | None = None, overlap: int | None = None, device: str | None = None,
+                 precision: str | None = None, stats_pixels: int | None = None, stats_crop: int | None = None,
+                 cache_chunks: int = 256, background: bool = False, on_ready: Callable[[], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None,
                  on_fallback: Callable[[str], None] | None = None, max_pending: int = 64,
                  scaling: ValueScaling | None = None, cache_bytes: int | None = None,
-                 net_lock: threading.Lock | None = None, compile: bool = False,
-                 adapt: str | Adaptation = "auto"):
+                 net_lock: threading.Lock | None = None, compile: bool | None = None,
+                 adapt: str | Adaptation | None = None, resolved_precision: str | None = None):
         import dask.array as da
 
+        settings = StainSettings.of(settings, chunk=chunk, overlap=overlap, device=None if device is None else str(device),
+                                    precision=precision, stats_pixels=stats_pixels, stats_crop=stats_crop,
+                                    compile=compile, adapt=adapt)
         self.model = model
+        self.settings = settings
         self.wanted = model.check_outputs(outputs)
-        if device is not None:
-            model.to(device)
-        self.device = model._device
-        self.precision = model.precision_for(precision, self.device)
-        self.overlap = max(self.GRID, overlap + (-overlap) % self.GRID)
-        self.chunk = max(2 * self.overlap, chunk - chunk % self.GRID)
+        self.chunk, self.overlap = grid_sizes(settings.chunk, settings.overlap)
         if isinstance(image, np.ndarray):
             image = plain_array(image)  # a masked array's mask cannot be honoured: refused
         stack, plane = split_planes(tuple(image.shape))
@@ -192,11 +171,10 @@ class LazyStain:
         self.stack_ndim = len(stack)
         self.input_dtype = np.dtype(image.dtype)
         # decided once for the whole image (its value scaling and adaptation); every chunk uses it
-        self.prep = model.preparation(image, adapt=adapt, scaling=scaling)
+        self.prep = model.preparation(image, adapt=settings.adapt, scaling=scaling)
         self.scaling = self.prep.scaling
         self.network_runs = {name: 0 for name in ("teacher", "student")}
         self.errors: list[str] = []
-        self.fallbacks: list[str] = []
         self.background, self.max_pending = background, max_pending
         self.on_ready, self.on_error, self.on_fallback = on_ready, on_error, on_fallback
         self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in ("teacher", "student")}
@@ -204,7 +182,6 @@ class LazyStain:
             cache_chunks = max(4, cache_bytes // (self.chunk * self.chunk * 3 * 4))
         self._cache_chunks = cache_chunks
         self._failed: set = set()  # (role, key) that raised in the worker: shown as placeholders, not retried
-        self._stats_pixels, self._stats_crop = stats_pixels, stats_crop
         self._lock = threading.Lock()  # guards the caches, counters and the job queue; never held while a network runs
         self._changed = threading.Condition(self._lock)  # a job finished or was dropped
         # one network run at a time: the networks are not thread-safe (a pyramid's levels share one lock)
@@ -216,32 +193,52 @@ class LazyStain:
         if background:
             _LIVE.add(self)
 
-        source = image if not isinstance(image, np.ndarray) else da.from_array(image, chunks=-1)
-        y_axis = self.stack_ndim
-        chunks = {i: 1 for i in range(self.stack_ndim)}
-        chunks[y_axis] = chunk_sizes(plane[0], self.chunk, self.overlap)
-        chunks[y_axis + 1] = chunk_sizes(plane[1], self.chunk, self.overlap)
-        if len(plane) == 3:
-            chunks[y_axis + 2] = -1
-        source = source.rechunk(chunks)
-        self.compile = compile
-        self._compiled: dict[str, torch.nn.Module] = {}
+        source = chunked(image if not isinstance(image, np.ndarray) else da.from_array(image, chunks=-1),
+                         self.stack_ndim, self.chunk, self.overlap)
         # explicit task names: otherwise dask tokenizes our bound methods by pickling the whole model (~0.3 s each)
         self._token = uuid.uuid4().hex
         self._source = source  # raw, for readers that convert only the region they need (slide units)
-        self.rgb = self._unit_rgb(source)
+        self.rgb = unit_rgb_array(source, self.prep, self.stack_ndim, f"unit-rgb-{self._token}")
+        # the kernel (the networks' read-only copies on the device, precision, settings), the chunk grid and
+        # the per-plane statistics: what a slide unit stains with too
+        self.stainer = ChunkStainer(StainKernel(model, self.prep, settings, precision=resolved_precision), self.rgb,
+                                    self.stack_ndim, self.overlap, self.chunk, on_fallback)
         self.arrays: dict = {}
         if "enhanced" in self.wanted:
             self.arrays["enhanced"] = self.rgb.map_blocks(self._enhanced_block, drop_axis=self.rgb.ndim - 1,
                                                           dtype=np.float32, name=f"enhanced-{self._token}")
-        if "teacher" in self.wanted:
-            self._teacher = model.teacher  # shared until a fallback to the CPU needs a private copy
-            self.arrays["teacher"] = self._overlapped("teacher")
-        if "student" in self.wanted:
-            # a private copy: its frozen statistics are this image's, whatever else the model stains meanwhile
-            self._student = copy.deepcopy(model.student).to(self.device).eval()
-            self._plane_stats: dict[tuple, list] = {}  # recorded per plane by its first chunk
-            self.arrays["student"] = self._overlapped("student")
+        for role in ("teacher", "student"):
+            if role in self.wanted:
+                self.arrays[role] = self._overlapped(role)
+
+    @property
+    def kernel(self) -> StainKernel:
+        return self.stainer.kernel
+
+    @kernel.setter
+    def kernel(self, kernel: StainKernel) -> None:
+        self.stainer.kernel = kernel
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return self.stainer.fallbacks
+
+    @property
+    def _plane_stats(self) -> dict:
+        return self.stainer.plane_statistics
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks run (the CPU after a fallback)."""
+        return self.kernel.device
+
+    @property
+    def precision(self) -> str:
+        return self.kernel.precision
+
+    @property
+    def compile(self) -> bool:
+        return self.kernel.settings.compile
 
     # -- background worker ---------------------------------------------------
     @property
@@ -323,17 +320,6 @@ class LazyStain:
                     self._changed.notify_all()
 
     # -- per-chunk work ------------------------------------------------------
-    def _unit_rgb(self, source):
-        """Raw chunks -> float32 RGB in [0, 1], ``(..., Y, X, 3)``."""
-        has_channels = source.ndim == self.stack_ndim + 3
-        block = self._to_unit_rgb
-
-        chunks = (*source.chunks[: self.stack_ndim + 2], (3,))
-        if has_channels:
-            return source.map_blocks(block, chunks=chunks, dtype=np.float32, name=f"unit-rgb-{self._token}")
-        return source.map_blocks(block, chunks=chunks, new_axis=source.ndim, dtype=np.float32,
-                                 name=f"unit-rgb-{self._token}")
-
     def _to_unit_rgb(self, raw: np.ndarray) -> np.ndarray:
         """Raw pixels ``(..., Y, X[, C])`` -> float32 RGB in [0, 1], ``(..., Y, X, 3)`` (elementwise)."""
         return self.prep.unit_rgb(raw, has_channels=raw.ndim == self.stack_ndim + 3)
@@ -414,144 +400,17 @@ class LazyStain:
         return out
 
     def _forward_or_fall_back(self, role: str, prepared: tuple, plane_index: tuple, uint8: bool = False) -> np.ndarray:
-        """:meth:`_forward`, moved to the CPU and run again there if the GPU runs out of memory (network lock held)."""
-        try:
-            return self._forward(role, prepared, plane_index, uint8)
-        except Exception as error:
-            if self.device.type == "cpu" or not is_out_of_memory(error):
-                raise
-            # retried below, outside the except block: its traceback still holds device tensors
-        self._fall_back(f"GPU ran out of memory staining a {self.chunk}-px chunk; "
-                        "the rest of this image is stained on the CPU")
-        return self._forward(role, prepared, plane_index, uint8)
-
-    def _margins(self, key: tuple) -> list[tuple[int, int]]:
-        """Pixels borrowed before and after the chunk along Y and X (only towards neighbours: boundary="none")."""
-        counts = self.rgb.numblocks
-        return [(self.overlap if key[a] > 0 else 0, self.overlap if key[a] < counts[a] - 1 else 0)
-                for a in (self.stack_ndim, self.stack_ndim + 1)]
+        """The kernel on a prepared chunk, on the CPU if the device runs out of memory (network lock held)."""
+        return self.stainer.forward(role, prepared, plane_index, uint8)
 
     def _trim(self, out: np.ndarray, key: tuple) -> np.ndarray:
-        """Cut the borrowed margins off a plane ``(y, x[, 3])`` of chunk ``key``."""
-        (top, bottom), (left, right) = self._margins(key)
-        return out[top : out.shape[0] - bottom, left : out.shape[1] - right]
+        return self.stainer.trim(out, key)
 
     def _region(self, key: tuple) -> tuple[slice, ...]:
-        """Where chunk ``key`` and its borrowed margins lie in ``self.rgb`` (what ``map_overlap`` hands a block)."""
-        starts = [sum(sizes[:i]) for sizes, i in zip(self.rgb.chunks, key)]
-        index = [slice(s, s + sizes[i]) for s, sizes, i in zip(starts, self.rgb.chunks, key)]
-        for axis, (before, after) in zip((self.stack_ndim, self.stack_ndim + 1), self._margins(key)):
-            index[axis] = slice(index[axis].start - before, index[axis].stop + after)
-        return tuple(index)
+        return self.stainer.region(key)
 
-    def _prepare(self, role: str, plane: np.ndarray,
-                 enhanced: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
-        """A network's padded input ``(C, Y', X')`` float32 for one plane ``(y, x, 3)``, and ``(y, x)`` (host work only).
-
-        ``enhanced``, the plane's enhanced gray ``(y, x)`` if the caller has it already, is not recomputed.
-        """
-        net = self._teacher if role == "teacher" else self._student
-        if role == "teacher":
-            x = (self._enhanced_block(plane) if enhanced is None else enhanced)[None]
-        else:
-            x = self.prep.student_input(plane, self._enhanced_block(plane) if enhanced is None else enhanced)
-        padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
-        return np.ascontiguousarray(padded), h, w
-
-    def _network(self, role: str, shape: tuple[int, int]) -> torch.nn.Module:
-        """The teacher or student for an input of ``shape`` (Y, X): compiled (on first use) for inner chunks.
-
-        Edge chunks run eagerly: compiling each of their shapes (up to 8 more) would cost more than it saves.
-        """
-        net = self._teacher if role == "teacher" else self._student
-        if not self.compile or shape != (self.chunk + 2 * self.overlap,) * 2:
-            return net
-        if role not in self._compiled:
-            self._compiled[role] = torch.compile(net, dynamic=False)
-        return self._compiled[role]
-
-    def _forward(self, role: str, prepared: tuple, plane_index: tuple, uint8: bool = False) -> np.ndarray:
-        """The network on a :meth:`_prepare`-d input: ``(y, x, 3)`` float32 in [0, 1]. Call with the network lock held.
-
-        ``uint8``: rounded as :func:`digital_stain.arrays.to_uint8` rounds, on the network's device (a quarter
-        of the bytes to copy back); the result is then a ``(y, x, 3)`` view of a ``(3, y, x)`` array.
-        """
-        padded, h, w = prepared
-        if role == "student":
-            self._freeze(self._statistics(plane_index))  # in place: a compiled student is not recompiled
-        net = self._network(role, padded.shape[1:])
-        tensor = torch.from_numpy(padded[None]).to(self.device)
-        with torch.no_grad(), autocast(self.device, self.precision):
-            if role == "teacher":
-                out = colorize(net, tensor)
-            else:
-                out = (net(tensor).float() + 1.0) / 2.0
-        out = out.float().clamp(0.0, 1.0)
-        if uint8:  # to_uint8's float32 steps, one at a time (no fused multiply-add): the same bytes as on the host
-            out = out.mul(255.0).add(0.5).to(torch.uint8)
-        out = out.cpu().numpy()[0, :, :h, :w]
-        return out.transpose(1, 2, 0)
-
-    def _fall_back(self, message: str) -> None:
-        """Move this instance's networks to the CPU after the device ran out of memory."""
-        release_memory()
-        cpu = torch.device("cpu")
-        if "teacher" in self.wanted:
-            self._teacher = _cpu_copy(self._teacher)  # a private copy: the caller's model stays where it was
-        if "student" in self.wanted:
-            self._student.to(cpu)
-            self._plane_stats = {k: [(m.to(cpu), v.to(cpu)) for m, v in s] for k, s in self._plane_stats.items()}
-        self.device, self.precision = cpu, "fp32"  # always right on a CPU; not worth timing on this rare path
-        self.compile, self._compiled = False, {}  # no second compile mid-image: the rest runs eagerly
-        self.fallbacks.append(message)
-        if self.on_fallback is not None:
-            self.on_fallback(message)
-
-    # -- the student's frozen statistics -------------------------------------------
-    def _statistics(self, plane_index: tuple) -> list:
-        """Norm statistics of one plane (recorded once, on first use): as ``StainModel.stain`` records them."""
-        if plane_index not in self._plane_stats:
-            norms = [m for m in self._student.modules() if isinstance(m, TileStableInstanceNorm)]
-            sample = torch.from_numpy(self._stats_sample(self.rgb[plane_index])).to(self.device)
-            set_norm_mode(self._student, "record")
-            with torch.no_grad(), autocast(self.device, self.precision):
-                self._student(sample)
-            self._plane_stats[plane_index] = [(m.frozen_mean.clone(), m.frozen_var.clone()) for m in norms]
-            set_norm_mode(self._student, "frozen")
-        return self._plane_stats[plane_index]
-
-    def _freeze(self, stats: list) -> None:
-        norms = [m for m in self._student.modules() if isinstance(m, TileStableInstanceNorm)]
-        for module, (mean, var) in zip(norms, stats):
-            module.frozen_mean.copy_(mean)
-            module.frozen_var.copy_(var)
-        set_norm_mode(self._student, "frozen")
-
-    def _stats_sample(self, plane) -> np.ndarray:
-        """The student inputs ``(N, 4, h, w)`` one plane's statistics are recorded on."""
-        student = self._student
-        height, width = plane.shape[:2]
-        boxes = stats_boxes(height, width, student.size_multiple, self._stats_pixels, self._stats_crop,
-                            student.min_size)
-        if boxes is None:
-            regions = [plane.compute()]
-        else:
-            regions = [self._padded_region(plane, y, x, side) for y, x, side in boxes]
-        samples = []
-        for rgb in regions:
-            x = self.prep.student_input(rgb, self._enhanced_block(rgb))
-            samples.append(pad_image(x.astype(np.float32), student.size_multiple, student.min_size)[0])
-        return np.stack(samples)
-
-    @staticmethod
-    def _padded_region(plane, y: int, x: int, side: int) -> np.ndarray:
-        """A ``side``-square crop at (y, x) of the plane padded as ``pad_image`` pads it (reflect)."""
-        height, width = plane.shape[:2]
-        region = plane[y : min(y + side, height), x : min(x + side, width)].compute()
-        short_y, short_x = side - region.shape[0], side - region.shape[1]
-        if short_y or short_x:  # the crop reaches into the bottom/right padding
-            region = np.pad(region, ((0, short_y), (0, short_x), (0, 0)), mode="reflect")
-        return region
+    def _prepare(self, role: str, plane: np.ndarray, enhanced: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+        return self.stainer.prepare(role, plane, enhanced)
 
 
 def stain_lazy(model, image, outputs: Sequence[str] | None = None, **options) -> dict:
@@ -667,7 +526,9 @@ def lazy_pyramid(model, image_or_levels, outputs: Sequence[str] | None = None, *
     levels = levels[:1] + [level for level in levels[1:] if min(split_planes(tuple(level.shape))[1][:2]) >= MIN_SIDE]
     scaling = options.pop("scaling", None) or scaling_of(levels[0])
     # decided on level 0 and used by every level: the same mapping at every zoom
-    adaptation = model.adaptation(levels[0], options.pop("adapt", "auto"), scaling=scaling)
+    settings = options.get("settings")
+    adapt = options.pop("adapt", None) or (settings.adapt if settings is not None else "auto")
+    adaptation = model.adaptation(levels[0], adapt, scaling=scaling)
     net_lock = options.pop("net_lock", None) or threading.Lock()  # the levels share the teacher
     stains = [LazyStain(model, level, outputs, scaling=scaling, net_lock=net_lock, adapt=adaptation, **options)
               for level in levels]

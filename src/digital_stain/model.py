@@ -30,10 +30,11 @@ from .devices import autocast, faster_cpu_precision, resolve_device, resolve_pre
 from .enhance import Enhancer
 from .histograms import measure
 from .modelfile import ModelFileError, load_bundle, numpy_state, save_bundle, torch_state
-from .nets import ColorizationUNet, ResnetGenerator, frozen_norm_statistics
+from .kernel import Networks, StainKernel, to_yxc  # noqa: F401  (to_yxc: imported from here by older code)
+from .nets import ColorizationUNet, ResnetGenerator
 from .nets.unet import colorize
-from .prepare import Preparation, each_band, row_bands
-from .tiling import check_tiling, stats_boxes, stats_sample, tiled_apply, whole_apply
+from .prepare import Preparation
+from .stain_settings import StainSettings
 
 OUTPUTS = ("enhanced", "teacher", "student")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -127,7 +128,18 @@ class StainModel:
         self.path: Path | None = None
         self.checksum: str | None = None
         self._device = torch.device("cpu")
-        self._compiled: dict[tuple[str, str], torch.nn.Module] = {}
+        self._networks: dict[str, tuple[tuple, Networks]] = {}  # device -> (network state, copies)
+        self._networks_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # pickled (dask.distributed workers) or deep-copied: the device copies are made again where needed
+        state = dict(self.__dict__)
+        state["_networks"], state["_networks_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._networks_lock = threading.Lock()
 
     # -- what it has -----------------------------------------------------
     @property
@@ -203,18 +215,32 @@ class StainModel:
         return {"model": self.name, "path": str(self.path) if self.path else None, "checksum": self.checksum}
 
     # -- staining --------------------------------------------------------
-    def _network(self, role: str, compile: bool) -> torch.nn.Module:
-        """The teacher or student, compiled once per device when asked (one tile shape, one compile)."""
-        net = getattr(self, role)
-        if not compile:
-            return net
-        key = (role, str(self._device))
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(net, dynamic=False)
-        return self._compiled[key]
+    def networks(self, device: str | torch.device | None = None) -> Networks:
+        """The teacher and student as read-only copies on ``device`` (default: where the model is).
+
+        Made once per device and kept; made again when the model's own networks were replaced or
+        changed in place since (a fine-tune's preview model, weights loaded into it), so a stain
+        always runs the weights the model holds now.
+        """
+        device = self._device if device is None else resolve_device(device)
+        state = self._network_state()
+        with self._networks_lock:
+            kept = self._networks.get(str(device))
+            if kept is None or kept[0] != state:
+                kept = (state, Networks(self.teacher, self.student, device))
+                self._networks[str(device)] = kept
+            return kept[1]
+
+    def _network_state(self) -> tuple:
+        """Which tensors the networks hold and how often each was changed in place (PyTorch's version counters)."""
+        return tuple((id(net), *((id(t), t._version) for t in (*net.parameters(), *net.buffers())))
+                     for net in (self.teacher, self.student) if net is not None)
 
     def to(self, device: str | torch.device = "auto") -> StainModel:
-        """Move the networks to a device (``auto|cpu|cuda|mps``); returns self."""
+        """Move the networks to a device (``auto|cpu|cuda|mps``), the default device of every stain; returns self.
+
+        Staining never calls it: it runs copies on the device it is asked for (:meth:`networks`).
+        """
         self._device = resolve_device(device)
         for net in (self.teacher, self.student):
             if net is not None:
@@ -287,16 +313,17 @@ class StainModel:
         image,
         outputs: Sequence[str] | None = None,
         *,
-        tile: int = 512,
-        overlap: int = 128,
-        device: str | torch.device | None = None,
-        precision: str = "auto",
-        stats_pixels: int = 2048 * 2048,
-        compile: bool = False,
+        settings: StainSettings | None = None,
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
-        batch: int = 1,
-        adapt: str | Adaptation = "auto",
+        tile: int | None = None,
+        overlap: int | None = None,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        stats_pixels: int | None = None,
+        compile: bool | None = None,
+        batch: int | None = None,
+        adapt: str | Adaptation | None = None,
     ) -> dict[str, np.ndarray]:
         """Stain a dark-field plane or stack.
 
@@ -306,131 +333,50 @@ class StainModel:
             Gray or RGB dark-field; uint8, uint16 or float (see ``docs/architecture.md``).
         outputs : sequence of str, optional
             Any of ``enhanced``, ``teacher``, ``student``; default all the model has.
-        tile, overlap : int
-            Tile side and overlap in pixels (memory vs. speed). With the default overlap
-            the tiled result matches a one-pass run to within about 1/255 at worst
-            (``benchmarks/tiling_error.py``); smaller overlaps are faster and less exact.
-        device : str, optional
-            ``auto|cpu|cuda|mps``; default: where the model is.
-        precision : str
-            ``auto|fp32|bf16|fp16``; ``auto`` is bf16 only where the hardware makes it fast.
-        stats_pixels : int
-            Images up to this many pixels get exact whole-image norm statistics;
-            larger ones get statistics pooled over crops spread across the image.
-        compile : bool
-            Run the networks through ``torch.compile`` (compiled once per device and
-            tile shape, which takes 15-60 s; pays on large images). Default: eager.
+        settings : StainSettings, optional
+            How to stain (:class:`~digital_stain.stain_settings.StainSettings`: tile, overlap,
+            precision, statistics, compile, batch, device, adapt); default: its defaults. The
+            keywords below, when given, change single settings of it.
         progress : callable(done, total), optional
             Called after every tile.
         stop : threading.Event, optional
             Set it to stop; :class:`digital_stain.tiling.Cancelled` is raised.
-        batch : int
-            Tiles per network call (default 1). Larger batches keep a GPU busy (4-16
-            at tile 512 on a GPU with tens of GiB); the result is the same within float
-            rounding, since every tile is normalised with the same frozen statistics.
-        adapt : ``auto|on|off`` or Adaptation
-            Adapt to another microscope's dark-field (:mod:`digital_stain.adapt`): ``auto`` adapts
-            when the image (a stack: all its planes) is far from the model's training dark-field,
-            ``on`` always, ``off`` never. An :class:`~digital_stain.adapt.Adaptation` decided
-            beforehand (:meth:`adaptation`, e.g. once for a whole folder) is used as it is; decide
-            first when you want to report what was done.
+        tile, overlap, device, precision, stats_pixels, compile, batch, adapt
+            Single settings (see :class:`~digital_stain.stain_settings.StainSettings`). An image of at
+            most ``stats_pixels`` pixels is stained by the student in one pass (exact, seam-free); a
+            larger one in ``tile``-px tiles overlapping by ``overlap`` px, within about 1/255 of one
+            pass at the default overlap (``benchmarks/tiling_error.py``). ``adapt`` may be an
+            :class:`~digital_stain.adapt.Adaptation` decided beforehand (:meth:`adaptation`, e.g.
+            once for a whole folder), used as it is.
 
         Returns
         -------
         dict of output name to float32 array in [0, 1].
+
+        The model is not changed: the networks run as read-only copies on the device
+        (:meth:`networks`), and the student's norm statistics are this image's alone.
         """
+        settings = StainSettings.of(settings, tile=tile, overlap=overlap, device=None if device is None else str(device),
+                                    precision=precision, stats_pixels=stats_pixels, compile=compile, batch=batch,
+                                    adapt=adapt)
         wanted = self.check_outputs(outputs)
-        check_tiling(tile, overlap)
         image = plain_array(image)
         stack, plane_dims = split_planes(image.shape)
         check_plane_shape(plane_dims)
-        if device is not None:
-            self.to(device)
-        precision = self.precision_for(precision)
-        prep = self.preparation(image, adapt=adapt)
+        kernel = StainKernel(self, self.preparation(image, adapt=settings.adapt), settings)
         planes = image.reshape((-1, *plane_dims))
         nets = sum(o in wanted for o in ("teacher", "student"))
         counter = _ProgressCounter(progress, planes.shape[0] * nets)
         results: dict[str, list] = {o: [] for o in wanted}
         for plane in planes:
-            enhanced, student_in = prep.plane(plane, student="student" in wanted)
+            enhanced, student_in = kernel.prep.plane(plane, student="student" in wanted)
             if "enhanced" in wanted:
                 results["enhanced"].append(enhanced)
-            kwargs = dict(tile=tile, overlap=overlap, precision=precision, stats_pixels=stats_pixels,
-                          compile=compile, stop=stop, batch=batch)
             if "teacher" in wanted:
-                results["teacher"].append(self._run_teacher(enhanced, counter.part(), **kwargs))
+                results["teacher"].append(kernel.stain_plane("teacher", enhanced[None], counter.part(), stop))
             if "student" in wanted:
-                results["student"].append(self._run_student(student_in, counter.part(), **kwargs))
+                results["student"].append(kernel.stain_plane("student", student_in, counter.part(), stop))
         return {o: np.stack(v).reshape(*stack, *v[0].shape) for o, v in results.items()}
-
-    def _run_teacher(self, enhanced, progress, *, tile, overlap, precision, stats_pixels, compile, stop,
-                     batch=1) -> np.ndarray:
-        """The teacher's stain of the enhanced gray ``(Y, X)`` float32: ``(Y, X, 3)`` float32 in [0, 1]."""
-        teacher = self._network("teacher", compile)
-
-        def fn(gray: torch.Tensor) -> torch.Tensor:
-            with autocast(self._device, precision):
-                return colorize(teacher, gray)
-
-        out = tiled_apply(fn, enhanced[None], out_channels=3, tile=tile, overlap=overlap,
-                          multiple=self.teacher.size_multiple, min_size=self.teacher.min_size,
-                          device=self._device, progress=progress, stop=stop, batch=batch)
-        return to_yxc(out)
-
-    def _run_student(self, student_in, progress, *, tile, overlap, precision, stats_pixels, compile, stop,
-                     batch=1) -> np.ndarray:
-        """The student's stain of its input ``(4, Y, X)`` float32 (:func:`student_input`): ``(Y, X, 3)`` float32 in [0, 1]."""
-        multiple = self.student.size_multiple
-        min_size = self.student.min_size
-        if stats_boxes(*student_in.shape[1:], multiple, stats_pixels, tile, min_size) is None:
-            return self._run_student_once(student_in, progress, precision=precision, stop=stop)
-        sample = torch.from_numpy(stats_sample(student_in, multiple, stats_pixels, tile, min_size)).to(self._device)
-
-        fn = self._student_fn(self._network("student", compile), precision)
-        # the statistics are recorded on the eager module (a compiled one shares its norm layers)
-        with autocast(self._device, precision), frozen_norm_statistics(self.student, sample):
-            out = tiled_apply(fn, student_in, out_channels=3, tile=tile, overlap=overlap, multiple=multiple,
-                              min_size=min_size, device=self._device, progress=progress, stop=stop, batch=batch)
-        return to_yxc(out, clip=True)
-
-    def _student_fn(self, student: torch.nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``student`` as a function of its input to an RGB stain in [0, 1], in ``precision``."""
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            with autocast(self._device, precision):
-                return (student(x).float() + 1.0) / 2.0
-
-        return fn
-
-    def _run_student_once(self, student_in, progress, *, precision, stop) -> np.ndarray:
-        """The student on the whole image in one pass, its own instance norm statistics.
-
-        For an image that fits the statistics pass: recording statistics on the whole image
-        and then staining it in overlapping tiles would run the network twice (and the tiles
-        over about 1.8x the pixels) for what this pass gives directly, within the tiling's
-        rounding. Eager even when compiling is asked for: a compile pays over many tiles,
-        not over one pass of an image that fits in memory whole.
-        """
-        out = whole_apply(self._student_fn(self.student, precision), student_in, multiple=self.student.size_multiple,
-                          min_size=self.student.min_size, device=self._device, progress=progress, stop=stop)
-        return to_yxc(out, clip=True)
-
-
-def to_yxc(out: np.ndarray, clip: bool = False) -> np.ndarray:
-    """``(C, Y, X)`` -> contiguous ``(Y, X, C)`` float32, clipped to [0, 1] when asked (band by band, on threads)."""
-    channels, height, width = out.shape
-    result = np.empty((height, width, channels), dtype=out.dtype)
-
-    def work(y0: int, y1: int) -> None:
-        band = out[:, y0:y1].transpose(1, 2, 0)
-        if clip:
-            np.clip(band, 0.0, 1.0, out=result[y0:y1])
-        else:
-            result[y0:y1] = band
-
-    each_band(work, row_bands(height, width))
-    return result
 
 
 class _ProgressCounter:

@@ -62,11 +62,14 @@ def stain_with_fallback(model, image, outputs=None, *, tile: int = 512, min_tile
         if notify is not None:
             notify(message)
 
+    from .devices import resolve_device
+
+    device = resolve_device(options.pop("device", None) or model._device)
     while True:
         failed = False
         try:
-            results = model.stain(image, outputs, tile=tile, stats_pixels=stats_pixels, **options)
-            return results, {"tile": tile, "stats_pixels": stats_pixels, "device": str(model._device),
+            results = model.stain(image, outputs, tile=tile, stats_pixels=stats_pixels, device=device, **options)
+            return results, {"tile": tile, "stats_pixels": stats_pixels, "device": str(device),
                              "fallbacks": fallbacks}
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
@@ -74,19 +77,30 @@ def stain_with_fallback(model, image, outputs=None, *, tile: int = 512, min_tile
             failed = True  # handled below, once the traceback no longer holds the tensors
         if failed:
             release_memory()
-            device = model._device
-            if tile > min_tile:
-                smaller = max(min_tile, tile // 2)
-                say(f"{_where(device)} ran out of memory with {tile}-px tiles; retrying with {smaller}-px tiles.")
-                tile, stats_pixels = smaller, max(smaller * smaller, stats_pixels // 4)
-            elif device.type != "cpu":
-                say(f"{_where(device)} ran out of memory even with {tile}-px tiles; "
-                    "staining on the CPU instead (slower).")
-                options["device"] = "cpu"
-                model.to("cpu")
-            else:
+            step = next_step(device, tile, min_tile)
+            if step is None:
                 raise MemoryError("the computer ran out of memory while staining, even with small tiles; close "
                                   "other programs or stain a smaller region.")
+            if step[0] < tile:  # the statistics budget shrinks with the tile
+                stats_pixels = max(step[0] * step[0], stats_pixels // 4)
+            tile, device, message = step
+            say(message)
+
+
+def next_step(device: torch.device, tile: int, min_tile: int) -> tuple[int, torch.device, str] | None:
+    """The one out-of-memory policy of every staining path: a smaller tile, then the CPU, then give up.
+
+    Returns the tile and device to try next and the sentence that says so, or None on a CPU with the
+    smallest tile. A path whose tiles are fixed (lazy chunks, slide units) passes ``min_tile=tile``,
+    so it moves to the CPU at once (:meth:`digital_stain.lazy.LazyStain._fall_back`).
+    """
+    if tile > min_tile:
+        smaller = max(min_tile, tile // 2)
+        return smaller, device, f"{_where(device)} ran out of memory with {tile}-px tiles; retrying with {smaller}-px tiles."
+    if device.type != "cpu":
+        return tile, torch.device("cpu"), (f"{_where(device)} ran out of memory even with {tile}-px tiles; "
+                                           "staining on the CPU instead (slower).")
+    return None
 
 
 def _where(device: torch.device) -> str:

@@ -51,16 +51,20 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from .adapt import Adaptation, check_mode
-from .arrays import InputError, ValueScaling, scaling_note, to_uint8
+from .arrays import InputError, ValueScaling, check_dtype, check_plane_shape, scaling_note, split_planes, to_uint8
+from .chunks import ChunkStainer, chunked, grid_sizes, unit_rgb_array
 from .io import Source, open_source, reading_failed
-from .lazy import LazyStain
+from .kernel import StainKernel
 from .ngff import FORMAT, FORMAT_VERSION, Grid, SlideStore, level_shapes, prepare_output
 from .outputs import check_not_input, check_writable, output_lock
+from .stain_settings import StainSettings
+from .units import ThreadUnits, run_units
 
 log = logging.getLogger(__name__)
 __all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk",
@@ -190,49 +194,71 @@ class BlockCache:
         return out
 
 
-class _ChunkStain(LazyStain):
-    """LazyStain with the slide's value scaling and stored statistics, computing one unit at a time (no cache)."""
+class _ChunkStain:
+    """One slide's level-0 units, stained one at a time by the napari view's own chunk code (:class:`ChunkStainer`).
+
+    The slide's value scaling, adaptation and stored statistics; the unit grid is the lazy view's chunk
+    grid, so a unit is stained exactly as :class:`~digital_stain.lazy.LazyStain` stains that chunk.
+    """
 
     def __init__(self, model, array, job: SlideJob):
-        super().__init__(model, array, job.outputs, chunk=job.grid.chunk, overlap=job.overlap,
-                         precision=job.precision, cache_chunks=0,
-                         scaling=ValueScaling(*job.scaling) if job.scaling is not None else None,
-                         stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP, compile=job.compile,
-                         adapt=job.adaptation if isinstance(job.adaptation, str)
-                         else Adaptation.from_dict(job.adaptation))
-        self.blocks = BlockCache(self._source)
+        settings = StainSettings(chunk=job.grid.chunk, overlap=job.overlap, precision=job.precision,
+                                 stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP, compile=job.compile,
+                                 adapt=job.adaptation if isinstance(job.adaptation, str)
+                                 else Adaptation.from_dict(job.adaptation))
+        self.wanted = model.check_outputs(job.outputs)
+        self.chunk, self.overlap = grid_sizes(settings.chunk, settings.overlap)
+        check_plane_shape(split_planes(tuple(array.shape))[1])
+        check_dtype(array.dtype)
+        self.prep = model.preparation(array, adapt=settings.adapt,
+                                      scaling=ValueScaling(*job.scaling) if job.scaling is not None else None)
+        self.scaling = self.prep.scaling
+        source = chunked(array, 0, self.chunk, self.overlap)
+        self.rgb = unit_rgb_array(source, self.prep, 0, f"slide-rgb-{uuid.uuid4().hex}")
+        self.stainer = ChunkStainer(StainKernel(model, self.prep, settings), self.rgb, 0, self.overlap, self.chunk)
+        self.blocks = BlockCache(source)
+        self._net_lock = threading.Lock()  # units of one slide share the device: one network run at a time
         if job.statistics is not None:
             self.use_statistics(job.statistics)
 
+    @property
+    def device(self):
+        return self.stainer.kernel.device
+
+    @property
+    def precision(self) -> str:
+        return self.stainer.kernel.precision
+
     def record_statistics(self) -> tuple:
         """Record the plane's student statistics (bounded sample) as float tuples, the form they are stored in."""
-        stats = self._statistics(())
+        stats = self.stainer.statistics(())
         return tuple((tuple(m.float().cpu().tolist()), tuple(v.float().cpu().tolist())) for m, v in stats)
 
     def use_statistics(self, statistics: tuple) -> None:
-        import torch
-
-        self._plane_stats[()] = [(torch.tensor(m, dtype=torch.float32, device=self.device),
-                                  torch.tensor(v, dtype=torch.float32, device=self.device)) for m, v in statistics]
+        self.stainer.use_statistics((), statistics)
 
     def unit(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
         """uint8 outputs of level-0 unit ``key``: enhanced ``(h, w)``, teacher/student ``(h, w, 3)``."""
         block = (*key, 0)  # the unit-RGB array has one chunk along its channel axis
         # the chunk and its borrowed margins, converted after slicing: converting the whole
         # neighbouring chunks (what self.rgb would do) costs more than the read on a fast GPU
-        rgb = self._to_unit_rgb(self.blocks.region(*self._region(block)[:2]))
-        enhanced = self._enhanced_block(rgb)  # once per unit: the output and both networks' inputs
+        rgb = self.prep.unit_rgb(self.blocks.region(*self.stainer.region(block)[:2]), has_channels=self.rgb_has_channels)
+        enhanced = self.prep.enhanced(rgb)  # once per unit: the output and both networks' inputs
         results = {}
         if "enhanced" in self.wanted:
-            results["enhanced"] = to_uint8(self._trim(enhanced, block))
+            results["enhanced"] = to_uint8(self.stainer.trim(enhanced, block))
         for role in ("teacher", "student"):
             if role in self.wanted:
-                prepared = self._prepare(role, rgb, enhanced)
+                prepared = self.stainer.prepare(role, rgb, enhanced)
                 with self._net_lock:
-                    out = self._forward_or_fall_back(role, prepared, (), uint8=True)
+                    out = self.stainer.forward(role, prepared, (), uint8=True)
                 # a (h, w, 3) view of the (3, h, w) network output: the store wants (3, h, w) again
-                results[role] = self._trim(out, block)
+                results[role] = self.stainer.trim(out, block)
         return results
+
+    @property
+    def rgb_has_channels(self) -> bool:
+        return self.blocks.array.ndim == 3
 
 
 _STAINERS: OrderedDict = OrderedDict()  # (id(model), source name, job token) -> _ChunkStain; the model is kept alive
@@ -487,11 +513,13 @@ def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, 
                 # a unit's host work took ~4x what its network is expected to take on a fast GPU
                 # (docs/benchmarks.md, "Host work per unit"): four in flight keep the GPU busy
                 threads = 1 if stainer.device.type == "cpu" else GPU_THREADS
-            _run_units(model, src, store, job, result, progress, stop, threads=threads)
-        else:
-            from .cluster import run_units, source_reference
+            backend = ThreadUnits(partial(process_chunk, model, src.array, store, job), store.build_level_unit,
+                                  threads=threads)
+        else:  # cluster imports neither slide nor units (no import cycle): process_chunk goes to it as an argument
+            from .cluster import ClusterUnits, source_reference
 
-            run_units(client, model, source_reference(source, src), store, job, result, progress, stop)
+            backend = ClusterUnits(client, model, source_reference(source, src), store, job, process_chunk)
+        run_units(backend, store, grid, result, progress, stop)
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise
@@ -504,91 +532,6 @@ def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, 
         _STAINERS.pop(cache_key, None)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
-
-
-def _run_units(model, src: Source, store: SlideStore, job: SlideJob, result: SlideResult, progress, stop,
-               threads: int = 1) -> None:
-    """Every unit of every level not done yet; stops cleanly, after the units in hand, when ``stop`` is set.
-
-    Level-0 units run ``threads`` at once. With one thread the pyramid follows level 0, level by
-    level. With more (the GPU default), a pyramid unit starts as soon as the units it is made from
-    are written, in up to ``threads // 2`` more threads: the pyramid, host work only, is then
-    built while the network stains level 0 instead of after it.
-    """
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    grid, threads = job.grid, max(1, threads)
-    levels = range(len(grid.levels))
-    done = [store.done(level) for level in levels]
-    count = 0
-
-    def advance() -> None:
-        nonlocal count
-        count += 1
-        if progress is not None:
-            progress(count, result.units_total)
-
-    # how many of its source units each pyramid unit still waits for
-    waiting: dict[tuple, int] = {}
-    for level in levels[1:]:
-        for key in grid.units(level - 1):
-            if not done[level - 1][key]:
-                for parent in grid.parents(level - 1, key):
-                    waiting[(level, parent)] = waiting.get((level, parent), 0) + 1
-    for level in levels:
-        for key in grid.units(level):
-            if done[level][key]:
-                result.units_skipped += 1
-                advance()
-    level0 = deque(key for key in grid.units(0) if not done[0][key])
-    ready = deque((level, key) for level in levels[1:] for key in grid.units(level)
-                  if not done[level][key] and not waiting.get((level, key)))
-    interleave = threads > 1
-    pyramid_slots = max(1, threads // 2) if interleave else threads
-    running: dict = {}  # future -> (level, key)
-    error = None
-    with ThreadPoolExecutor(max_workers=threads + (pyramid_slots if interleave else 0),
-                            thread_name_prefix="digital-stain-unit") as pool:
-        while True:
-            if error is None and not (stop is not None and stop.is_set()):
-                in_flight = [level for level, _ in running.values()]
-                if interleave or not level0 and not in_flight.count(0):
-                    for _ in range(pyramid_slots - (len(in_flight) - in_flight.count(0))):
-                        if ready:
-                            level, key = ready.popleft()
-                            running[pool.submit(store.build_level_unit, level, key)] = (level, key)
-                for _ in range(threads - in_flight.count(0)):
-                    if level0:
-                        key = level0.popleft()
-                        running[pool.submit(process_chunk, model, src.array, store, job, key)] = (0, key)
-            if not running:
-                break
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in finished:
-                level, key = running.pop(future)
-                if future.exception() is not None:
-                    error = error or future.exception()
-                    continue
-                result.units_done += 1
-                done[level][key] = True
-                advance()
-                for parent in grid.parents(level, key) if level + 1 < len(grid.levels) else ():
-                    waiting[(level + 1, parent)] -= 1
-                    if not waiting[(level + 1, parent)] and not done[level + 1][parent]:
-                        ready.append((level + 1, parent))
-    if error is not None:
-        raise error
-    if not all(np.all(flags) for flags in done):
-        if stop is None or not stop.is_set():
-            raise RuntimeError("internal error: whole-slide units were left undone without a stop; please report it.")
-        result.stopped = True
-        return
-    if not store.state.get("complete"):
-        from .model import provenance
-
-        store.finish(finished=provenance()["date"])
-    result.complete = True
 
 
 def _check_resume(output: Path, stored: dict, model_id: dict, settings: dict, identity: dict) -> None:

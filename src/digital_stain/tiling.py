@@ -4,9 +4,10 @@ Images are padded (reflect) to the size the network needs, never cropped;
 equal-sized tiles overlap by ``overlap`` pixels and are blended with a
 raised-cosine window, so no tile edge (where convolution padding makes
 outputs less reliable) shows. Networks with instance norm get their
-statistics recorded once for the whole image and frozen
-(:func:`digital_stain.nets.frozen_norm_statistics`), so every tile is
-normalised identically and there are no colour jumps.
+statistics recorded once for the whole image
+(:func:`digital_stain.nets.record_statistics`) and handed to every tile's
+call (:mod:`digital_stain.kernel`), so every tile is normalised identically
+and there are no colour jumps.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def pad_image(image: np.ndarray, multiple: int, min_size: int = 0) -> tuple[np.n
 # What a caller may ask for (the CLI checks the same at parse time, digital_stain.options).
 TILE_RANGE = (32, 4096)  # under 32 px a tile is mostly its overlap; over 4096 px its activations fill memory
 OVERLAP_RANGE = (0, 1024)
+CHUNK_RANGE = (256, 4096)  # lazy chunks and slide units
 
 
 def check_tiling(tile: int, overlap: int) -> None:

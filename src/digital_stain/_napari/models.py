@@ -7,7 +7,6 @@ model announced through :data:`REGISTRY` appears in every open picker.
 
 from __future__ import annotations
 
-import copy
 import threading
 from pathlib import Path
 
@@ -37,36 +36,28 @@ def registry() -> _Registry:
 
 
 _CACHE: dict[tuple, StainModel] = {}
-_LOCKS: dict[int, threading.Lock] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def load_model(choice: str, device: str = "cpu") -> StainModel:
-    """The model for a picker value (shipped name or file path), loaded once per file version and device.
+    """The model for a picker value (shipped name or file path), loaded once per file version.
 
     Raises :class:`~digital_stain.arrays.InputError` (or its subclass
     ``ModelFileError``) with a message for the user. The same object is
-    returned to every caller: hold :func:`model_lock` while staining with it.
+    returned to every caller, and any number of jobs may stain with it at once:
+    staining never changes a model, and each device runs its own read-only copy
+    of the networks (:meth:`StainModel.networks`), made here so that the first
+    stain on ``device`` does not wait for it.
     """
     path = resolve_model_path(choice)
-    where = str(resolve_device(device))  # "auto" and "cuda" are one device, one copy
     stat = path.stat()
-    base_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     with _CACHE_LOCK:
-        if (*base_key, "cpu") not in _CACHE:
-            _CACHE[(*base_key, "cpu")] = StainModel.load(path, device="cpu")
-        if (*base_key, where) not in _CACHE:
-            # a private copy per device: moving one never moves another a job may be using
-            _CACHE[(*base_key, where)] = copy.deepcopy(_CACHE[(*base_key, "cpu")]).to(where)
-        model = _CACHE[(*base_key, where)]
-        _LOCKS.setdefault(id(model), threading.Lock())
-        return model
-
-
-def model_lock(model: StainModel) -> threading.Lock:
-    """The lock of a cached model: staining changes its student's normalisation state while it runs."""
-    with _CACHE_LOCK:
-        return _LOCKS.setdefault(id(model), threading.Lock())
+        if key not in _CACHE:
+            _CACHE[key] = StainModel.load(path, device="cpu")
+        model = _CACHE[key]
+    model.networks(resolve_device(device))
+    return model
 
 
 def model_label(choice: str) -> str:

@@ -10,7 +10,6 @@ notification that says what to do; nothing is raised into the event loop.
 
 from __future__ import annotations
 
-import copy
 
 from napari.utils.notifications import show_error, show_info, show_warning
 import numpy as np
@@ -24,15 +23,15 @@ from .. import __version__, settings
 from ..arrays import InputError
 from ..devices import DEVICES
 from ..model import OUTPUTS
+from ..stain_settings import StainSettings
 from ..tiling import Cancelled
 from . import layers as L
-from .models import ModelPicker, load_model, model_label, model_lock
+from .models import ModelPicker, load_model, model_label
 from .worker import start_job, wait_while
 
 SECTION = "stain"
 MODES = {"auto": "auto (lazy for large, dask, pyramid or stack)", "now": "whole image now", "lazy": "lazily, as viewed"}
 ADAPT_CHOICES = {"auto": "auto (when far from the model's)", "on": "always", "off": "never"}
-LAZY_STATS_PIXELS = 1024 * 1024  # statistics per pyramid level: enough crops to be stable, cheap on a CPU
 LAZY_CACHE_BYTES = 256 * 2**20  # stained chunks kept per output and pyramid level
 
 
@@ -248,11 +247,11 @@ class StainWidget(QWidget):
             model = load_model(used["model"], used["device"])
             image = np.asarray(data)
             adaptation = model.adaptation(image, used["adapt"])  # decided once, for the whole layer
-            with model_lock(model):
-                results, actual = stain_with_fallback(
-                    model, image, used["outputs"], tile=used["tile"], device=used["device"],
-                    precision="auto", progress=bridge.progress.emit, stop=stop, notify=signals.warning.emit,
-                    adapt=adaptation)
+            # the model is shared with other jobs, without a lock: staining never changes it
+            results, actual = stain_with_fallback(
+                model, image, used["outputs"], tile=used["tile"], device=used["device"],
+                precision="auto", progress=bridge.progress.emit, stop=stop, notify=signals.warning.emit,
+                adapt=adaptation)
             return model, results, {**actual, "adaptation": adaptation}
 
         return work
@@ -263,13 +262,13 @@ class StainWidget(QWidget):
         signals = self._signals  # the closures hold the QObject: it must outlive the background threads
 
         def work(bridge, stop):
-            shared = load_model(used["model"], used["device"])
-            with model_lock(shared):
-                model = copy.deepcopy(shared)  # the background threads' own copy
+            model = load_model(used["model"], used["device"])  # shared: staining never changes it
+            # the CLI's defaults (statistics, overlap, precision), the widget's chunk, device and adaptation
+            stain_settings = StainSettings(chunk=used["tile"], stats_crop=min(512, used["tile"]), device=used["device"],
+                                           adapt=used["adapt"])
             arrays, stains = lazy_pyramid(
-                model, data, used["outputs"], chunk=used["tile"], stats_pixels=LAZY_STATS_PIXELS,
-                stats_crop=min(512, used["tile"]), background=True, cache_bytes=LAZY_CACHE_BYTES,
-                on_fallback=signals.warning.emit, adapt=used["adapt"])
+                model, data, used["outputs"], settings=stain_settings, background=True, cache_bytes=LAZY_CACHE_BYTES,
+                on_fallback=signals.warning.emit)
             for stain in stains:  # bound here, so each report says which pyramid level it is from
                 stain.on_ready = lambda s=stain: signals.ready.emit(s)
                 stain.on_error = lambda error, s=stain: signals.failed.emit(s, error)
@@ -279,7 +278,7 @@ class StainWidget(QWidget):
                 for stain in stains:
                     stain.close(wait=False)
                 raise Cancelled("stopped by the user")
-            actual = {"tile": used["tile"], "device": str(model._device), "fallbacks": [],
+            actual = {"tile": used["tile"], "device": str(stains[0].device), "fallbacks": [],
                       "adaptation": stains[0].prep.adaptation}  # level 0's, used by every level
             return model, (arrays, stains), actual
 

@@ -5,7 +5,7 @@ All networks take and return ``(N, C, H, W)`` float tensors scaled to [-1, 1].
 
 from .discriminator import PatchDiscriminator
 from .generator import ResnetGenerator
-from .norm import TileStableInstanceNorm, frozen_norm_statistics
+from .norm import Statistics, TileStableInstanceNorm, record_statistics
 from .registration import RegistrationNet, warp
 from .unet import ColorizationUNet
 
@@ -13,8 +13,9 @@ __all__ = [
     "ColorizationUNet",
     "PatchDiscriminator",
     "RegistrationNet",
+    "Statistics",
     "ResnetGenerator",
     "TileStableInstanceNorm",
-    "frozen_norm_statistics",
+    "record_statistics",
     "warp",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .norm import TileStableInstanceNorm
+from .norm import Statistics, TileStableInstanceNorm, number_norm_layers
 
 UPSAMPLING = ("transpose", "nearest", "bilinear")
 
@@ -46,8 +46,8 @@ class ResidualBlock(nn.Module):
             TileStableInstanceNorm(channels),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+    def forward(self, x: torch.Tensor, statistics: Statistics | None = None, record: list | None = None) -> torch.Tensor:
+        return x + _run(self.body, x, statistics, record)
 
 
 class ResnetGenerator(nn.Module):
@@ -86,6 +86,22 @@ class ResnetGenerator(nn.Module):
             layers += [*_upsampling(cin, cout, upsample), TileStableInstanceNorm(cout), nn.ReLU(True)]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, kernel_size=7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
+        number_norm_layers(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: torch.Tensor, statistics: Statistics | None = None, record: list | None = None) -> torch.Tensor:
+        """``x`` ``(N, C, H, W)`` in [-1, 1] to ``(N, out_channels, H, W)`` in [-1, 1].
+
+        ``statistics`` (from :func:`~digital_stain.nets.norm.record_statistics`) normalise every
+        input with the same, given statistics; ``record`` (a list) pools them over the batch and
+        appends them; neither: each input by its own (:mod:`digital_stain.nets.norm`).
+        """
+        return _run(self.model, x, statistics, record)
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, statistics, record) -> torch.Tensor:
+    """``layers`` in order, handing the norm layers (and blocks holding them) ``statistics`` and ``record``."""
+    if statistics is None and record is None:
+        return layers(x)
+    for layer in layers:
+        x = layer(x, statistics, record) if isinstance(layer, (TileStableInstanceNorm, ResidualBlock)) else layer(x)
+    return x

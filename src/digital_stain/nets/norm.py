@@ -1,99 +1,102 @@
-"""Instance normalisation whose statistics can be frozen for seam-free tiling.
+"""Instance normalisation whose statistics are an argument of the call, for seam-free tiling.
 
 A generator with instance norm normalises each image by its own per-channel
 mean and variance. Stained tile by tile, every tile would get different
-statistics and the result would show colour jumps at tile borders. Here each
-norm layer can run in three modes:
+statistics and the result would show colour jumps at tile borders. So a
+:class:`TileStableInstanceNorm` takes its statistics from the call:
 
-``instance``
-    ordinary instance norm (training, and one-pass inference);
-``record``
-    statistics pooled over the whole batch and all pixels, i.e. the batch of
-    crops is treated as one large image; the statistics are kept;
-``frozen``
-    the kept statistics are used for every input.
+``statistics=None``
+    ordinary instance norm: each image of the batch by its own (training, one-pass inference);
+``record=[...]``
+    statistics pooled over the whole batch and all pixels (a batch of crops treated as one
+    large image), used, and appended to the list;
+``statistics=(...)``
+    the given ``(mean, var)`` of every norm layer of the network, indexed by the layer's
+    ``position``: every tile is normalised identically.
 
-:func:`frozen_norm_statistics` records once (on the whole image, or on crops
-spread over it) and freezes, so that every tile is normalised identically.
+Nothing is stored in the module, so one network can stain several images from several
+threads at once (:func:`record_statistics` returns what a later call is given). Networks
+that use it pass ``statistics`` and ``record`` on to their norm layers
+(:class:`~digital_stain.nets.generator.ResnetGenerator`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
+Statistics = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (mean, var) per norm layer, float32 (C,)
+
 
 class TileStableInstanceNorm(nn.Module):
-    """Instance norm (affine) with recordable, freezable statistics.
+    """Instance norm (affine) whose statistics can be recorded and handed back in later calls.
 
     Its state dict holds only ``weight`` and ``bias``, like
-    ``nn.InstanceNorm2d(affine=True)``.
+    ``nn.InstanceNorm2d(affine=True)``. ``position`` is its index among the norm layers of
+    the network that owns it (0 for a layer on its own).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
+        self.position = 0
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
-        self.mode = "instance"
-        self.register_buffer("frozen_mean", torch.zeros(channels), persistent=False)
-        self.register_buffer("frozen_var", torch.ones(channels), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "instance":
-            var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, unbiased=False)
-        elif self.mode == "record":
-            var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), keepdim=True, unbiased=False)
-            # in place: the buffers keep their identity, so a compiled network need not recompile
-            self.frozen_mean.copy_(mean.flatten().detach())
-            self.frozen_var.copy_(var.flatten().detach())
-        elif self.mode == "frozen":
-            # one fused multiply-add in the input's dtype: tiled inference spends its time here
-            # otherwise (five float32 passes over every activation, several times the conv cost on a GPU)
-            scale = self.weight * torch.rsqrt(self.frozen_var + self.eps)
-            shift = self.bias - self.frozen_mean * scale
-            return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
-        else:  # pragma: no cover - guarded by set_norm_mode
-            raise ValueError(self.mode)
+    def forward(self, x: torch.Tensor, statistics: Statistics | None = None,
+                record: list | None = None) -> torch.Tensor:
+        if statistics is not None:
+            mean, var = statistics[self.position]
+            return self._scale_shift(x, mean.view(1, -1, 1, 1), var.view(1, -1, 1, 1))
+        dims = (0, 2, 3) if record is not None else (2, 3)
+        var, mean = torch.var_mean(x.float(), dim=dims, keepdim=True, unbiased=False)
+        if record is not None:
+            record.append((mean.flatten().detach(), var.flatten().detach()))
+        if not torch.is_grad_enabled():
+            return self._scale_shift(x, mean, var)
+        # training: the textbook form, whose gradients the tests compare with nn.InstanceNorm2d's
         y = (x.float() - mean) * torch.rsqrt(var + self.eps)
         y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
         return y.to(x.dtype)
 
+    def _scale_shift(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """Normalise as one fused multiply-add in the input's dtype.
 
-def set_norm_mode(net: nn.Module, mode: str) -> int:
-    """Set every :class:`TileStableInstanceNorm` in ``net`` to ``mode``; return how many."""
-    if mode not in ("instance", "record", "frozen"):
-        raise ValueError(f"unknown norm mode {mode!r}")
-    count = 0
-    for module in net.modules():
-        if isinstance(module, TileStableInstanceNorm):
-            module.mode = mode
-            count += 1
-    return count
+        Inference spends its time here otherwise: the textbook form makes four float32
+        passes over every activation, about as much as the convolutions cost on a CPU
+        and several times it on a GPU.
+        """
+        scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+        shift = self.bias.view(1, -1, 1, 1) - mean * scale
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
 
-@contextlib.contextmanager
-def frozen_norm_statistics(net: nn.Module, sample: torch.Tensor) -> Iterator[nn.Module]:
-    """Record norm statistics on ``sample`` and freeze them inside the block.
+def number_norm_layers(net: nn.Module) -> int:
+    """Give every :class:`TileStableInstanceNorm` of ``net`` its ``position`` (module order); return how many."""
+    norms = [module for module in net.modules() if isinstance(module, TileStableInstanceNorm)]
+    for position, module in enumerate(norms):
+        module.position = position
+    return len(norms)
+
+
+def record_statistics(net: nn.Module, sample: torch.Tensor) -> Statistics:
+    """The norm statistics of ``sample``, to hand to later calls of ``net`` as ``statistics``.
 
     Parameters
     ----------
     net : nn.Module
-        Network whose :class:`TileStableInstanceNorm` layers are frozen.
+        A network whose forward takes ``record`` (e.g.
+        :class:`~digital_stain.nets.generator.ResnetGenerator`).
     sample : Tensor, shape (N, C, H, W)
         The whole image (N = 1), or N crops spread over it whose pooled
         statistics stand for the whole image.
+
+    Returns
+    -------
+    tuple of (mean, var) per norm layer, in ``position`` order; empty for a network without
+    such layers.
     """
-    if set_norm_mode(net, "record") == 0:
-        yield net  # nothing to freeze (e.g. a BatchNorm network in eval mode)
-        return
-    try:
-        with torch.no_grad():
-            net(sample)
-        set_norm_mode(net, "frozen")
-        yield net
-    finally:
-        set_norm_mode(net, "instance")
+    record: list = []
+    with torch.no_grad():
+        net(sample, record=record)
+    return tuple(record)

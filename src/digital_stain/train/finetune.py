@@ -72,7 +72,7 @@ class FineTuneResult:
     ----------
     model : StainModel or None
         The refitted enhancer, tuned teacher and chosen student (the best validated state; on
-        the init model's device), with name, description and provenance; ``None`` when it
+        ``device``), with name, description and provenance; ``None`` when it
         stopped before a student was validated, or while checking it.
     result : TrainResult
         The student's training: steps done, whether it was stopped, the chosen step and score,
@@ -188,7 +188,8 @@ def fine_tune(
     init : StainModel, or a shipped model name or model file path
         The starting model (it needs a teacher). Its student, if it has one, is fine-tuned
         (its width and blocks win over ``size``) unless ``from_scratch``. A name or path is
-        loaded onto ``device``; a StainModel is used where it is (and not modified).
+        loaded onto ``device``; a StainModel is not modified (not moved either: its networks are
+        copied where they must run on another device).
     darkfield : folder path or sequence of arrays
         Dark-field images: a folder, or in-memory ``(Y, X)`` / ``(Y, X, C)`` arrays (stacks are
         split into planes), e.g. napari layers' data; see :func:`train_student`.
@@ -354,10 +355,14 @@ def fine_tune(
             return FineTuneResult(None, TrainResult(None, 0, True), round(time.time() - started, 1),
                                   f"stopped while fine-tuning the teacher (step {teacher_result.steps_done} of "
                                   f"{teacher_steps}): no model", notes, teacher_result)
-        teacher.to(model._device)
+    # stains (the student's teacher targets, the check) run where training runs; the init model is not moved
+    stain_device = resolve_device(device)
+    if teacher is model.teacher and stain_device != model._device:
+        teacher = copy.deepcopy(teacher)
+    teacher.to(stain_device)
 
     # 3. student
-    base = StainModel(enhancer, teacher, None, {"name": model.name}).to(model._device)
+    base = StainModel(enhancer, teacher, None, {"name": model.name}).to(stain_device)
     init_state = ({k: v.detach().cpu() for k, v in model.student.state_dict().items()} if fine_tuning else None)
     student, result = train_student(base, dark_images, hne_images, cfg, darkfield_names=dark_names,
                                     stained_names=hne_names, checkpoint=checkpoint, resume=resume,
@@ -365,7 +370,7 @@ def fine_tune(
     if result.best_step is None:
         summary = f"stopped at step {result.steps_done}, before the first validation: no validated student"
         return FineTuneResult(None, result, round(time.time() - started, 1), summary, notes, teacher_result)
-    tuned = StainModel(enhancer, teacher, student, {}).to(model._device)
+    tuned = StainModel(enhancer, teacher, student, {}).to(stain_device)
 
     # 4. check
     verdict = None

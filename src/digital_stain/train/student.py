@@ -42,7 +42,6 @@ from ..devices import autocast, resolve_device, resolve_training_precision
 from ..metrics import lab_pixels, sliced_wasserstein, structure_score
 from ..nets import PatchDiscriminator, ResnetGenerator
 from ..nets.generator import UPSAMPLING
-from ..nets.norm import set_norm_mode
 from ..nets.registration import RegistrationNet, smoothness_loss, warp
 from .selection import BOOTSTRAP_PIXELS, chosen_step, selection_score, style_noise
 from ..tiling import Cancelled
@@ -553,14 +552,13 @@ def train_student(
 
 
 def _call_restoring(callback, step: int, student: torch.nn.Module) -> None:
-    """Run ``callback(step, student)`` and put back what it may have changed: train mode, norm modes, grad mode."""
+    """Run ``callback(step, student)`` and put back what it may have changed: train mode and grad mode."""
     grad = torch.is_grad_enabled()
     try:
         callback(step, student)
     finally:
         torch.set_grad_enabled(grad)
         student.train()
-        set_norm_mode(student, "instance")
 
 
 def _check_resumable(checkpoint, cfg: StudentConfig) -> None:

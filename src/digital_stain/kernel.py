@@ -1,0 +1,196 @@
+"""The staining kernel: prepare, statistics, forward and blend, for every staining path.
+
+Eager staining (:meth:`StainModel.stain`), lazy chunks (:class:`~digital_stain.lazy.LazyStain`)
+and whole-slide units (:mod:`digital_stain.slide`) all stain through a :class:`StainKernel`:
+one input's :class:`~digital_stain.prepare.Preparation`, a :class:`~digital_stain.stain_settings.StainSettings`
+and the model's :class:`Networks` on one device. Nothing here changes the model: the networks
+are read-only copies owned by the model's cache (one per device), and the student's norm
+statistics are values passed to each call (:mod:`digital_stain.nets.norm`), so two threads can
+stain two images with one model at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .devices import autocast
+from .nets.norm import Statistics, record_statistics
+from .nets.unet import colorize
+from .prepare import Preparation
+from .stain_settings import StainSettings
+from .tiling import pad_image, stats_boxes, stats_sample, tiled_apply, whole_apply
+
+ROLES = ("teacher", "student")
+
+
+def device_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A read-only copy of ``net`` on ``device``, made without allocating anything on ``net``'s own device.
+
+    In eval mode, without gradients; on a CPU in channels-last memory format, which the CPU's
+    convolutions run 1.2-1.5x faster (``benchmarks/official_loop.py``; the values are the same).
+    """
+    memo = {id(p): torch.nn.Parameter(p.detach().to(device, copy=True), requires_grad=False) for p in net.parameters()}
+    memo.update({id(b): b.detach().to(device, copy=True) for b in net.buffers()})
+    twin = copy.deepcopy(net, memo).eval()
+    if device.type == "cpu":
+        twin = twin.to(memory_format=torch.channels_last)
+    return twin
+
+
+class Networks:
+    """A model's teacher and student on one device, never changed after they are made.
+
+    Made and kept by :meth:`StainModel.networks`; a compiled twin of each is made on first
+    use (:meth:`compiled`), once per process and device.
+    """
+
+    def __init__(self, teacher: torch.nn.Module | None, student: torch.nn.Module | None, device: torch.device):
+        self.device = device
+        self.teacher = device_copy(teacher, device) if teacher is not None else None
+        self.student = device_copy(student, device) if student is not None else None
+        self._compiled: dict[str, torch.nn.Module] = {}
+        self._lock = threading.Lock()
+
+    def network(self, role: str) -> torch.nn.Module:
+        return self.teacher if role == "teacher" else self.student
+
+    def compiled(self, role: str) -> torch.nn.Module:
+        """``torch.compile`` of the teacher or student (static shapes: one graph per input shape)."""
+        with self._lock:
+            if role not in self._compiled:
+                self._compiled[role] = torch.compile(self.network(role), dynamic=False)
+            return self._compiled[role]
+
+
+class StainKernel:
+    """How one input is stained on one device: preparation, statistics, forward pass and blending.
+
+    Parameters
+    ----------
+    model : StainModel
+    prep : Preparation
+        The input's value scaling, adaptation and tables (:meth:`StainModel.preparation`).
+    settings : StainSettings
+    device : torch.device or str, optional
+        Default: ``settings.device``, else where the model is.
+    precision : str, optional
+        An already resolved precision (a slide's stored one); default: resolved from the settings.
+    """
+
+    def __init__(self, model, prep: Preparation, settings: StainSettings, device=None, precision: str | None = None):
+        self.model, self.prep, self.settings = model, prep, settings
+        self.nets = model.networks(device if device is not None else settings.device)
+        self.device = self.nets.device
+        self.precision = precision or model.precision_for(settings.precision, self.device)
+
+    def on_cpu(self) -> StainKernel:
+        """The same stain on the CPU in fp32 (after the device ran out of memory)."""
+        return StainKernel(self.model, self.prep, self.settings.replace(compile=False), torch.device("cpu"), "fp32")
+
+    # -- prepare ----------------------------------------------------------------------
+    def network_input(self, role: str, rgb: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
+        """A network's input ``(C, y, x)`` float32 for a region ``rgb`` ``(y, x, 3)`` in [0, 1] and its enhanced gray."""
+        if role == "teacher":
+            return np.ascontiguousarray(enhanced[None], dtype=np.float32)
+        return self.prep.student_input(rgb, enhanced)
+
+    def padded(self, role: str, x: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """``x`` ``(C, y, x)`` padded as the network needs, and its ``(y, x)``."""
+        net = self.nets.network(role)
+        padded, (h, w) = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
+        return np.ascontiguousarray(padded), h, w
+
+    # -- statistics ----------------------------------------------------------------------
+    def statistics(self, sample: np.ndarray) -> Statistics:
+        """The student's norm statistics pooled over ``sample`` ``(N, 4, h, w)`` (padded inputs)."""
+        with torch.no_grad(), autocast(self.device, self.precision):
+            return record_statistics(self.nets.student, self._tensor(sample))
+
+    def stats_boxes(self, height: int, width: int) -> list | None:
+        """Where a ``height`` x ``width`` plane's statistics are recorded (:func:`~digital_stain.tiling.stats_boxes`)."""
+        student = self.nets.student
+        return stats_boxes(height, width, student.size_multiple, self.settings.stats_pixels,
+                           self.settings.stats_crop, student.min_size)
+
+    def to_device(self, statistics: Statistics) -> Statistics:
+        """``statistics`` (e.g. read back from a store) as float32 tensors on this kernel's device."""
+        return tuple((torch.as_tensor(m, dtype=torch.float32).to(self.device),
+                      torch.as_tensor(v, dtype=torch.float32).to(self.device)) for m, v in statistics)
+
+    # -- forward ----------------------------------------------------------------------
+    def runner(self, role: str, statistics: Statistics | None = None,
+               compiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The network as a function of a batch ``(N, C, h, w)`` on the device to its stain ``(N, 3, h, w)``.
+
+        The stain is float32, in [0, 1] for the teacher and unclipped for the student (clipped after
+        blending). The student normalises with ``statistics`` when given, else each input by its own.
+        """
+        net = self.nets.compiled(role) if compiled else self.nets.network(role)
+        device, precision = self.device, self.precision
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=torch.channels_last) if device.type == "cpu" else x
+            with torch.no_grad(), autocast(device, precision):
+                if role == "teacher":
+                    return colorize(net, x).float()
+                out = net(x) if statistics is None else net(x, statistics)
+                return (out.float() + 1.0) / 2.0
+
+        return run
+
+    def forward(self, role: str, padded: np.ndarray, statistics: Statistics | None = None,
+                compiled: bool = False) -> torch.Tensor:
+        """One padded input ``(C, y, x)`` through the network: ``(3, y, x)`` float32 in [0, 1], on the device."""
+        out = self.runner(role, statistics, compiled)(self._tensor(padded[None]))
+        return out[0].clamp(0.0, 1.0)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+    # -- blend: a whole plane, eagerly ---------------------------------------------------------
+    def stain_plane(self, role: str, x: np.ndarray, progress=None, stop: threading.Event | None = None) -> np.ndarray:
+        """A whole plane's network input ``(C, Y, X)`` to its stain ``(Y, X, 3)`` float32 in [0, 1].
+
+        The student runs once on an image that fits the statistics pass (that pass is the stain:
+        exact, seam-free); a larger image gets statistics from crops spread over it, then
+        overlapping tiles blended (:func:`~digital_stain.tiling.tiled_apply`). The teacher has no
+        instance norm and is always tiled.
+        """
+        net, settings = self.nets.network(role), self.settings
+        compiled = settings.compile
+        statistics = None
+        if role == "student":
+            if self.stats_boxes(*x.shape[1:]) is None:
+                # eager even when compiling: a compile pays over many tiles, not one pass
+                out = whole_apply(self.runner(role), x, multiple=net.size_multiple, min_size=net.min_size,
+                                  device=self.device, progress=progress, stop=stop)
+                return to_yxc(out, clip=True)
+            statistics = self.statistics(stats_sample(x, net.size_multiple, settings.stats_pixels,
+                                                      settings.stats_crop, net.min_size))
+        out = tiled_apply(self.runner(role, statistics, compiled), x, out_channels=3, tile=settings.tile,
+                          overlap=settings.overlap, multiple=net.size_multiple, min_size=net.min_size,
+                          device=self.device, progress=progress, stop=stop, batch=settings.batch)
+        return to_yxc(out, clip=role == "student")
+
+
+def to_yxc(out: np.ndarray, clip: bool = False) -> np.ndarray:
+    """``(C, Y, X)`` -> contiguous ``(Y, X, C)`` float32, clipped to [0, 1] when asked (band by band, on threads)."""
+    from .prepare import each_band, row_bands
+
+    channels, height, width = out.shape
+    result = np.empty((height, width, channels), dtype=out.dtype)
+
+    def work(y0: int, y1: int) -> None:
+        band = out[:, y0:y1].transpose(1, 2, 0)
+        if clip:
+            np.clip(band, 0.0, 1.0, out=result[y0:y1])
+        else:
+            result[y0:y1] = band
+
+    each_band(work, row_bands(height, width))
+    return result

@@ -1,0 +1,143 @@
+"""The staining kernel and its settings: one way to stain, and a model that staining never changes."""
+
+from __future__ import annotations
+
+import threading
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from digital_stain.arrays import InputError
+from digital_stain.kernel import StainKernel
+from digital_stain.lazy import LazyStain
+from digital_stain.stain_settings import StainSettings
+
+from conftest import make_tiny_model
+
+FP32 = dict(precision="fp32", device="cpu")
+
+
+def _state(model) -> dict:
+    """Everything a stain could change in a model: its weights, buffers, devices and modes."""
+    state = {}
+    for role in ("teacher", "student"):
+        net = getattr(model, role)
+        state.update({f"{role}.{k}": v.detach().clone() for k, v in net.state_dict().items()})
+        state[f"{role}.training"] = net.training
+        state[f"{role}.device"] = str(next(net.parameters()).device)
+        state[f"{role}.attrs"] = sorted((name, repr(value)) for module in net.modules()
+                                        for name, value in vars(module).items() if not name.startswith("_"))
+    return state
+
+
+def _assert_same_state(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, after[key]), key
+        else:
+            assert value == after[key], key
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+def test_settings_have_one_set_of_defaults_and_are_checked_once():
+    settings = StainSettings()
+    assert (settings.tile, settings.overlap, settings.chunk, settings.stats_pixels, settings.stats_crop) == \
+        (512, 128, 1024, 2048 * 2048, 512)
+    assert settings.precision == "auto" and settings.adapt == "auto" and settings.device is None
+    assert StainSettings(precision="FP32").precision == "fp32"
+    with pytest.raises(AttributeError):
+        settings.tile = 256  # frozen
+    for bad, match in ((dict(tile=8), "tile 8"), (dict(tile=256, overlap=200), "overlap 200"),
+                       (dict(precision="fp8"), "unknown precision"), (dict(batch=0), "batch"),
+                       (dict(device="tpu"), "unknown device"), (dict(adapt="maybe"), "maybe"),
+                       (dict(chunk=100, overlap=64), "chunk 100"), (dict(stats_crop=16), "statistics crop")):
+        with pytest.raises(InputError, match=match):
+            StainSettings(**bad)
+
+
+def test_settings_of_changes_only_what_is_given():
+    base = StainSettings(tile=256, overlap=64)
+    changed = StainSettings.of(base, tile=None, overlap=32, precision=None)
+    assert changed == StainSettings(tile=256, overlap=32) and StainSettings.of(base) is base
+    assert StainSettings.of(None, batch=4) == StainSettings(batch=4)
+
+
+def test_eager_and_lazy_stains_take_the_same_settings_object(tiny_model, darkfield_tile):
+    settings = StainSettings(chunk=128, overlap=32, **FP32)
+    image = darkfield_tile[:200, :220]
+    eager = tiny_model.stain(image, ["student"], settings=settings)["student"]
+    lazy = LazyStain(tiny_model, image, ["student"], settings=settings)
+    assert lazy.settings is settings and lazy.precision == "fp32"
+    np.testing.assert_allclose(lazy.arrays["student"].compute(), eager, atol=1 / 255)
+
+
+# -- the model is never changed -----------------------------------------------------------------------
+
+
+def test_networks_are_read_only_copies_made_once_per_device_and_again_after_the_weights_change(tiny_model):
+    nets = tiny_model.networks("cpu")
+    assert tiny_model.networks("cpu") is nets and nets.student is not tiny_model.student
+    assert not any(p.requires_grad for p in nets.student.parameters()) and not nets.student.training
+    with torch.no_grad():
+        next(tiny_model.student.parameters()).add_(1.0)  # changed in place (e.g. weights loaded into it)
+    again = tiny_model.networks("cpu")
+    assert again is not nets
+    assert torch.equal(next(again.student.parameters()), next(tiny_model.student.parameters()))
+
+
+def test_staining_from_threads_changes_neither_model(darkfield_dir, hne_dir, darkfield_tile):
+    """Two models, each stained from two threads at once (eager and lazy, two devices when there are two)."""
+    devices = ["cpu", "cuda" if torch.cuda.is_available() else "cpu"]
+    models = [make_tiny_model(darkfield_dir, hne_dir) for _ in devices]
+    with torch.no_grad():  # two different models
+        next(models[1].student.parameters()).mul_(-1.0)
+    images = [darkfield_tile[:160, :200], np.flip(darkfield_tile, 1)[:180, :150]]
+    before = [_state(model) for model in models]
+    def stain(m: int, i: int, how: str) -> dict:
+        if how == "lazy":
+            lazy = LazyStain(models[m], da.from_array(images[i], chunks=(96, 96, 3)), chunk=64, overlap=16,
+                             precision="fp32", device=devices[m])
+            return {k: v.compute() for k, v in lazy.arrays.items()}
+        # tiled, with statistics from crops: the longest use of the networks
+        return models[m].stain(images[i], precision="fp32", device=devices[m], tile=64, overlap=16,
+                               stats_pixels=64 * 64)
+
+    alone = {(m, i, how): stain(m, i, how) for m in range(2) for i in range(2) for how in ("eager", "lazy")}
+    together, errors = {}, []
+    start = threading.Barrier(8)
+
+    def work(m: int, i: int, how: str) -> None:
+        try:
+            start.wait()
+            for _ in range(2):
+                together[(m, i, how)] = stain(m, i, how)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(m, i, how)) for m in range(2) for i in range(2)
+               for how in ("eager", "lazy")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    for m in range(2):
+        _assert_same_state(before[m], _state(models[m]))
+        assert models[m]._device == torch.device("cpu")  # staining on another device did not move it
+    for key, expected in alone.items():
+        for output, value in expected.items():  # each stain as it is alone: no statistics or state shared
+            np.testing.assert_allclose(together[key][output], value, atol=1e-5, err_msg=f"{key} {output}")
+    assert np.abs(alone[(0, 0, "eager")]["student"] - alone[(1, 0, "eager")]["student"]).max() > 0.05
+
+
+def test_a_kernel_on_the_cpu_after_running_out_of_memory_keeps_preparation_and_settings(tiny_model, darkfield_tile):
+    prep = tiny_model.preparation(darkfield_tile)
+    kernel = StainKernel(tiny_model, prep, StainSettings(compile=True, precision="auto"))
+    cpu = kernel.on_cpu()
+    assert cpu.prep is prep and cpu.device.type == "cpu" and cpu.precision == "fp32" and not cpu.settings.compile
+    assert cpu.settings.replace(compile=True) == kernel.settings
