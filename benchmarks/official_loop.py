@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--side", default="1024", help="image sides, comma-separated (e.g. 1024,4096)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stain-tiles", default="",
+                        help="also time `stain` fp32 with these tile sides (comma-separated, e.g. 512,1024,2048)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/dsd")
     args = parser.parse_args(argv)
 
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
             "defaults": lambda: model.stain(image, ["student"]),
             "fp32": lambda: model.stain(image, ["student"], precision="fp32"),
         }
+        for tile in [int(t) for t in args.stain_tiles.split(",") if t.strip()]:
+            runs[f"fp32, tile {tile}"] = lambda tile=tile: model.stain(image, ["student"], precision="fp32", tile=tile)
         seconds = {key: [] for key in runs}
         for repeat in range(args.repeats + 1):
             for key, call in runs.items():
@@ -103,6 +107,9 @@ def main(argv=None) -> int:
         print(f"| `{name}` | {side} | {rate['official']:.3f} MP/s | {rate['defaults']:.3f} MP/s | "
               f"{rate['defaults'] / rate['official']:.2f}x | {auto} | {rate['fp32']:.3f} MP/s | "
               f"{rate['fp32'] / rate['official']:.2f}x |", flush=True)
+        for key in (key for key in rate if key.startswith("fp32, tile")):
+            print(f"|   `stain` {key} | {side} | | {rate[key]:.3f} MP/s | {rate[key] / rate['official']:.2f}x | | | |",
+                  flush=True)
     return 0
 
 

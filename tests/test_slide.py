@@ -595,3 +595,18 @@ def test_store_from_before_adaptation_resumes_without_it(tiny_model, slide, refe
     assert_same_store(path, reference)
     with pytest.raises(InputError, match="adapt: stored off, now auto"):
         stain_to_zarr(tiny_model, slide, path, resume=True, adapt="auto", **SMALL)
+
+
+def test_a_settings_object_stains_the_same_store_as_the_keywords_and_moves_no_model(tiny_model, slide, reference,
+                                                                                   tmp_path):
+    """``stain_to_zarr(settings=)``: the same StainSettings the eager and lazy paths take."""
+    from digital_stain.stain_settings import StainSettings
+
+    path = tmp_path / "settings.ome.zarr"
+    settings = StainSettings(chunk=256, overlap=32, device="cpu", precision="fp32", adapt="auto")
+    before = {k: v.clone() for k, v in tiny_model.student.state_dict().items()}
+    result = stain_to_zarr(tiny_model, slide, path, settings=settings, min_side=128)
+    assert result.complete
+    assert_same_store(path, reference)
+    assert tiny_model._device.type == "cpu"
+    assert all(np.array_equal(v.numpy(), tiny_model.student.state_dict()[k].numpy()) for k, v in before.items())

@@ -64,13 +64,13 @@ from .kernel import StainKernel
 from .ngff import FORMAT, FORMAT_VERSION, Grid, SlideStore, level_shapes, prepare_output
 from .outputs import check_not_input, check_writable, output_lock
 from .stain_settings import StainSettings
+from .tiling import CHUNK_RANGE
 from .units import ThreadUnits, run_units
 
 log = logging.getLogger(__name__)
 __all__ = ["BlockCache", "DiskFullError", "SlideJob", "SlideResult", "Source", "open_source", "process_chunk",
            "stain_chunk", "stain_to_zarr"]
 
-CHUNK_RANGE = (256, 4096)
 STATS_PIXELS, STATS_CROP = 2048 * 2048, 512  # LazyStain's defaults: the same statistics as the napari view
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 GPU_THREADS = 4  # units in flight on a GPU by default
@@ -201,8 +201,9 @@ class _ChunkStain:
     grid, so a unit is stained exactly as :class:`~digital_stain.lazy.LazyStain` stains that chunk.
     """
 
-    def __init__(self, model, array, job: SlideJob):
+    def __init__(self, model, array, job: SlideJob, device=None):
         settings = StainSettings(chunk=job.grid.chunk, overlap=job.overlap, precision=job.precision,
+                                 device=None if device is None else str(device),
                                  stats_pixels=STATS_PIXELS, stats_crop=STATS_CROP, compile=job.compile,
                                  adapt=job.adaptation if isinstance(job.adaptation, str)
                                  else Adaptation.from_dict(job.adaptation))
@@ -342,11 +343,12 @@ class SlideResult:
 
 
 def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[str] | None = None, *,
-                  chunk: int = 1024, overlap: int = 128, device: str | None = "auto", precision: str = "auto",
+                  settings: StainSettings | None = None, chunk: int | None = None, overlap: int | None = None,
+                  device: str | None = None, precision: str | None = None,
                   min_side: int = 512, resume: bool = False, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   stop: threading.Event | None = None, client=None, threads: int | None = None,
-                  compile: bool = False, adapt: str | None = None) -> SlideResult:
+                  compile: bool | None = None, adapt: str | None = None) -> SlideResult:
     """Stain a whole slide into an OME-Zarr store (one image group per output, with a pyramid).
 
     Parameters
@@ -359,6 +361,10 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         The store to write (``*.ome.zarr``); layout in :mod:`digital_stain.ngff`.
     outputs : sequence of str, optional
         ``enhanced``, ``teacher``, ``student``; default all the model has.
+    settings : StainSettings, optional
+        How to stain (:class:`~digital_stain.stain_settings.StainSettings`: its chunk, overlap,
+        device, precision, compile and adapt are used; the statistics are the slide's own, below).
+        The keywords below, when given, win over it.
     chunk : int
         Side of a work unit and of the stored chunks, 256..4096 px (rounded
         down to the networks' 16-px grid). Memory grows with its square.
@@ -366,7 +372,8 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         Pixels each chunk borrows from its neighbours (rounded up to 16);
         128 makes chunked staining match one pass to about 1/255.
     device, precision : str
-        As for :meth:`StainModel.stain`; ``None`` keeps the model where it is.
+        As for :meth:`StainModel.stain`: default where the model is (a model given by name is
+        loaded with ``auto``). The model itself is never moved.
     min_side : int
         Pyramid levels are added until the longer side is at most this.
     resume : bool
@@ -415,6 +422,14 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     """
     started = time.perf_counter()
     output = Path(output)
+    base = settings if settings is not None else StainSettings()
+    chunk = base.chunk if chunk is None else chunk
+    overlap = base.overlap if overlap is None else overlap
+    device = base.device if device is None else device
+    precision = base.precision if precision is None else precision
+    compile = base.compile if compile is None else compile
+    if adapt is None and settings is not None:  # else: auto for a new store, the stored setting on resume
+        adapt = settings.adapt.mode if isinstance(settings.adapt, Adaptation) else settings.adapt
     if not CHUNK_RANGE[0] <= chunk <= CHUNK_RANGE[1]:
         raise InputError(f"chunk {chunk} px is out of range; use {CHUNK_RANGE[0]}..{CHUNK_RANGE[1]} (default 1024).")
     if resume and overwrite:
@@ -448,8 +463,6 @@ def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, 
 
     if not isinstance(model, StainModel):
         model = StainModel.load(model, device=device or "auto")
-    elif device is not None:
-        model.to(device)
     wanted = model.check_outputs(outputs)
     adapt = check_mode(adapt) if adapt is not None else None
     stored = prepare_output(output, resume=resume, overwrite=overwrite)
@@ -460,7 +473,7 @@ def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, 
     adaptation = _stored_adaptation(stored) if stored is not None and "adaptation" in stored else adapt
     stainer = _ChunkStain(model, src.array, SlideJob(Grid(chunk, (), (), ()), wanted, overlap, precision,
                                                      _scaling_tuple(stored), None, "probe", bool(compile),
-                                                     adaptation))
+                                                     adaptation), device=device)
     grid = Grid(stainer.chunk, tuple(stainer.rgb.chunks[0]), tuple(stainer.rgb.chunks[1]),
                 level_shapes(tuple(src.array.shape[:2]), min_side))
     settings = {"outputs": list(wanted), "chunk": stainer.chunk, "overlap": stainer.overlap,

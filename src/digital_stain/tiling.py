@@ -82,7 +82,7 @@ def pad_image(image: np.ndarray, multiple: int, min_size: int = 0) -> tuple[np.n
 # What a caller may ask for (the CLI checks the same at parse time, digital_stain.options).
 TILE_RANGE = (32, 4096)  # under 32 px a tile is mostly its overlap; over 4096 px its activations fill memory
 OVERLAP_RANGE = (0, 1024)
-CHUNK_RANGE = (256, 4096)  # lazy chunks and slide units
+CHUNK_RANGE = (256, 4096)  # slide units (and the stored chunks): under 256 px the store is mostly metadata
 
 
 def check_tiling(tile: int, overlap: int) -> None:
