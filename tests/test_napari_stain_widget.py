@@ -309,7 +309,7 @@ def test_closing_an_output_layer_stops_its_background_work(viewer_and_widget, qt
     (stain,) = widget.lazy_stains(layer)
     np.asarray(layer.data[:10, :10])  # queues a chunk
     viewer.layers.remove(layer)
-    assert widget.lazy_stains(layer) == [] and stain._closed
+    assert widget.lazy_stains(layer) == [] and stain.closed
     assert stain.wait(30) and stain._worker is None  # the worker ended
     runs = stain.network_runs["student"]
     stain.cancel_pending()
@@ -332,7 +332,7 @@ def test_stop_drops_waiting_chunks_but_keeps_lazy_layers_usable(viewer_and_widge
         assert stain.pending > 1
         widget.stop()
         assert stain.pending <= 1  # at most the one in progress
-    assert stain.wait(60) and not stain._closed
+    assert stain.wait(60) and not stain.closed
     stain.network_runs["teacher"] = 0
     np.asarray(layer.data[:10, :10])  # looked at again: queued again and stained
     assert stain.wait(60) and stain.network_runs["teacher"] <= 1

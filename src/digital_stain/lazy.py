@@ -42,7 +42,6 @@ never a level-0 chunk.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import uuid
 import weakref
@@ -54,6 +53,7 @@ import torch
 
 from .adapt import Adaptation
 from .arrays import MIN_SIDE, InputError, ValueScaling, check_dtype, check_plane_shape, plain_array, scaling_of, split_planes
+from .background import NewestFirst
 from .chunks import GRID, ChunkStainer, chunk_sizes, chunked, grid_sizes, unit_rgb_array  # noqa: F401  (chunk_sizes: public here too)
 from .kernel import StainKernel
 from .stain_settings import StainSettings
@@ -181,15 +181,12 @@ class LazyStain:
         if cache_bytes is not None:  # a memory budget rather than a count: chunks are float32 RGB
             cache_chunks = max(4, cache_bytes // (self.chunk * self.chunk * 3 * 4))
         self._cache_chunks = cache_chunks
-        self._failed: set = set()  # (role, key) that raised in the worker: shown as placeholders, not retried
-        self._lock = threading.Lock()  # guards the caches, counters and the job queue; never held while a network runs
-        self._changed = threading.Condition(self._lock)  # a job finished or was dropped
+        self._lock = threading.Lock()  # guards the caches, counters and errors; never held while a network runs
         # one network run at a time: the networks are not thread-safe (a pyramid's levels share one lock)
         self._net_lock = net_lock or threading.Lock()
-        self._waiting: OrderedDict[tuple, None] = OrderedDict()  # (role, chunk key), oldest request first
-        self._running: tuple | None = None
-        self._worker: threading.Thread | None = None
-        self._closed = False
+        # (role, chunk key) jobs for the background thread; a failed one is shown as a placeholder, not retried
+        self._queue = NewestFirst(lambda job: self._compute(*job), done=self._chunk_ready, failed=self._chunk_failed,
+                                  max_pending=max_pending)
         if background:
             _LIVE.add(self)
 
@@ -240,17 +237,15 @@ class LazyStain:
     def compile(self) -> bool:
         return self.kernel.settings.compile
 
-    # -- background worker ---------------------------------------------------
+    # -- background worker (digital_stain.background) ---------------------------------
     @property
     def pending(self) -> int:
         """Chunks queued or being computed by the worker."""
-        with self._lock:
-            return len(self._waiting) + (self._running is not None)
+        return self._queue.pending
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no chunk is queued or being computed; False if ``timeout`` (s) ran out first."""
-        with self._lock:
-            return self._changed.wait_for(lambda: not self._waiting and self._running is None, timeout)
+        return self._queue.wait(timeout)
 
     def close(self, wait: bool = True) -> None:
         """Drop the waiting chunks and stop the worker after the chunk in progress.
@@ -259,65 +254,43 @@ class LazyStain:
         may take seconds). Reads after closing compute synchronously, as with
         ``background=False``.
         """
-        with self._lock:
-            self._closed = True
-            self._waiting.clear()
-            worker = self._worker
-            self._changed.notify_all()
         _LIVE.discard(self)
-        if wait and worker is not None and worker is not threading.current_thread():
-            worker.join()
+        self._queue.close(wait)
 
     def cancel_pending(self) -> int:
         """Drop the waiting chunks (not the one in progress); returns how many. Reading them queues them again."""
+        return self._queue.cancel_pending()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (reads then compute in the reading thread)."""
+        return self._queue.closed
+
+    @property
+    def _running(self) -> tuple | None:
+        return self._queue.running
+
+    @property
+    def _worker(self) -> threading.Thread | None:
+        return self._queue.thread
+
+    def _chunk_ready(self, job: tuple) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _chunk_failed(self, job: tuple, error: BaseException) -> None:
+        role, key = job
         with self._lock:
-            dropped = len(self._waiting)
-            self._waiting.clear()
-            self._changed.notify_all()
-        return dropped
+            self.errors = [*self.errors[-19:], f"{role} chunk {key[: self.stack_ndim + 2]}: "
+                           f"{type(error).__name__}: {error}"]
+        if self.on_error is not None:
+            self.on_error(error)
 
     def __enter__(self) -> LazyStain:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _submit(self, job: tuple) -> None:
-        """Queue ``(role, key)`` for the worker (caller holds ``_lock``); start the worker if it is not running."""
-        if job == self._running:
-            return
-        self._waiting[job] = None
-        self._waiting.move_to_end(job)  # asked for again: it is what is on screen now
-        while len(self._waiting) > self.max_pending:
-            self._waiting.popitem(last=False)  # the oldest request is the least likely still to be looked at
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._serve, name="LazyStain worker", daemon=True)
-            self._worker.start()
-
-    def _serve(self) -> None:
-        """The worker: newest request first, until the queue is empty (so no idle thread keeps this alive)."""
-        while True:
-            with self._lock:
-                if self._closed or not self._waiting:
-                    self._worker = None
-                    return
-                role, key = self._running = self._waiting.popitem(last=True)[0]
-            try:
-                self._compute(role, key)
-                if self.on_ready is not None and not self._closed:
-                    self.on_ready()  # before the job counts as done, so wait() returns after it
-            except Exception as error:  # a failed chunk must not stop the worker, nor be retried on every redraw
-                with self._lock:
-                    self._failed.add((role, key))
-                    self.errors = [*self.errors[-19:], f"{role} chunk {key[: self.stack_ndim + 2]}: "
-                                   f"{type(error).__name__}: {error}"]
-                if self.on_error is not None:
-                    with contextlib.suppress(Exception):
-                        self.on_error(error)
-            finally:
-                with self._lock:
-                    self._running = None
-                    self._changed.notify_all()
 
     # -- per-chunk work ------------------------------------------------------
     def _to_unit_rgb(self, raw: np.ndarray) -> np.ndarray:
@@ -345,12 +318,10 @@ class LazyStain:
         """Chunk ``key`` of an output from its overlapped input ``rgb``: cached, computed, or a placeholder."""
         with self._lock:
             hit = self._cached(role, key)
-            queued = hit is None and self.background and not self._closed
-            if queued and (role, key) not in self._failed:
-                self._submit((role, key))
         if hit is not None:
             return hit
-        if queued:
+        if self.background and not self._queue.closed:
+            self._queue.submit((role, key))  # a chunk that failed before is not queued again
             return self._placeholder(rgb, key)
         return self._compute(role, key, rgb)
 
