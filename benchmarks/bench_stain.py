@@ -225,7 +225,7 @@ def bench_path(path_label: str, model: StainModel, output: str, args, sizes, dat
             try:
                 if use_compile:  # the library's own compiled path (StainModel.stain(compile=True))
                     torch._dynamo.reset()
-                    model._networks.clear()  # the device copies and their compiled twins
+                    model.forget_networks()  # the device copies and their compiled twins
                     if args.compile_dynamic:
                         nets = model.networks()
                         nets._compiled[attr] = torch.compile(nets.network(attr), dynamic=None)
@@ -251,7 +251,7 @@ def bench_path(path_label: str, model: StainModel, output: str, args, sizes, dat
                 log(f"{path_label} {size}^2 {config}: {row['note']}")
                 continue
             finally:
-                model._networks.clear()  # the device copies and their compiled twins
+                model.forget_networks()  # the device copies and their compiled twins
             best = min(times)
             row["seconds"], row["mps"] = best, mp / best
             per_mp[config] = best / mp

@@ -238,7 +238,7 @@ def set_channels_last(model: StainModel, on: bool) -> None:
     for net in (model.teacher, model.student):
         if net is not None:
             net.to(memory_format=fmt)
-    model._networks.clear()  # the device copies are made again from these (on a CPU always channels-last)
+    model.forget_networks()  # the device copies are made again from these (on a CPU always channels-last)
 
 
 def run_config(model: StainModel, name: str, path: str, image: np.ndarray, config: Config, args,
@@ -251,7 +251,7 @@ def run_config(model: StainModel, name: str, path: str, image: np.ndarray, confi
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
         if config.compile:
             torch._dynamo.reset()
-            model._networks.clear()  # the device copies and their compiled twins
+            model.forget_networks()  # the device copies and their compiled twins
         warm = image if (device.type == "cuda" or config.compile) else image[: min(256, image.shape[0]),
                                                                              : min(256, image.shape[1])]
         log(f"{name} {path} [{config.label}]: warm-up on {warm.shape[0]}x{warm.shape[1]} ...")
@@ -287,7 +287,7 @@ def run_config(model: StainModel, name: str, path: str, image: np.ndarray, confi
     finally:
         set_channels_last(model, False)
         torch.backends.cudnn.benchmark = False
-        model._networks.clear()  # the device copies and their compiled twins
+        model.forget_networks()  # the device copies and their compiled twins
     return row, out
 
 

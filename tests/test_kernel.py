@@ -52,12 +52,21 @@ def test_settings_have_one_set_of_defaults_and_are_checked_once():
     assert StainSettings(precision="FP32").precision == "fp32"
     with pytest.raises(AttributeError):
         settings.tile = 256  # frozen
-    for bad, match in ((dict(tile=8), "tile 8"), (dict(tile=256, overlap=200), "overlap 200"),
+    for bad, match in ((dict(tile=8), "tile 8"), (dict(overlap=2000), "overlap 2000"),
                        (dict(precision="fp8"), "unknown precision"), (dict(batch=0), "batch"),
                        (dict(device="tpu"), "unknown device"), (dict(adapt="maybe"), "maybe"),
-                       (dict(chunk=100, overlap=64), "chunk 100"), (dict(stats_crop=16), "statistics crop")):
+                       (dict(chunk=16), "chunk 16"), (dict(stats_crop=16), "statistics crop")):
         with pytest.raises(InputError, match=match):
             StainSettings(**bad)
+
+
+def test_the_overlap_is_checked_against_the_tile_only_where_tiles_are_used(tiny_model, darkfield_tile):
+    settings = StainSettings(chunk=1024, overlap=300)  # lazy and slide: rounded to the stride grid
+    lazy = LazyStain(tiny_model, darkfield_tile, ["enhanced"], settings=settings)
+    assert (lazy.chunk, lazy.overlap) == (1024, 304)
+    assert StainSettings(batch=np.int64(2)).batch == 2
+    with pytest.raises(InputError, match="overlap 300 px is out of range for tile 512"):
+        tiny_model.stain(darkfield_tile, settings=settings)  # eager: at most half the tile
 
 
 def test_settings_of_changes_only_what_is_given():

@@ -45,8 +45,8 @@ def device_copy(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 class Networks:
     """A model's teacher and student on one device, never changed after they are made.
 
-    Made and kept by :meth:`StainModel.networks`; a compiled twin of each is made on first
-    use (:meth:`compiled`), once per process and device.
+    Made and kept by :meth:`StainModel.networks` (again when the model's weights change); a
+    compiled twin of each is made on first use (:meth:`compiled`), once per instance.
     """
 
     def __init__(self, teacher: torch.nn.Module | None, student: torch.nn.Module | None, device: torch.device):

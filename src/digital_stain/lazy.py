@@ -6,8 +6,9 @@ runs no network: the input is only checked (shape, pixel type, NaNs) and its
 value scaling decided. The student's instance-norm statistics of a plane are
 recorded by the first chunk of that plane that needs them, on the whole
 plane when it is small enough or on crops spread over it (exactly what
-:meth:`StainModel.stain` records), and frozen in a private copy of the
-network, so every chunk of the plane is normalised identically.
+:meth:`StainModel.stain` records), kept and handed to every chunk's call
+(:class:`~digital_stain.chunks.ChunkStainer`, :mod:`digital_stain.kernel`),
+so every chunk of the plane is normalised identically.
 
 Each chunk is computed from the chunk plus ``overlap`` pixels of its
 neighbours (``dask.array.map_overlap``), on the network's stride grid, and
@@ -18,7 +19,7 @@ run the network again.
 
 Background mode (``background=True``, for viewers): a read that misses the
 cache does not wait for the network. It queues the chunk for one private
-worker thread (the networks are not thread-safe) and returns at once a
+worker thread (:class:`~digital_stain.background.NewestFirst`) and returns at once a
 placeholder, the chunk's enhanced gray in three channels. The worker serves
 the newest request first (the region looked at now), caches the result and
 calls ``on_ready`` so the viewer can read the region again. (A napari layer
@@ -182,7 +183,8 @@ class LazyStain:
             cache_chunks = max(4, cache_bytes // (self.chunk * self.chunk * 3 * 4))
         self._cache_chunks = cache_chunks
         self._lock = threading.Lock()  # guards the caches, counters and errors; never held while a network runs
-        # one network run at a time: the networks are not thread-safe (a pyramid's levels share one lock)
+        # one network run at a time on the device, whatever reads in parallel (a pyramid's levels share one lock):
+        # it bounds the device memory a layer takes
         self._net_lock = net_lock or threading.Lock()
         # (role, chunk key) jobs for the background thread; a failed one is shown as a placeholder, not retried
         self._queue = NewestFirst(lambda job: self._compute(*job), done=self._chunk_ready, failed=self._chunk_failed,

@@ -35,6 +35,7 @@ from .nets import ColorizationUNet, ResnetGenerator
 from .nets.unet import colorize
 from .prepare import Preparation
 from .stain_settings import StainSettings
+from .tiling import check_tiling
 
 OUTPUTS = ("enhanced", "teacher", "student")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -219,8 +220,9 @@ class StainModel:
         """The teacher and student as read-only copies on ``device`` (default: where the model is).
 
         Made once per device and kept; made again when the model's own networks were replaced or
-        changed in place since (a fine-tune's preview model, weights loaded into it), so a stain
-        always runs the weights the model holds now.
+        changed in place since (a fine-tune's preview model, ``load_state_dict`` into it), so a stain
+        runs the weights the model holds now. Writes through ``param.data`` are not seen by
+        PyTorch's version counters: call :meth:`forget_networks` after them.
         """
         device = self._device if device is None else resolve_device(device)
         state = self._network_state()
@@ -230,6 +232,15 @@ class StainModel:
                 kept = (state, Networks(self.teacher, self.student, device))
                 self._networks[str(device)] = kept
             return kept[1]
+
+    def forget_networks(self) -> None:
+        """Drop the device copies; the next stain makes them again from the model's networks.
+
+        Needed only after writing into the weights in a way PyTorch's version counters do not see
+        (through ``param.data``); replacing a network or changing it in place is noticed by itself.
+        """
+        with self._networks_lock:
+            self._networks.clear()
 
     def _network_state(self) -> tuple:
         """Which tensors the networks hold and how often each was changed in place (PyTorch's version counters)."""
@@ -259,16 +270,17 @@ class StainModel:
         resolved = resolve_precision(precision, device)
         if precision.lower() != "auto" or device.type != "cpu" or resolved == "fp32":
             return resolved
-        net = self.student if self.student is not None else self.teacher
+        nets = self.networks(device)  # time the copy that will run (its device, its memory format)
+        net = nets.student if nets.student is not None else nets.teacher
         if net is None:
             return "fp32"
         side = PRECISION_PROBE + (-PRECISION_PROBE) % net.size_multiple
-        channels = 4 if net is self.student else 1
+        channels = 4 if net is nets.student else 1
         probe = torch.rand(1, channels, side, side, device=device)
 
         def run(candidate: str) -> None:
             with torch.no_grad(), autocast(device, candidate):
-                net(probe) if net is self.student else colorize(net, probe)
+                net(probe) if net is nets.student else colorize(net, probe)
 
         return faster_cpu_precision(run, (type(net).__name__, repr(sorted(net.config.items()))))
 
@@ -360,6 +372,7 @@ class StainModel:
                                     precision=precision, stats_pixels=stats_pixels, compile=compile, batch=batch,
                                     adapt=adapt)
         wanted = self.check_outputs(outputs)
+        check_tiling(settings.tile, settings.overlap)  # eager tiles: the overlap at most half the tile
         image = plain_array(image)
         stack, plane_dims = split_planes(image.shape)
         check_plane_shape(plane_dims)

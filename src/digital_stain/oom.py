@@ -31,20 +31,20 @@ def release_memory() -> None:
         torch.mps.empty_cache()
 
 
-def stain_with_fallback(model, image, outputs=None, *, tile: int = 512, min_tile: int = 256,
-                        stats_pixels: int = 2048 * 2048, notify: Callable[[str], None] | None = None,
+def stain_with_fallback(model, image, outputs=None, *, settings=None, tile: int | None = None, min_tile: int = 256,
+                        stats_pixels: int | None = None, notify: Callable[[str], None] | None = None,
                         **options) -> tuple[dict, dict]:
     """:meth:`StainModel.stain`, retried with smaller tiles and then on the CPU if memory runs out.
 
     Parameters
     ----------
     model : StainModel
-    image, outputs, options
+    image, outputs, settings, options
         As for :meth:`StainModel.stain` (``device`` is honoured for the first try).
     tile, min_tile : int
-        First tile side, and the smallest one tried before moving to the CPU.
+        First tile side (default: the settings'), and the smallest one tried before moving to the CPU.
     stats_pixels : int
-        Whole-image statistics budget for the first try; it shrinks with the tile.
+        Whole-image statistics budget for the first try (default: the settings'); it shrinks with the tile.
     notify : callable(str), optional
         Told, in one sentence, about every fallback.
 
@@ -55,6 +55,11 @@ def stain_with_fallback(model, image, outputs=None, *, tile: int = 512, min_tile
     used : dict
         ``tile``, ``stats_pixels`` and ``device`` that finally worked, and ``fallbacks`` (the messages).
     """
+    from .stain_settings import StainSettings
+
+    base = settings if settings is not None else StainSettings()
+    tile = base.tile if tile is None else tile
+    stats_pixels = base.stats_pixels if stats_pixels is None else stats_pixels
     fallbacks: list[str] = []
 
     def say(message: str) -> None:
@@ -64,11 +69,12 @@ def stain_with_fallback(model, image, outputs=None, *, tile: int = 512, min_tile
 
     from .devices import resolve_device
 
-    device = resolve_device(options.pop("device", None) or model._device)
+    device = resolve_device(options.pop("device", None) or base.device or model._device)
     while True:
         failed = False
         try:
-            results = model.stain(image, outputs, tile=tile, stats_pixels=stats_pixels, device=device, **options)
+            results = model.stain(image, outputs, settings=base, tile=tile, stats_pixels=stats_pixels, device=device,
+                                  **options)
             return results, {"tile": tile, "stats_pixels": stats_pixels, "device": str(device),
                              "fallbacks": fallbacks}
         except (torch.OutOfMemoryError, RuntimeError) as error:

@@ -363,8 +363,8 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         ``enhanced``, ``teacher``, ``student``; default all the model has.
     settings : StainSettings, optional
         How to stain (:class:`~digital_stain.stain_settings.StainSettings`: its chunk, overlap,
-        device, precision, compile and adapt are used; the statistics are the slide's own, below).
-        The keywords below, when given, win over it.
+        device, precision, compile and adapt are used, the adapt not when resuming; the statistics
+        are the slide's own, below). The keywords below, when given, win over it.
     chunk : int
         Side of a work unit and of the stored chunks, 256..4096 px (rounded
         down to the networks' 16-px grid). Memory grows with its square.
@@ -428,7 +428,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
     device = base.device if device is None else device
     precision = base.precision if precision is None else precision
     compile = base.compile if compile is None else compile
-    if adapt is None and settings is not None:  # else: auto for a new store, the stored setting on resume
+    if adapt is None and settings is not None and not resume:  # else: auto for a new store, the stored one on resume
         adapt = settings.adapt.mode if isinstance(settings.adapt, Adaptation) else settings.adapt
     if not CHUNK_RANGE[0] <= chunk <= CHUNK_RANGE[1]:
         raise InputError(f"chunk {chunk} px is out of range; use {CHUNK_RANGE[0]}..{CHUNK_RANGE[1]} (default 1024).")

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from .adapt import Adaptation, check_mode
 from .arrays import InputError
 from .devices import DEVICES, PRECISIONS
-from .tiling import TILE_RANGE, check_tiling
+from .tiling import OVERLAP_RANGE, TILE_RANGE, check_tiling
+
+CHUNK_MAX = 16384  # a lazy chunk or slide unit over this is most of a slide in memory at once
 
 STATS_RANGE = (1, 2**31)
 
@@ -58,10 +60,14 @@ class StainSettings:
     adapt: str | Adaptation = "auto"
 
     def __post_init__(self) -> None:
-        check_tiling(self.tile, self.overlap)
-        if not TILE_RANGE[0] <= self.chunk <= TILE_RANGE[1] or 2 * self.overlap > self.chunk:
-            raise InputError(f"chunk {self.chunk} px is out of range; use {TILE_RANGE[0]}..{TILE_RANGE[1]} px, "
-                             f"at least twice the overlap ({self.overlap} px); default 1024.")
+        # the overlap against the tile is the eager path's own check (StainModel.stain): lazy chunks and
+        # slide units round chunk and overlap to the stride grid instead (chunks.grid_sizes)
+        check_tiling(self.tile, min(self.overlap, self.tile // 2))
+        if not OVERLAP_RANGE[0] <= self.overlap <= OVERLAP_RANGE[1]:
+            raise InputError(f"overlap {self.overlap} px is out of range; use {OVERLAP_RANGE[0]}..{OVERLAP_RANGE[1]} "
+                             "(default 128).")
+        if not TILE_RANGE[0] <= self.chunk <= CHUNK_MAX:
+            raise InputError(f"chunk {self.chunk} px is out of range; use {TILE_RANGE[0]}..{CHUNK_MAX} px (default 1024).")
         if str(self.precision).lower() not in PRECISIONS:
             raise InputError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         object.__setattr__(self, "precision", str(self.precision).lower())
@@ -69,8 +75,9 @@ class StainSettings:
             raise InputError(f"statistics pixels {self.stats_pixels} out of range; use {STATS_RANGE[0]}..{STATS_RANGE[1]}.")
         if not 64 <= self.stats_crop <= 4096:
             raise InputError(f"statistics crop {self.stats_crop} px out of range; use 64..4096 (default 512).")
-        if not isinstance(self.batch, int) or self.batch < 1:
+        if isinstance(self.batch, bool) or not float(self.batch).is_integer() or self.batch < 1:
             raise InputError(f"batch must be a whole number of at least 1, got {self.batch!r}.")
+        object.__setattr__(self, "batch", int(self.batch))
         if self.device is not None and str(self.device).split(":")[0] not in DEVICES:
             raise InputError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}.")
         if not isinstance(self.adapt, Adaptation):

@@ -89,7 +89,7 @@ def _crop(image: np.ndarray) -> np.ndarray:
 
 
 def score_model(model, images: list, reference_lab: np.ndarray | None,
-                stop: threading.Event | None = None) -> dict | None:
+                stop: threading.Event | None = None, device=None) -> dict | None:
     """Scores of each network output of ``model`` on ``images``: ``{output: {score: value}}``; ``None`` if stopped."""
     outputs = [o for o in ("teacher", "student") if o in model.outputs]
     adaptation = model.adaptation(images, "auto")  # as the user would stain the folder
@@ -98,7 +98,7 @@ def score_model(model, images: list, reference_lab: np.ndarray | None,
     for image in images:
         if stop_requested(stop):
             return None
-        result = model.stain(image, ["enhanced", *outputs], adapt=adaptation, precision="fp32")
+        result = model.stain(image, ["enhanced", *outputs], adapt=adaptation, precision="fp32", device=device)
         for output in outputs:
             stains[output].append(as_rgb_uint8(result[output]))
             structures[output].append(structure_score(stains[output][-1], result["enhanced"]))
@@ -155,7 +155,7 @@ def verdict(start: dict, tuned: dict) -> list[str]:
 
 
 def compare(start, tuned, darkfield: list, reference_lab: np.ndarray | None, *, progress=None,
-            stop: threading.Event | None = None) -> Check | None:
+            stop: threading.Event | None = None, device=None) -> Check | None:
     """Stain the held-out ``darkfield`` images with both models and judge the tuned one; ``None`` if stopped.
 
     Parameters
@@ -172,7 +172,7 @@ def compare(start, tuned, darkfield: list, reference_lab: np.ndarray | None, *, 
     images = [_crop(np.asarray(image)) for image in darkfield[:MAX_IMAGES]]
     scored = []
     for i, model in enumerate((start, tuned)):
-        scores = score_model(model, images, reference_lab, stop)
+        scores = score_model(model, images, reference_lab, stop, device)
         if scores is None:
             return None
         scored.append(scores)

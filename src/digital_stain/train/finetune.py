@@ -379,7 +379,8 @@ def fine_tune(
         # a Stop pressed before the check (to end the training) still gets its best state checked, which is
         # quick; one pressed during the check ends it, and nothing unchecked is handed on
         during = None if stop_requested(stop) else stop
-        verdict = compare(model, tuned, held_dark, reference, progress=staged("check"), stop=during)
+        verdict = compare(model, tuned, held_dark, reference, progress=staged("check"), stop=during,
+                          device=stain_device)
         if verdict is None:
             return FineTuneResult(None, result, round(time.time() - started, 1),
                                   "stopped while checking the tuned model: no model (the training is kept in the "
