@@ -21,7 +21,7 @@ import torch
 from .devices import autocast
 from .nets.norm import Statistics, record_statistics
 from .nets.unet import colorize
-from .prepare import Preparation
+from .prepare import Preparation, each_band, row_bands
 from .stain_settings import StainSettings
 from .tiling import pad_image, stats_boxes, stats_sample, tiled_apply, whole_apply
 
@@ -180,8 +180,6 @@ class StainKernel:
 
 def to_yxc(out: np.ndarray, clip: bool = False) -> np.ndarray:
     """``(C, Y, X)`` -> contiguous ``(Y, X, C)`` float32, clipped to [0, 1] when asked (band by band, on threads)."""
-    from .prepare import each_band, row_bands
-
     channels, height, width = out.shape
     result = np.empty((height, width, channels), dtype=out.dtype)
 

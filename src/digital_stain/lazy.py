@@ -55,7 +55,7 @@ import torch
 from .adapt import Adaptation
 from .arrays import MIN_SIDE, InputError, ValueScaling, check_dtype, check_plane_shape, plain_array, scaling_of, split_planes
 from .background import NewestFirst
-from .chunks import GRID, ChunkStainer, chunk_sizes, chunked, grid_sizes, unit_rgb_array  # noqa: F401  (chunk_sizes: public here too)
+from .chunks import ChunkStainer, chunk_sizes, chunked, grid_sizes, unit_rgb_array  # noqa: F401  (chunk_sizes: public here too)
 from .kernel import StainKernel
 from .stain_settings import StainSettings
 
@@ -121,8 +121,6 @@ class LazyStain:
         inner ones, a ``(chunk + 2 overlap)``-px square) run compiled: one shape, one graph. Chunks at
         the image's edges have other shapes and run eagerly, so they equal an uncompiled run; inner
         ones match it to float rounding. After a fallback to the CPU everything runs eagerly.
-    resolved_precision : str, optional
-        A precision already resolved (e.g. a slide's stored one): no timing of ``auto``.
     adapt : ``auto|on|off`` or Adaptation
         Adaptation to another microscope (:mod:`digital_stain.adapt`), decided once on the whole
         image (a dask image larger than 16 MP on crops spread over it) and the same for every
@@ -144,8 +142,6 @@ class LazyStain:
         Where the networks run (the CPU after a fallback).
     """
 
-    GRID = GRID  # chunks and margins are multiples of it (chunks.GRID)
-
     def __init__(self, model, image, outputs: Sequence[str] | None = None, *, settings: StainSettings | None = None,
                  chunk: int | None = None, overlap: int | None = None, device: str | None = None,
                  precision: str | None = None, stats_pixels: int | None = None, stats_crop: int | None = None,
@@ -154,7 +150,7 @@ class LazyStain:
                  on_fallback: Callable[[str], None] | None = None, max_pending: int = 64,
                  scaling: ValueScaling | None = None, cache_bytes: int | None = None,
                  net_lock: threading.Lock | None = None, compile: bool | None = None,
-                 adapt: str | Adaptation | None = None, resolved_precision: str | None = None):
+                 adapt: str | Adaptation | None = None):
         import dask.array as da
 
         settings = StainSettings.of(settings, chunk=chunk, overlap=overlap, device=None if device is None else str(device),
@@ -200,7 +196,7 @@ class LazyStain:
         self.rgb = unit_rgb_array(source, self.prep, self.stack_ndim, f"unit-rgb-{self._token}")
         # the kernel (the networks' read-only copies on the device, precision, settings), the chunk grid and
         # the per-plane statistics: what a slide unit stains with too
-        self.stainer = ChunkStainer(StainKernel(model, self.prep, settings, precision=resolved_precision), self.rgb,
+        self.stainer = ChunkStainer(StainKernel(model, self.prep, settings), self.rgb,
                                     self.stack_ndim, self.overlap, self.chunk, on_fallback)
         self.arrays: dict = {}
         if "enhanced" in self.wanted:
@@ -337,7 +333,7 @@ class LazyStain:
     def _placeholder(self, rgb: np.ndarray, key: tuple) -> np.ndarray:
         """What a chunk looks like until it is stained: its enhanced gray in 3 channels (never cached)."""
         y_axis = self.stack_ndim
-        gray = self._trim(self._enhanced_block(rgb.reshape(rgb.shape[y_axis:])), key)
+        gray = self.stainer.trim(self._enhanced_block(rgb.reshape(rgb.shape[y_axis:])), key)
         return np.repeat(gray[..., None], 3, axis=-1).reshape(*rgb.shape[:y_axis], *gray.shape, 3)
 
     def _compute(self, role: str, key: tuple, rgb: np.ndarray | None = None,
@@ -352,17 +348,17 @@ class LazyStain:
         if hit is not None:
             return hit
         if rgb is None:
-            rgb = self.rgb[self._region(key)].compute()
+            rgb = self.rgb[self.stainer.region(key)].compute()
         y_axis = self.stack_ndim
         plane = rgb.reshape(rgb.shape[y_axis:])
-        prepared = self._prepare(role, plane, enhanced)
+        prepared = self.stainer.prepare(role, plane, enhanced)
         with self._net_lock:
             with self._lock:
                 hit = self._cached(role, key)  # another thread may have computed it while this one waited
             if hit is not None:
                 return hit
-            out = self._forward_or_fall_back(role, prepared, key[:y_axis])
-        out = np.ascontiguousarray(self._trim(out, key))
+            out = self.stainer.forward(role, prepared, key[:y_axis])  # on the CPU if the device runs out of memory
+        out = np.ascontiguousarray(self.stainer.trim(out, key))
         out = out.reshape(*rgb.shape[:y_axis], *out.shape)
         with self._lock:
             self.network_runs[role] += 1
@@ -371,20 +367,6 @@ class LazyStain:
             if len(cache) > self._cache_chunks:
                 cache.popitem(last=False)
         return out
-
-    def _forward_or_fall_back(self, role: str, prepared: tuple, plane_index: tuple, uint8: bool = False) -> np.ndarray:
-        """The kernel on a prepared chunk, on the CPU if the device runs out of memory (network lock held)."""
-        return self.stainer.forward(role, prepared, plane_index, uint8)
-
-    def _trim(self, out: np.ndarray, key: tuple) -> np.ndarray:
-        return self.stainer.trim(out, key)
-
-    def _region(self, key: tuple) -> tuple[slice, ...]:
-        return self.stainer.region(key)
-
-    def _prepare(self, role: str, plane: np.ndarray, enhanced: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
-        return self.stainer.prepare(role, plane, enhanced)
-
 
 def stain_lazy(model, image, outputs: Sequence[str] | None = None, **options) -> dict:
     """Lazily stained outputs of ``image``: ``{name: dask array}`` (see :class:`LazyStain`)."""

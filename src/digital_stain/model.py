@@ -30,7 +30,7 @@ from .devices import autocast, faster_cpu_precision, resolve_device, resolve_pre
 from .enhance import Enhancer
 from .histograms import measure
 from .modelfile import ModelFileError, load_bundle, numpy_state, save_bundle, torch_state
-from .kernel import Networks, StainKernel, to_yxc  # noqa: F401  (to_yxc: imported from here by older code)
+from .kernel import Networks, StainKernel, to_yxc  # noqa: F401  (to_yxc: its old home, still imported from here)
 from .nets import ColorizationUNet, ResnetGenerator
 from .nets.unet import colorize
 from .prepare import Preparation

@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 import torch
 
+from .devices import resolve_device
+from .stain_settings import StainSettings
+
 
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA's ``OutOfMemoryError`` and MPS's "out of memory" RuntimeError."""
@@ -55,8 +58,6 @@ def stain_with_fallback(model, image, outputs=None, *, settings=None, tile: int 
     used : dict
         ``tile``, ``stats_pixels`` and ``device`` that finally worked, and ``fallbacks`` (the messages).
     """
-    from .stain_settings import StainSettings
-
     base = settings if settings is not None else StainSettings()
     tile = base.tile if tile is None else tile
     stats_pixels = base.stats_pixels if stats_pixels is None else stats_pixels
@@ -66,8 +67,6 @@ def stain_with_fallback(model, image, outputs=None, *, settings=None, tile: int 
         fallbacks.append(message)
         if notify is not None:
             notify(message)
-
-    from .devices import resolve_device
 
     device = resolve_device(options.pop("device", None) or base.device or model._device)
     while True:
