@@ -40,7 +40,7 @@ from pathlib import Path
 
 from digital_stain import hostmem
 
-hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
+hostmem.own_process()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slide_memory import command_line, emit, make_slide  # noqa: E402

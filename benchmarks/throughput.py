@@ -51,7 +51,7 @@ from pathlib import Path
 
 from digital_stain import hostmem
 
-hostmem.request_huge_pages()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
+hostmem.own_process()  # as the CLI does: before torch allocates (docs/benchmarks.md, host memory)
 
 import numpy as np
 import torch

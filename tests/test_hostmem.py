@@ -22,8 +22,17 @@ LARGE_BLOCK = ("import os, torch; "
                "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), block.data_ptr() % 4096, huge > 0)")
 
 
+# page faults of allocating, filling and freeing 512 MB with torch, the second time (the first time faults anyway)
+REFAULTS = ("import resource, torch\n"
+            "def fill():\n"
+            "    block = torch.empty(512 << 20, dtype=torch.uint8); block.fill_(1); del block\n"
+            "fill(); before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; fill()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+
+
 def _in_a_fresh_process(code: str, **env) -> list[str]:
-    environment = {k: v for k, v in os.environ.items() if k != hostmem.ENVIRONMENT}
+    environment = {k: v for k, v in os.environ.items()
+                   if k != hostmem.ENVIRONMENT and k not in hostmem.MALLOC_ENVIRONMENT}
     done = subprocess.run([sys.executable, "-c", code], env={**environment, **env}, capture_output=True, text=True,
                           check=True, timeout=300)
     return done.stdout.split()
@@ -62,6 +71,28 @@ def test_the_command_line_entry_point_is_the_module_that_asks():
     assert seen == ["None", "1"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
+def test_the_command_line_reuses_freed_blocks_instead_of_faulting_them_in_again():
+    """The second 512-MB block of the command line's process lands in memory it already has; with the user's own
+    malloc setting (kept), or in a library user's process, it is faulted in again."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    kept = int(_in_a_fresh_process(CLI + REFAULTS)[0])
+    users = int(_in_a_fresh_process(CLI + REFAULTS, MALLOC_MMAP_THRESHOLD_=str(128 << 10))[0])
+    library = int(_in_a_fresh_process(LIBRARY + REFAULTS)[0])
+    assert kept < 64, kept  # nothing (a few pages of Python's own)
+    assert users >= 200 and library >= 200, (users, library)  # 256 huge pages, or 131072 small ones
+
+
+def test_keep_freed_memory_keeps_a_users_malloc_setting(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert not hostmem.keep_freed_memory()
+    assert hostmem.child_environment()["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    assert "MALLOC_MMAP_THRESHOLD_" not in hostmem.child_environment()
+
+
 def test_request_huge_pages_respects_the_environment(monkeypatch):
     monkeypatch.delenv(hostmem.ENVIRONMENT, raising=False)
     assert hostmem.request_huge_pages() and os.environ[hostmem.ENVIRONMENT] == "1"
@@ -71,10 +102,13 @@ def test_request_huge_pages_respects_the_environment(monkeypatch):
 
 def test_child_environment_passes_the_users_setting_or_asks(monkeypatch):
     monkeypatch.delenv(hostmem.ENVIRONMENT, raising=False)
-    assert hostmem.child_environment() == {hostmem.ENVIRONMENT: "1"}
+    for name in hostmem.MALLOC_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    keep = {name: str(hostmem.KEEP_BYTES) for name in hostmem.MALLOC_ENVIRONMENT}
+    assert hostmem.child_environment() == {hostmem.ENVIRONMENT: "1", **keep}
     assert hostmem.ENVIRONMENT not in os.environ  # this process's environment is not changed
     monkeypatch.setenv(hostmem.ENVIRONMENT, "0")
-    assert hostmem.child_environment() == {hostmem.ENVIRONMENT: "0"}
+    assert hostmem.child_environment() == {hostmem.ENVIRONMENT: "0", **keep}
 
 
 def test_kernel_huge_pages_reads_the_bracketed_mode():

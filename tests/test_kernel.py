@@ -47,7 +47,7 @@ def _assert_same_state(before: dict, after: dict) -> None:
 def test_settings_have_one_set_of_defaults_and_are_checked_once():
     settings = StainSettings()
     assert (settings.tile, settings.overlap, settings.chunk, settings.stats_pixels, settings.stats_crop) == \
-        (512, 128, 1024, 2048 * 2048, 512)
+        (1024, 128, 1024, 2048 * 2048, 512)
     assert settings.precision == "auto" and settings.adapt == "auto" and settings.device is None
     assert StainSettings(precision="FP32").precision == "fp32"
     with pytest.raises(AttributeError):
@@ -61,11 +61,11 @@ def test_settings_have_one_set_of_defaults_and_are_checked_once():
 
 
 def test_the_overlap_is_checked_against_the_tile_only_where_tiles_are_used(tiny_model, darkfield_tile):
-    settings = StainSettings(chunk=1024, overlap=300)  # lazy and slide: rounded to the stride grid
+    settings = StainSettings(chunk=2048, overlap=600)  # lazy and slide: rounded to the stride grid
     lazy = LazyStain(tiny_model, darkfield_tile, ["enhanced"], settings=settings)
-    assert (lazy.chunk, lazy.overlap) == (1024, 304)
+    assert (lazy.chunk, lazy.overlap) == (2048, 608)
     assert StainSettings(batch=np.int64(2)).batch == 2
-    with pytest.raises(InputError, match="overlap 300 px is out of range for tile 512"):
+    with pytest.raises(InputError, match="overlap 600 px is out of range for tile 1024"):
         tiny_model.stain(darkfield_tile, settings=settings)  # eager: at most half the tile
 
 
@@ -150,3 +150,41 @@ def test_a_kernel_on_the_cpu_after_running_out_of_memory_keeps_preparation_and_s
     cpu = kernel.on_cpu()
     assert cpu.prep is prep and cpu.device.type == "cpu" and cpu.precision == "fp32" and not cpu.settings.compile
     assert cpu.settings.replace(compile=True) == kernel.settings
+
+
+# -- the statistics pass of a large plane is part of its tiles -----------------------------------------
+
+
+def test_a_large_plane_takes_its_statistics_from_its_own_tiles_and_reuses_their_stains(tiny_model, darkfield_tile):
+    """The tiles that make the statistics pass are not run again, and their stains are what a run with
+    those statistics gives (so reusing them changes nothing)."""
+    from digital_stain.kernel import to_yxc
+    from digital_stain.tiling import pad_image, spread_tiles, tile_layout, tiled_apply
+
+    image = np.tile(darkfield_tile, (2, 2, 1))[:500, :460]
+    settings = StainSettings(tile=128, overlap=32, stats_pixels=4 * 128 * 128, **FP32)
+    kernel = StainKernel(tiny_model, tiny_model.preparation(image), settings)
+    student_in = kernel.prep.plane(image, student=True)[1]
+    net = tiny_model.student
+    th, tw, boxes = tile_layout(500, 460, 128, 32, net.size_multiple, net.min_size)
+    chosen = spread_tiles(boxes, settings.stats_pixels // (th * tw))
+    assert 1 < len(chosen) < len(boxes)
+
+    calls = []
+    runner = kernel.runner
+
+    def counting_runner(role, statistics=None, compiled=False):
+        run = runner(role, statistics, compiled)
+        return lambda x: calls.append(x.shape[0]) or run(x)
+
+    kernel.runner = counting_runner
+    stained = kernel.stain_plane("student", student_in)
+    assert sum(calls) == len(boxes) - len(chosen), "every statistics tile was computed once, in that pass only"
+
+    padded, _ = pad_image(student_in, net.size_multiple, net.min_size)
+    sample = np.stack([padded[:, y : y + th, x : x + tw] for y, x in chosen])
+    statistics = kernel.statistics(sample)
+    recomputed = to_yxc(tiled_apply(runner("student", statistics), student_in, out_channels=3, tile=128, overlap=32,
+                                    multiple=net.size_multiple, min_size=net.min_size), clip=True)
+    assert stained.shape == (500, 460, 3) and stained.std() > 0.01
+    np.testing.assert_allclose(stained, recomputed, atol=1e-5)

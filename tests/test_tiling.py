@@ -9,7 +9,16 @@ import torch
 from digital_stain.arrays import to_unit_rgb
 from digital_stain.color import luma
 from digital_stain.enhance import on_input_grid
-from digital_stain.tiling import pad_image, ramp, stats_sample, tile_starts, tiled_apply
+from digital_stain.tiling import (
+    fitted_tile,
+    pad_image,
+    ramp,
+    spread_tiles,
+    stats_sample,
+    tile_layout,
+    tile_starts,
+    tiled_apply,
+)
 
 
 # -- tile_starts ---------------------------------------------------------
@@ -209,27 +218,30 @@ def test_seam_detector_sees_a_seam():
     assert seam_ratio(seamed - reference, starts, 256) > 10
 
 
-def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile, monkeypatch):
-    from digital_stain import kernel
+def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile):
+    """Tiles normalised with the whole image's statistics, blended: the one-pass stain, no seams."""
+    from digital_stain.kernel import StainKernel, to_yxc
     from digital_stain.stain_settings import StainSettings
 
     image = np.tile(darkfield_tile, (3, 3, 1))  # 768 x 768, a 3 x 3 tiling of the sample
     assert image.shape == (768, 768, 3)
     tile, overlap = 256, 96
+    net = tiny_model.student
 
-    one_pass = tiny_model.stain(image, ["student"], tile=1024, overlap=overlap, precision="fp32")["student"]
-    # An image within stats_pixels is stained in one pass whatever the tile; one pixel fewer makes the student
-    # tile it, with statistics recorded on one crop of 768 px: the whole image, as for the one pass.
-    tiles_seen = []
+    one_pass = tiny_model.stain(image, ["student"], overlap=overlap, precision="fp32")["student"]
+    kernel = StainKernel(tiny_model, tiny_model.preparation(image), StainSettings(precision="fp32"), "cpu")
+    student_in = kernel.prep.plane(image, student=True)[1]
+    statistics = kernel.statistics(pad_image(student_in, net.size_multiple, net.min_size)[0][None])
+    calls = []
 
-    def spy(fn, image, **kwargs):
-        tiles_seen.append(kwargs["tile"])
-        return tiled_apply(fn, image, **kwargs)
+    def frozen(x):
+        calls.append(x.shape[0])
+        return kernel.runner("student", statistics)(x)
 
-    monkeypatch.setattr(kernel, "tiled_apply", spy)
-    settings = StainSettings(tile=tile, overlap=overlap, precision="fp32", stats_pixels=768 * 768 - 1, stats_crop=768)
-    tiled = tiny_model.stain(image, ["student"], settings=settings)["student"]
-    assert tiles_seen == [tile], "the student must really be tiled for the comparison to mean anything"
+    tiled = to_yxc(tiled_apply(frozen, student_in, out_channels=3, tile=tile, overlap=overlap,
+                               multiple=net.size_multiple, min_size=net.min_size), clip=True)
+    th, tw, boxes = tile_layout(768, 768, tile, overlap, net.size_multiple, net.min_size)
+    assert len(calls) == len(boxes) == 25, "the student must really be tiled for the comparison to mean anything"
     assert tiled.shape == one_pass.shape == (768, 768, 3)
     assert tiled.dtype == np.float32
     assert one_pass.std() > 0.01, "the random student must produce structure for the comparison to mean anything"
@@ -237,11 +249,11 @@ def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile,
     frozen_diff = float(np.abs(tiled - one_pass).max())
     assert frozen_diff < 2e-3, f"tiled result differs from one pass by {frozen_diff}"
 
-    starts = tile_starts(768, tile, overlap)
-    assert len(starts) == 5  # really tiled: 5 x 5 tiles
-    ratio = seam_ratio(tiled - one_pass, starts, tile)
+    starts = sorted({y for y, _ in boxes})
+    assert th == tw and len(starts) == 5  # really tiled: 5 x 5 tiles
+    ratio = seam_ratio(tiled - one_pass, starts, th)
     assert ratio < 1.5, f"difference image has {ratio:.2f}x more gradient at tile edges than elsewhere"
-    change = border_gradient_change(tiled, one_pass, starts, tile)
+    change = border_gradient_change(tiled, one_pass, starts, th)
     assert change < 0.10, f"output gradient at a tile edge changed by {100 * change:.1f}% vs one pass"
 
     # Would the comparison catch un-normalised tiles? Run the same tiling with the
@@ -324,10 +336,12 @@ def test_batched_tiles_equal_one_tile_at_a_time(frozen_student, batch):
     assert batched.shape == reference.shape == (3, 150, 170) and batched.dtype == np.float32
     assert reference.std() > 0.01
     np.testing.assert_allclose(batched, reference, atol=1e-5)
-    tiles = len(tile_starts(152, 64, 16, net.size_multiple)) * len(tile_starts(176, 64, 16, net.size_multiple))
+    th, tw, boxes = tile_layout(150, 170, 64, 16, net.size_multiple, net.min_size)
+    tiles = len(boxes)
+    assert tiles == len(tile_starts(152, 64, 16, net.size_multiple)) * len(tile_starts(176, 64, 16, net.size_multiple))
     assert len(shapes) == -(-tiles // batch)
     assert [s[0] for s in shapes] == [min(batch, tiles - i * batch) for i in range(len(shapes))]
-    assert all(s[1:] == (4, 64, 64) for s in shapes)
+    assert all(s[1:] == (4, th, tw) for s in shapes) and (th, tw) == (64, 56)  # 176 px: four 56-px tiles do
 
 
 def test_blending_on_the_device_equals_blending_on_the_host(frozen_student, monkeypatch):
@@ -381,3 +395,80 @@ def test_stop_is_checked_between_batches():
 def test_batch_must_be_positive():
     with pytest.raises(ValueError, match="batch"):
         tiled_apply(lambda x: x, np.zeros((1, 16, 16), np.float32), out_channels=1, batch=0)
+
+
+# -- fitted tiles and given tiles ----------------------------------------------
+@pytest.mark.parametrize("length, tile, overlap, multiple", [(4096, 1024, 128, 4), (3000, 1024, 128, 4),
+                                                             (768, 256, 96, 4), (1008, 256, 100, 16),
+                                                             (208, 64, 16, 8), (500, 512, 128, 4)])
+def test_fitted_tile_needs_no_more_tiles_and_computes_fewer_pixels(length, tile, overlap, multiple):
+    fitted = fitted_tile(length, tile, overlap, multiple)
+    assert fitted <= tile and fitted % multiple == 0
+    count = len(tile_starts(length, tile, overlap, multiple))
+    assert len(tile_starts(length, fitted, overlap, multiple)) == count
+    if count > 1:  # one smaller tile would need another tile (or the tile is already the smallest that covers)
+        smaller = fitted - multiple
+        assert fitted == tile or len(tile_starts(length, smaller, overlap, multiple)) > count
+
+
+def test_fitted_tiles_of_a_4096_px_side():
+    """1024-px tiles overlapping by 128: five tiles either way, 924 px instead of 1024 (19% fewer pixels each)."""
+    assert fitted_tile(4096, 1024, 128, 4) == 924
+    starts = tile_starts(4096, 924, 128, 4)
+    assert len(starts) == len(tile_starts(4096, 1024, 128, 4)) == 5 and starts[-1] + 924 == 4096
+    assert all(128 <= a + 924 - b < 200 for a, b in zip(starts, starts[1:]))  # overlaps near 128, not up to 350
+
+
+def test_tile_layout_is_where_tiled_apply_cuts():
+    image = np.random.default_rng(2).random((1, 300, 170), dtype=np.float32)
+    seen = []
+
+    def fn(x):
+        seen.append(tuple(x.shape[-2:]))
+        return x
+
+    tiled_apply(fn, image, out_channels=1, tile=96, overlap=24, multiple=8)
+    th, tw, boxes = tile_layout(300, 170, 96, 24, 8)
+    assert seen == [(th, tw)] * len(boxes)
+    assert boxes == sorted(boxes) and boxes[0] == (0, 0)
+    assert max(y for y, _ in boxes) + th == 304 and max(x for _, x in boxes) + tw == 176
+
+
+@pytest.mark.parametrize("count, rows, cols", [(4, 2, 2), (1, 1, 1), (9, 3, 3), (100, 5, 5), (6, 2, 3), (0, 1, 1)])
+def test_spread_tiles_picks_an_even_grid(count, rows, cols):
+    grid = [(y, x) for y in range(0, 500, 100) for x in range(0, 500, 100)]  # 5 x 5
+    chosen = spread_tiles(grid, count)
+    assert len(chosen) == rows * cols <= max(count, 1)
+    assert set(chosen) <= set(grid) and len(set(chosen)) == len(chosen)
+    if (rows, cols) == (2, 2):
+        assert chosen == [(100, 100), (100, 300), (300, 100), (300, 300)]  # spread, not packed in a corner
+    if count == 1:
+        assert chosen == [(200, 200)]  # one tile: the centre
+
+
+def test_given_tiles_are_blended_as_they_are_and_not_computed():
+    rng = np.random.default_rng(8)
+    image = rng.random((2, 130, 140), dtype=np.float32)
+
+    def fn(x):
+        return x * 2.0 + 1.0
+
+    reference = tiled_apply(fn, image, out_channels=2, tile=64, overlap=16, multiple=4)
+    th, tw, boxes = tile_layout(130, 140, 64, 16, 4)
+    padded, _ = pad_image(image, 4)
+    chosen = spread_tiles(boxes, 2)
+    given = {(y, x): torch.from_numpy(padded[:, y : y + th, x : x + tw] * 2.0 + 1.0) for y, x in chosen}
+    calls = []
+
+    def counted(x):
+        calls.append(x.shape[0])
+        return fn(x)
+
+    progress = []
+    out = tiled_apply(counted, image, out_channels=2, tile=64, overlap=16, multiple=4, given=given,
+                      progress=lambda d, t: progress.append((d, t)))
+    np.testing.assert_allclose(out, reference, rtol=1e-6)  # blended in another order: float rounding only
+    assert sum(calls) == len(boxes) - len(given)
+    assert progress == [(i, len(boxes)) for i in range(1, len(boxes) + 1)]
+    with pytest.raises(ValueError, match="not origins"):
+        tiled_apply(fn, image, out_channels=2, tile=64, overlap=16, multiple=4, given={(1, 1): given[chosen[0]]})

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-# The command line owns its process, so it asks PyTorch for huge pages (hostmem.py); `import
-# digital_stain` does not, as inside napari the process is shared. PyTorch reads the variable at its
+# The command line owns its process, so it asks PyTorch for huge pages and C's malloc to keep freed
+# blocks for reuse (hostmem.py); `import digital_stain` does not, as inside napari the process is shared. PyTorch reads the variable at its
 # first CPU allocation, and the imports below already allocate (color.py makes tensors on import), so
 # it is set here, on importing this module (what the `digital-stain` script does first), not in main().
-from .hostmem import request_huge_pages
+from .hostmem import own_process
 
-request_huge_pages()
+own_process()
 
 from . import options  # noqa: E402
 from .adapt import ADAPT_MODES  # noqa: E402
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--device", default="auto", choices=DEVICES)
     stain.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="auto: bf16 only where the hardware is fast at it (CUDA, CPUs with AMX or AVX512-BF16), else fp32")
-    stain.add_argument("--tile", type=options.tile, default=512, help="tile side in pixels (memory vs speed)")
+    stain.add_argument("--tile", type=options.tile, default=1024, help="tile side in pixels (memory vs speed)")
     stain.add_argument("--overlap", type=options.overlap, default=128,
                        help="tile overlap in pixels (smaller is faster, less exact at tile borders)")
     stain.add_argument("--outputs", default=None,

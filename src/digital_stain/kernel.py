@@ -23,7 +23,7 @@ from .nets.norm import Statistics, record_statistics
 from .nets.unet import colorize
 from .prepare import Preparation, each_band, row_bands
 from .stain_settings import StainSettings
-from .tiling import pad_image, stats_boxes, stats_sample, tiled_apply, whole_apply
+from .tiling import pad_image, spread_tiles, stats_boxes, tile_layout, tiled_apply, whole_apply
 
 ROLES = ("teacher", "student")
 
@@ -111,6 +111,19 @@ class StainKernel:
         with torch.no_grad(), autocast(self.device, self.precision):
             return record_statistics(self.nets.student, self._tensor(sample))
 
+    def statistics_and_stain(self, sample: np.ndarray) -> tuple[Statistics, torch.Tensor]:
+        """The student's statistics pooled over ``sample`` ``(N, 4, h, w)``, and the stain of each input.
+
+        Every layer of that pass normalises with the pooled statistics of the whole sample, which
+        are the ones returned: its outputs ``(N, 3, h, w)`` (float32, [0, 1], unclipped, on the
+        device) are what a later call with those statistics would give, so tiles that were part of
+        the sample need not be computed again.
+        """
+        record: list = []
+        with torch.no_grad(), autocast(self.device, self.precision):
+            out = self.nets.student(self._tensor(sample), record=record)
+        return tuple(record), (out.float() + 1.0) / 2.0
+
     def stats_boxes(self, height: int, width: int) -> list | None:
         """Where a ``height`` x ``width`` plane's statistics are recorded (:func:`~digital_stain.tiling.stats_boxes`)."""
         student = self.nets.student
@@ -150,32 +163,47 @@ class StainKernel:
         return out[0].clamp(0.0, 1.0)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+        return tensor.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else tensor
 
     # -- blend: a whole plane, eagerly ---------------------------------------------------------
     def stain_plane(self, role: str, x: np.ndarray, progress=None, stop: threading.Event | None = None) -> np.ndarray:
         """A whole plane's network input ``(C, Y, X)`` to its stain ``(Y, X, 3)`` float32 in [0, 1].
 
         The student runs once on an image that fits the statistics pass (that pass is the stain:
-        exact, seam-free); a larger image gets statistics from crops spread over it, then
-        overlapping tiles blended (:func:`~digital_stain.tiling.tiled_apply`). The teacher has no
-        instance norm and is always tiled.
+        exact, seam-free). A larger image is cut into overlapping tiles
+        (:func:`~digital_stain.tiling.tile_layout`); a spread of them, as many as the statistics
+        pass holds, is that pass (pooled statistics, and their own stains kept), the others are
+        stained with its statistics, and all are blended
+        (:func:`~digital_stain.tiling.tiled_apply`): no pixel is computed for the statistics alone.
+        The teacher has no instance norm and is always tiled.
         """
         net, settings = self.nets.network(role), self.settings
-        compiled = settings.compile
-        statistics = None
+        statistics, given = None, None
         if role == "student":
             if self.stats_boxes(*x.shape[1:]) is None:
                 # eager even when compiling: a compile pays over many tiles, not one pass
                 out = whole_apply(self.runner(role), x, multiple=net.size_multiple, min_size=net.min_size,
                                   device=self.device, progress=progress, stop=stop)
                 return to_yxc(out, clip=True)
-            statistics = self.statistics(stats_sample(x, net.size_multiple, settings.stats_pixels,
-                                                      settings.stats_crop, net.min_size))
-        out = tiled_apply(self.runner(role, statistics, compiled), x, out_channels=3, tile=settings.tile,
+            statistics, given = self._statistics_tiles(x)
+        out = tiled_apply(self.runner(role, statistics, settings.compile), x, out_channels=3, tile=settings.tile,
                           overlap=settings.overlap, multiple=net.size_multiple, min_size=net.min_size,
-                          device=self.device, progress=progress, stop=stop, batch=settings.batch)
+                          device=self.device, progress=progress, stop=stop, batch=settings.batch, given=given)
         return to_yxc(out, clip=role == "student")
+
+    def _statistics_tiles(self, x: np.ndarray) -> tuple[Statistics, dict]:
+        """The statistics pass of a plane too large for one: pooled over a spread of its own tiles.
+
+        Returns the statistics and those tiles' stains by origin, for ``tiled_apply(given=...)``.
+        """
+        net, settings = self.nets.student, self.settings
+        th, tw, boxes = tile_layout(*x.shape[1:], settings.tile, settings.overlap, net.size_multiple, net.min_size)
+        chosen = spread_tiles(boxes, settings.stats_pixels // (th * tw))
+        padded, _ = pad_image(np.ascontiguousarray(x, dtype=np.float32), net.size_multiple, net.min_size)
+        statistics, stains = self.statistics_and_stain(np.stack([padded[:, y : y + th, x0 : x0 + tw]
+                                                                 for y, x0 in chosen]))
+        return statistics, dict(zip(chosen, stains))
 
 
 def to_yxc(out: np.ndarray, clip: bool = False) -> np.ndarray:

@@ -27,8 +27,9 @@ class StainSettings:
     Parameters
     ----------
     tile, overlap : int
-        Eager staining of an image larger than the statistics pass: tile side and the
-        overlap of neighbouring tiles, in pixels (memory against recomputed pixels).
+        Eager staining of an image larger than the statistics pass: the largest tile side
+        (tiles are shrunk to fit the image with as few of them) and the overlap of
+        neighbouring tiles, in pixels (memory against recomputed pixels).
     chunk : int
         Lazy and whole-slide staining: the side of a chunk (a unit of a slide), in pixels;
         each is computed with ``overlap`` pixels borrowed from its neighbours.
@@ -36,8 +37,9 @@ class StainSettings:
         ``auto``: what is measured fastest on the device (:meth:`StainModel.precision_for`).
     stats_pixels, stats_crop : int
         Images up to ``stats_pixels`` get the student's exact whole-image statistics (and
-        are stained eagerly in that one pass); larger ones get statistics pooled over
-        crops of ``stats_crop`` pixels spread across them.
+        are stained eagerly in that one pass); larger ones get statistics pooled over a
+        spread of their own tiles (eager, at most ``stats_pixels`` in all, their stains
+        kept) or of crops of ``stats_crop`` pixels (lazy and slide planes).
     compile : bool
         Run the networks through ``torch.compile`` (pays over many tiles or chunks).
     batch : int
@@ -48,7 +50,7 @@ class StainSettings:
         Adaptation to another microscope's dark-field (:mod:`digital_stain.adapt`).
     """
 
-    tile: int = 512
+    tile: int = 1024
     overlap: int = 128
     chunk: int = 1024
     precision: str = "auto"

@@ -37,6 +37,54 @@ def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list
     return sorted({min(i * step, length - tile) for i in range(count)})
 
 
+def fitted_tile(length: int, tile: int, overlap: int, multiple: int = 1) -> int:
+    """The smallest tile side (a multiple of ``multiple``, at most ``tile``) that covers ``length``
+    with as few tiles as ``tile`` needs.
+
+    Fewer pixels are computed twice: 4096 px in 1024-px tiles overlapping by 128 takes five
+    tiles either way, and 924-px tiles make them overlap by 128 instead of up to 350.
+    """
+    if tile >= length:
+        return tile
+    count = len(tile_starts(length, tile, overlap, multiple))
+    fitted = math.ceil((length + (count - 1) * overlap) / count)
+    fitted += (-fitted) % multiple
+    while fitted < tile and len(tile_starts(length, fitted, overlap, multiple)) > count:
+        fitted += multiple
+    return min(fitted, tile)
+
+
+def tile_layout(height: int, width: int, tile: int, overlap: int, multiple: int = 8,
+                min_size: int = 0) -> tuple[int, int, list[tuple[int, int]]]:
+    """Where :func:`tiled_apply` cuts a ``height`` x ``width`` image: tile height, width and origins.
+
+    The origins ``(y, x)`` are in the padded image (:func:`pad_image`), row by row; every tile
+    is ``th`` x ``tw``.
+    """
+    tile = max(multiple, min_size + (-min_size) % multiple, tile - tile % multiple)
+    overlap = min(overlap, tile // 2)
+    ph, pw = max(height, min_size), max(width, min_size)
+    ph, pw = ph + (-ph) % multiple, pw + (-pw) % multiple
+    th, tw = fitted_tile(ph, min(tile, ph), overlap, multiple), fitted_tile(pw, min(tile, pw), overlap, multiple)
+    ys, xs = tile_starts(ph, th, overlap, multiple), tile_starts(pw, tw, overlap, multiple)
+    return th, tw, [(y, x) for y in ys for x in xs]
+
+
+def spread_tiles(boxes: list[tuple[int, int]], count: int) -> list[tuple[int, int]]:
+    """At most ``count`` (at least one) of a row-by-row tile grid's origins, spread evenly over it."""
+    ys, xs = sorted({y for y, _ in boxes}), sorted({x for _, x in boxes})
+    count = max(1, count)
+    # as many rows and columns as fit, in the grid's own proportions
+    rows = max(1, min(len(ys), round(math.sqrt(count * len(ys) / len(xs)))))
+    cols = max(1, min(len(xs), count // rows))
+    rows = max(1, min(len(ys), count // cols))
+
+    def pick(values: list[int], n: int) -> list[int]:
+        return sorted({values[min(len(values) - 1, int((i + 0.5) * len(values) / n))] for i in range(n)})
+
+    return [(y, x) for y in pick(ys, rows) for x in pick(xs, cols)]
+
+
 def ramp(tile: int, overlap: int, lead: bool = True, trail: bool = True) -> np.ndarray:
     """1-D blending weights for a tile edge shared with a neighbour over ``overlap`` pixels.
 
@@ -90,7 +138,7 @@ def check_tiling(tile: int, overlap: int) -> None:
     from .arrays import InputError
 
     if not TILE_RANGE[0] <= tile <= TILE_RANGE[1]:
-        raise InputError(f"tile {tile} px is out of range; use {TILE_RANGE[0]}..{TILE_RANGE[1]} (default 512).")
+        raise InputError(f"tile {tile} px is out of range; use {TILE_RANGE[0]}..{TILE_RANGE[1]} (default 1024).")
     if not OVERLAP_RANGE[0] <= overlap <= OVERLAP_RANGE[1] or 2 * overlap > tile:
         raise InputError(f"overlap {overlap} px is out of range for tile {tile}: use 0..{min(OVERLAP_RANGE[1], tile // 2)} "
                          "(at most half the tile; default 128).")
@@ -109,6 +157,7 @@ def tiled_apply(
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
     batch: int = 1,
+    given: dict[tuple[int, int], np.ndarray | torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Apply ``fn`` to overlapping tiles, ``batch`` tiles per call, and blend.
 
@@ -138,6 +187,9 @@ def tiled_apply(
         Tiles per ``fn`` call (default 1). The result does not depend on it (within
         float rounding) as long as ``fn`` treats the tiles of a batch independently,
         e.g. a network with frozen norm statistics.
+    given : dict, optional
+        Tiles already computed, ``(y, x)`` origin (:func:`tile_layout`) to ``(out_channels, th, tw)``:
+        blended as they are, ``fn`` is not called for them (the statistics pass's tiles).
 
     Returns
     -------
@@ -149,10 +201,12 @@ def tiled_apply(
     overlap = min(overlap, tile // 2)
     padded, (h, w) = pad_image(image, multiple, min_size)
     ph, pw = padded.shape[1:]
-    th, tw = min(tile, ph), min(tile, pw)
-    ys, xs = tile_starts(ph, th, overlap, multiple), tile_starts(pw, tw, overlap, multiple)
-    boxes = [(y, x) for y in ys for x in xs]
-    groups = [boxes[i : i + batch] for i in range(0, len(boxes), batch)]
+    th, tw, boxes = tile_layout(h, w, tile, overlap, multiple, min_size)
+    given = given or {}
+    if not set(given) <= set(boxes):
+        raise ValueError(f"given tiles {sorted(set(given) - set(boxes))} are not origins of this layout")
+    todo = [box for box in boxes if box not in given]
+    groups = [list(given)] * bool(given) + [todo[i : i + batch] for i in range(0, len(todo), batch)]
     device = torch.device(device)
 
     def window(y: int, x: int) -> np.ndarray:
@@ -161,15 +215,18 @@ def tiled_apply(
     with torch.no_grad():
         if _blend_on_device(padded, out_channels, device):
             return _tiled_apply_on_device(fn, padded, (h, w), (th, tw), groups, window, out_channels, device,
-                                          progress, stop)
+                                          progress, stop, given)
         out = np.zeros((out_channels, ph, pw), dtype=np.float32)
         norm = np.zeros((ph, pw), dtype=np.float32)
         total, done = len(boxes), 0
         for group in groups:
             if stop is not None and stop.is_set():
                 raise Cancelled("stopped by the user")
-            crops = np.stack([padded[:, y : y + th, x : x + tw] for y, x in group])
-            result = fn(torch.from_numpy(crops).to(device)).float().cpu().numpy()
+            if group[0] in given:
+                result = [torch.as_tensor(given[box]).float().cpu().numpy() for box in group]
+            else:
+                crops = np.stack([padded[:, y : y + th, x : x + tw] for y, x in group])
+                result = fn(torch.from_numpy(crops).to(device)).float().cpu().numpy()
             for (y, x), res in zip(group, result):
                 weights = window(y, x)
                 out[:, y : y + th, x : x + tw] += res * weights
@@ -219,10 +276,11 @@ def _blend_on_device(padded: np.ndarray, out_channels: int, device: torch.device
     return need <= free // 3
 
 
-def _tiled_apply_on_device(fn, padded, size, tile_shape, groups, window, out_channels, device, progress, stop):
+def _tiled_apply_on_device(fn, padded, size, tile_shape, groups, window, out_channels, device, progress, stop, given):
     """:func:`tiled_apply` with the padded image ``(C, H', W')`` and the blend buffers on ``device``.
 
-    ``groups`` are lists of ``(y, x)`` tile origins, one list per ``fn`` call; ``window(y, x)``
+    ``groups`` are lists of ``(y, x)`` tile origins, one list per ``fn`` call (or one of ``given``
+    tiles, already computed); ``window(y, x)``
     gives a tile's ``(h, w)`` float32 blend weights. On CUDA, batches are queued
     asynchronously and a batch's progress is reported once the GPU has finished it
     (one batch behind), so the GPU always has work queued. Returns ``(out_channels, H, W)``
@@ -247,8 +305,10 @@ def _tiled_apply_on_device(fn, padded, size, tile_shape, groups, window, out_cha
     for group in groups:
         if stop is not None and stop.is_set():
             raise Cancelled("stopped by the user")
-        crops = torch.stack([source[:, y : y + th, x : x + tw] for y, x in group])
-        result = fn(crops).float()
+        if group[0] in given:
+            result = [torch.as_tensor(given[box]).to(device).float() for box in group]
+        else:
+            result = fn(torch.stack([source[:, y : y + th, x : x + tw] for y, x in group])).float()
         for (y, x), res in zip(group, result):
             key = (y > 0, y + th < ph, x > 0, x + tw < pw)
             if key not in windows:

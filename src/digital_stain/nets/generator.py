@@ -24,7 +24,7 @@ UPSAMPLING = ("transpose", "nearest", "bilinear")
 
 
 def _conv_norm_relu(cin: int, cout: int, **conv_kwargs) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, bias=True, **conv_kwargs), TileStableInstanceNorm(cout), nn.ReLU(True)]
+    return [nn.Conv2d(cin, cout, bias=True, **conv_kwargs), TileStableInstanceNorm(cout, inplace=True), nn.ReLU(True)]
 
 
 def _upsampling(cin: int, cout: int, mode: str) -> list[nn.Module]:
@@ -43,7 +43,7 @@ class ResidualBlock(nn.Module):
             *_conv_norm_relu(channels, channels, kernel_size=3),
             nn.ReflectionPad2d(1),
             nn.Conv2d(channels, channels, kernel_size=3),
-            TileStableInstanceNorm(channels),
+            TileStableInstanceNorm(channels, inplace=True),
         )
 
     def forward(self, x: torch.Tensor, statistics: Statistics | None = None, record: list | None = None) -> torch.Tensor:
@@ -83,7 +83,7 @@ class ResnetGenerator(nn.Module):
         layers += _conv_norm_relu(2 * width, 4 * width, kernel_size=3, stride=2, padding=1)
         layers += [ResidualBlock(4 * width) for _ in range(n_blocks)]
         for cin, cout in ((4 * width, 2 * width), (2 * width, width)):
-            layers += [*_upsampling(cin, cout, upsample), TileStableInstanceNorm(cout), nn.ReLU(True)]
+            layers += [*_upsampling(cin, cout, upsample), TileStableInstanceNorm(cout, inplace=True), nn.ReLU(True)]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, kernel_size=7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
         number_norm_layers(self)
