@@ -68,11 +68,11 @@ hostmem.own_process()  # as the CLI does: before torch allocates (docs/benchmark
 import numpy as np
 import torch
 
-from digital_stain.arrays import InputError
-from digital_stain.devices import cpu_has_fast_bf16
-from digital_stain.enhance import BINS, Enhancer
-from digital_stain.model import StainModel, available_models
-from digital_stain.nets import ColorizationUNet, ResnetGenerator
+from digital_stain.core.arrays import InputError
+from digital_stain.core.devices import cpu_has_fast_bf16
+from digital_stain.core.enhance import BINS, Enhancer
+from digital_stain.stain.model import StainModel, available_models
+from digital_stain.core.nets import ColorizationUNet, ResnetGenerator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "dsd"
@@ -138,7 +138,7 @@ def make_image(size: int, data: Path, seed: int) -> tuple[np.ndarray, str]:
     """A size x size uint8 RGB dark-field: a real DSD tile repeated if available, else noise."""
     folder = data / "DSD_U" / "val" / "darkfield"
     try:
-        from digital_stain.io import list_images, read_image
+        from digital_stain.io.images import list_images, read_image
 
         tile = np.asarray(read_image(list_images(folder)[0]))[..., :3]
         reps = (-(-size // tile.shape[0]), -(-size // tile.shape[1]), 1)

@@ -7,7 +7,7 @@ Two test sets, neither seen in training:
   and stain style (sliced Wasserstein in Lab to the 40 real H&E tiles of
   DSD_U/val/stained).
 * **synthetic paired**: each H&E tile of DSD_U/val/stained turned into a
-  dark-field image by the enhancer's inverse (``digital_stain.synth``; blur
+  dark-field image by the enhancer's inverse (``digital_stain.quality.synth``; blur
   σ=1 px, noise 0.003, 8-bit, tinted like DSD_U/train/darkfield), stained,
   and compared with the real H&E: PSNR, SSIM, nuclei Dice (hematoxylin by
   colour deconvolution, Otsu, Dice), plus the reference-free scores.
@@ -26,7 +26,7 @@ Examples (from the repository root)::
 
 Besides those scores every row has the checkerboard (``checkerboard_2``,
 ``checkerboard_4``: the grid a stride-2 transposed convolution leaves, median
-over tiles; :func:`digital_stain.metrics.checkerboard`).
+over tiles; :func:`digital_stain.quality.metrics.checkerboard`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from digital_stain.evaluate import as_rgb_uint8, format_table, score_images
-from digital_stain.metrics import lab_pixels
-from digital_stain.model import StainModel
-from digital_stain.synth import darkfield_tint, synthesize_darkfield
+from digital_stain.quality.evaluate import as_rgb_uint8, format_table, score_images
+from digital_stain.quality.metrics import lab_pixels
+from digital_stain.stain.model import StainModel
+from digital_stain.quality.synth import darkfield_tint, synthesize_darkfield
 from digital_stain.train.data import load_rgb_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,10 +25,10 @@ hostmem.own_process()  # as the CLI does: before torch allocates (docs/benchmark
 
 import numpy as np
 
-from digital_stain.kernel import StainKernel, to_yxc
-from digital_stain.model import StainModel
-from digital_stain.stain_settings import StainSettings
-from digital_stain.tiling import stats_sample, tiled_apply
+from digital_stain.stain.kernel import StainKernel, to_yxc
+from digital_stain.stain.model import StainModel
+from digital_stain.stain.settings import StainSettings
+from digital_stain.stain.tiling import stats_sample, tiled_apply
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import dark_tiles, mosaic  # noqa: E402
@@ -54,6 +54,11 @@ def gray_levels(stain: np.ndarray, reference: np.ndarray) -> tuple[float, float,
     return float(difference.max()), float(np.percentile(difference, 99.9)), float(difference.mean())
 
 
+def levels(value: float) -> str:
+    """Two decimals, or two significant figures where two decimals would print a small difference as 0."""
+    return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.1e}"
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -65,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="dsd-unpaired-fast,dsd-unpaired")
     parser.add_argument("--side", type=int, default=4096)
     parser.add_argument("--stats-pixels", type=int, default=StainSettings.stats_pixels)
+    parser.add_argument("--tile", type=int, default=StainSettings.tile, help="our tile side (default %(default)s)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/dsd")
     args = parser.parse_args(argv)
 
@@ -80,12 +86,12 @@ def main(argv=None) -> int:
                                                        stats_pixels=whole)["student"])
         print(f"| `{name}` | the whole image (reference) | one pass | 0 | 0 | 0 | {seconds:.1f} s |")
         ours, seconds = timed(lambda: model.stain(image, ["student"], precision="fp32", device="cpu",
-                                                  stats_pixels=args.stats_pixels)["student"])
-        print(f"| `{name}` | its own tiles, kept (default) | 1024 px, fitted | "
-              + " | ".join(f"{v:.2f}" for v in gray_levels(ours, reference)) + f" | {seconds:.1f} s |")
+                                                  stats_pixels=args.stats_pixels, tile=args.tile)["student"])
+        print(f"| `{name}` | its own tiles, kept (default) | {args.tile} px, fitted | "
+              + " | ".join(map(levels, gray_levels(ours, reference))) + f" | {seconds:.1f} s |")
         former, seconds = timed(lambda: crops_then_tiles(model, image, args.stats_pixels))
         print(f"| `{name}` | 16 crops of 512 px (before) | 512 px, fitted | "
-              + " | ".join(f"{v:.2f}" for v in gray_levels(former, reference)) + f" | {seconds:.1f} s |")
+              + " | ".join(map(levels, gray_levels(former, reference))) + f" | {seconds:.1f} s |")
         sys.stdout.flush()
     return 0
 

@@ -1,6 +1,6 @@
 """How closely the package's enhancer reproduces the authors' enhanced images.
 
-Fits :meth:`digital_stain.enhance.Enhancer.from_folders` on a training
+Fits :meth:`digital_stain.core.enhance.Enhancer.from_folders` on a training
 folder's ``darkfield/`` and ``stained/`` and reports the mean absolute error,
 in gray levels (0-255), of the enhanced output (float [0, 1] times 255, not
 rounded) against the authors' enhanced images (8-bit gray):
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digital_stain.enhance import Enhancer, luma_unit
-from digital_stain.io import list_images, read_image
+from digital_stain.core.enhance import Enhancer, luma_unit
+from digital_stain.io.images import list_images, read_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "dsd"

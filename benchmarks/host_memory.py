@@ -61,8 +61,8 @@ def child(args) -> dict:
     """One workload in this (fresh) process; the setting comes from the environment, as in any process."""
     import torch
 
-    from digital_stain.model import StainModel
-    from digital_stain.nets import record_statistics
+    from digital_stain.stain.model import StainModel
+    from digital_stain.core.nets import record_statistics
 
     model = StainModel.load(args.model, device="cpu")
     if args.child == "unit":
@@ -87,7 +87,7 @@ def child(args) -> dict:
         seconds = time.perf_counter() - start
         pixels = args.side**2
     else:
-        from digital_stain.slide import stain_to_zarr
+        from digital_stain.slide.run import stain_to_zarr
 
         with tempfile.TemporaryDirectory(prefix="host-memory-", dir=args.workdir) as work:
             make_slide(Path(work) / "slide.ome.zarr", args.slide)

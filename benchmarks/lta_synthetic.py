@@ -4,13 +4,13 @@ Data (all from real H&E, so every answer is known):
 
 * **training pairs**: ``--train-pairs`` H&E tiles of ``DSD_U/train/stained`` (a seeded choice by
   name), each turned into a dark-field image by the enhancer's inverse exactly as
-  ``compare_methods.py`` does (``digital_stain.synth``: blur σ 1 px, noise 0.003, 8-bit, tinted like
+  ``compare_methods.py`` does (``digital_stain.quality.synth``: blur σ 1 px, noise 0.003, 8-bit, tinted like
   ``DSD_U/train/darkfield``). The dark-field stays where it is; its H&E *reference* is then warped by
   a known random deformation ψ: a smooth field (a 4 x 4 grid of random control vectors, at most
   ``--max-shift`` px, upsampled bicubically) plus a small rigid motion (shift up to
   ``--max-translate`` px per axis, rotation up to ``--max-rotate`` degrees about the centre).
   ``y = warp(aligned, ψ)``, i.e. ``y(p) = aligned(p + ψ(p))``, in the pixel convention of
-  :func:`digital_stain.nets.registration.warp` (channel 0 x, channel 1 y).
+  :func:`digital_stain.core.nets.registration.warp` (channel 0 x, channel 1 y).
 * **test pairs**: the ``--test-pairs`` H&E tiles of ``DSD_U/val/stained`` (never seen by the teacher or
   any student), dark-field made the same way (the very set of ``compare_methods.py``'s synthetic
   benchmark), references **left aligned**: PSNR, SSIM and nuclei Dice of each stain against them.
@@ -117,9 +117,9 @@ def random_deformation(shape: tuple[int, int], rng: np.random.Generator, max_shi
 def warp_image(image: np.ndarray, displacement: np.ndarray) -> np.ndarray:
     """``image(p + displacement(p))`` for a uint8 ``(H, W, C)`` image (bilinear, edges repeated), uint8.
 
-    Uses :func:`digital_stain.nets.registration.warp`, the resampler of training.
+    Uses :func:`digital_stain.core.nets.registration.warp`, the resampler of training.
     """
-    from digital_stain.nets.registration import warp
+    from digital_stain.core.nets.registration import warp
 
     t = torch.from_numpy(np.array(image, np.float64)).permute(2, 0, 1)[None]
     d = torch.from_numpy(np.array(displacement, np.float64))[None]
@@ -143,7 +143,7 @@ def make_pairs(stained: list, enhancer, tint, seed: int, stream: int, deform: di
     dark-field noise of tile ``i`` uses ``default_rng([seed, i])`` for ``stream`` 0 (exactly as
     ``compare_methods.py``), ``[seed, stream, i]`` otherwise; deformations ``[seed, stream, i, 1]``.
     """
-    from digital_stain.synth import synthesize_darkfield
+    from digital_stain.quality.synth import synthesize_darkfield
 
     dark, refs, fields = [], [], []
     for i, y in enumerate(stained):
@@ -179,7 +179,7 @@ class CachedTeacher:
 # -- training --------------------------------------------------------------------------------------
 def train_method(label: str, cached, pair_dir: Path, workdir: Path, args):
     """Train (or reuse) one student; returns (StainModel with it, its config, TrainResult or None, seconds)."""
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
     from digital_stain.train.events import TrainResult
     from digital_stain.train.student import StudentConfig, train_student
 
@@ -232,8 +232,8 @@ def train_method(label: str, cached, pair_dir: Path, workdir: Path, args):
 
 # -- scoring ---------------------------------------------------------------------------------------
 def score(stains: list, references: list, enhanced: list) -> dict:
-    from digital_stain import metrics
-    from digital_stain.evaluate import as_rgb_uint8
+    from digital_stain.quality import metrics
+    from digital_stain.quality.evaluate import as_rgb_uint8
 
     rows = {"psnr": [], "ssim": [], "nuclei_dice": [], "structure": []}
     for out, ref, enh in zip(stains, references, enhanced):
@@ -250,10 +250,10 @@ def registration_fields(ckpt: Path, cfg, base, darkfield: list, references: list
 
     Returns the fields ``(2, H, W)`` and the stains ``ŷ`` (float [0, 1]).
     """
-    from digital_stain.model import StainModel
-    from digital_stain.modelfile import load_bundle
-    from digital_stain.nets import ResnetGenerator
-    from digital_stain.nets.registration import RegistrationNet
+    from digital_stain.stain.model import StainModel
+    from digital_stain.io.modelfile import load_bundle
+    from digital_stain.core.nets import ResnetGenerator
+    from digital_stain.core.nets.registration import RegistrationNet
 
     tensors, _ = load_bundle(ckpt)
 
@@ -297,7 +297,7 @@ def objective_terms(stains: list, references: list, candidates: dict, margin: in
 
     ``candidates``: name -> list of fields ``(2, H, W)``, one per pair.
     """
-    from digital_stain.nets.registration import smoothness_loss, warp
+    from digital_stain.core.nets.registration import smoothness_loss, warp
 
     out = {}
     for name, fields in candidates.items():
@@ -352,8 +352,8 @@ def main(argv=None) -> int:
                          + (f", R warmed up {args.reg_warmup} steps" if args.reg_warmup else "") + ")")
     started = time.time()
 
-    from digital_stain.model import StainModel
-    from digital_stain.synth import darkfield_tint
+    from digital_stain.stain.model import StainModel
+    from digital_stain.quality.synth import darkfield_tint
     from digital_stain.train.data import load_rgb_folder
     from PIL import Image
 

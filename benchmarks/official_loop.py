@@ -30,8 +30,8 @@ hostmem.own_process()  # as the CLI does: before torch allocates (docs/benchmark
 import numpy as np
 import torch
 
-from digital_stain.devices import cpu_has_fast_bf16
-from digital_stain.model import StainModel
+from digital_stain.core.devices import cpu_has_fast_bf16
+from digital_stain.stain.model import StainModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import dark_tiles, mosaic  # noqa: E402
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def official_network(model: StainModel) -> torch.nn.Module:
     """The student as the official code builds it: the same weights, PyTorch's own ``nn.InstanceNorm2d``."""
-    from digital_stain.nets import TileStableInstanceNorm
+    from digital_stain.core.nets import TileStableInstanceNorm
 
     net = copy.deepcopy(model.student).eval()
     for module in list(net.modules()):

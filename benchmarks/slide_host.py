@@ -76,8 +76,8 @@ class Timer:
 
 def started_store(model, slide: Path, out: Path, outputs: list[str], chunk: int, compile: bool):
     """A store ``stain_to_zarr`` created and stopped after its first unit (statistics and job recorded)."""
-    from digital_stain.ngff import SlideStore
-    from digital_stain.slide import SlideJob, stain_to_zarr
+    from digital_stain.slide.store import SlideStore
+    from digital_stain.slide.run import SlideJob, stain_to_zarr
 
     stop = threading.Event()
     stain_to_zarr(model, slide, out, outputs, chunk=chunk, device=None, threads=1, stop=stop, compile=compile,
@@ -101,11 +101,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from digital_stain.devices import resolve_device
-    from digital_stain.chunks import ChunkStainer
-    from digital_stain.model import StainModel
-    from digital_stain.ngff import SlideStore
-    from digital_stain.slide import open_source, process_chunk
+    from digital_stain.core.devices import resolve_device
+    from digital_stain.stain.chunks import ChunkStainer
+    from digital_stain.stain.model import StainModel
+    from digital_stain.slide.store import SlideStore
+    from digital_stain.slide.run import open_source, process_chunk
 
     device = resolve_device(args.device)
     model = StainModel.load(args.model, device=device)

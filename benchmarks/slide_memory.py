@@ -1,4 +1,4 @@
-"""Peak memory of whole-slide staining (``digital_stain.slide.stain_to_zarr``) against slide size.
+"""Peak memory of whole-slide staining (``digital_stain.slide.run.stain_to_zarr``) against slide size.
 
 For each side in ``--sizes`` (default 2048, 8192, 16384 px):
 
@@ -115,7 +115,7 @@ def child(args) -> None:
     import torch
 
     from digital_stain import StainModel
-    from digital_stain.slide import open_source, stain_to_zarr
+    from digital_stain.slide.run import open_source, stain_to_zarr
 
     model = StainModel.load(args.model, device="cpu")
     source = open_source(args.input, chunk=args.chunk)

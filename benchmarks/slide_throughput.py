@@ -54,7 +54,7 @@ def _log(message: str) -> None:
 
 def run_once(model, slide: Path, out: Path, args, threads: int, compile: bool = False, chunk: int = 1024) -> dict:
     """Stain ``slide`` into ``out``; return the timings of its level-0 units."""
-    import digital_stain.slide as slide_module
+    import digital_stain.slide.run as slide_module
 
     stamps: list[float] = []
     lock = threading.Lock()
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from digital_stain.devices import resolve_device
-    from digital_stain.model import StainModel
+    from digital_stain.core.devices import resolve_device
+    from digital_stain.stain.model import StainModel
 
     device = resolve_device(args.device)
     args.device = device.type

@@ -43,7 +43,7 @@ import tifffile
 from PIL import Image
 
 from digital_stain.cli import main
-from digital_stain.model import resolve_model_path
+from digital_stain.stain.model import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "src/digital_stain/data/darkfield_0_0.png"

@@ -2,7 +2,7 @@
 
 For each DSD_U/val dark-field tile, each model's student (and teacher) gray is remapped onto the
 enhanced image's histogram (``skimage.exposure.match_histograms``, a monotone map per image), and
-the structure score (``digital_stain.metrics.structure_score``) is computed again. A gap that
+the structure score (``digital_stain.quality.metrics.structure_score``) is computed again. A gap that
 closes under the remapping is global tone; one that stays is local: edges moved, added or smoothed.
 
     OMP_NUM_THREADS=1 python benchmarks/structure_tone.py [--models dsd-unpaired dsd-unpaired-fast ...]
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from skimage.exposure import match_histograms
 
-from digital_stain.color import luma
-from digital_stain.evaluate import as_rgb_uint8
-from digital_stain.metrics import structure_score
-from digital_stain.model import StainModel
+from digital_stain.core.color import luma
+from digital_stain.quality.evaluate import as_rgb_uint8
+from digital_stain.quality.metrics import structure_score
+from digital_stain.stain.model import StainModel
 from digital_stain.train.data import load_rgb_folder
 
 ROOT = Path(__file__).resolve().parents[1]

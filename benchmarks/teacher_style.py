@@ -4,7 +4,7 @@ For every model: stain ``DSD_U/val/darkfield`` (40 tiles the models never
 trained on) and compare the teacher outputs' colours with the real H&E tiles
 of ``DSD_U/val/stained`` (unpaired: other tissue, same lab):
 
-* sliced Wasserstein distance in Lab (``digital_stain.metrics.stain_style_distance``),
+* sliced Wasserstein distance in Lab (``digital_stain.quality.metrics.stain_style_distance``),
 * mean chroma (a, b) of the outputs vs of the real H&E,
 * chroma by lightness band (where a colour cast sits),
 * how much of the enhanced structure the teacher keeps: correlation of the
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from digital_stain.metrics import lab_pixels, stain_style_distance
-from digital_stain.model import StainModel
+from digital_stain.quality.metrics import lab_pixels, stain_style_distance
+from digital_stain.stain.model import StainModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -59,9 +59,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))  # run from a checkout without installing
 
-from digital_stain.devices import cpu_has_fast_bf16, resolve_device  # noqa: E402
-from digital_stain import kernel as kernel_module  # noqa: E402
-from digital_stain.model import StainModel, available_models  # noqa: E402
+from digital_stain.core.devices import cpu_has_fast_bf16, resolve_device  # noqa: E402
+from digital_stain.stain import kernel as kernel_module  # noqa: E402
+from digital_stain.stain.model import StainModel, available_models  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "dsd"
 SAMPLE_DIR = REPO_ROOT / "src" / "digital_stain" / "data"

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
-from digital_stain.enhance import Enhancer
-from digital_stain.model import StainModel
-from digital_stain.stain_settings import StainSettings
-from digital_stain.tiling import tile_starts, tiled_apply
+from digital_stain.core.enhance import Enhancer
+from digital_stain.stain.model import StainModel
+from digital_stain.stain.settings import StainSettings
+from digital_stain.stain.tiling import tile_starts, tiled_apply
 
 
 def seam_ratio(diff: np.ndarray, starts: list[int], tile: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     args = parser.parse_args()
     torch.manual_seed(0)
-    from digital_stain.nets import ResnetGenerator
+    from digital_stain.core.nets import ResnetGenerator
 
     tile = np.asarray(Image.open(sample_paths("darkfield")[0]).convert("RGB"))
     mosaic = np.tile(tile, (3, 3, 1))

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
-from digital_stain import metrics
-from digital_stain.adapt import distance, threshold
-from digital_stain.arrays import value_scaling
-from digital_stain.evaluate import as_rgb_uint8
-from digital_stain.histograms import measure
-from digital_stain.model import StainModel
+from digital_stain.quality import metrics
+from digital_stain.core.adapt import distance, threshold
+from digital_stain.core.arrays import value_scaling
+from digital_stain.quality.evaluate import as_rgb_uint8
+from digital_stain.core.histograms import measure
+from digital_stain.stain.model import StainModel
 from digital_stain.train.data import load_rgb_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ SHIFTS = [(4, 1.0, (1, 1, 1)), (10, 1.0, (1, 1, 1)), (1, 0.5, (1, 1, 1)), (1, 2.
 
 
 def synthetic_shift(models: list[str], data: Path, limit: int | None) -> list[str]:
-    from digital_stain.metrics import lab_pixels, sliced_wasserstein, structure_score
+    from digital_stain.quality.metrics import lab_pixels, sliced_wasserstein, structure_score
 
     val = load_rgb_folder(data / "DSD_U/val/darkfield", min_side=1, kind="dark-field").images[:limit or SHIFT_IMAGES]
     rows = ["| model, output | gain, gamma, tint | adapt | PSNR to unshifted ↑ | colour distance ↓ | structure ↑ |",

@@ -20,7 +20,7 @@ hostmem.own_process()  # as the CLI does: before torch allocates (docs/benchmark
 import numpy as np
 import torch
 
-from digital_stain.nets.generator import UPSAMPLING, ResnetGenerator
+from digital_stain.core.nets.generator import UPSAMPLING, ResnetGenerator
 
 
 def main(argv=None) -> int:

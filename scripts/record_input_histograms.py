@@ -1,6 +1,6 @@
 """Add the dark-field channel histograms to a shipped model file that predates them (run once per file).
 
-Model files written before adaptation (``digital_stain.adapt``) record the luma histogram of the
+Model files written before adaptation (``digital_stain.core.adapt``) record the luma histogram of the
 dark-field their enhancer was fitted on, not its R, G and B histograms. This recomputes the
 histograms from that same folder, checks that the recomputed luma histogram matches the stored
 one (the same pixel count; at most 0.1 % of pixels one gray level apart, which is what float32
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from digital_stain.enhance import Enhancer
-from digital_stain.histograms import folder_distribution
-from digital_stain.model import StainModel
+from digital_stain.core.enhance import Enhancer
+from digital_stain.core.histograms import folder_distribution
+from digital_stain.stain.model import StainModel
 
 
 def main(argv=None) -> int:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from digital_stain.arrays import to_uint8
-from digital_stain.io import read_image
-from digital_stain.metrics import checkerboard
-from digital_stain.model import StainModel
+from digital_stain.core.arrays import to_uint8
+from digital_stain.io.images import read_image
+from digital_stain.quality.metrics import checkerboard
+from digital_stain.stain.model import StainModel
 
 LABEL_HEIGHT = 34
 

@@ -56,9 +56,9 @@ def hne_dir(tmp_path) -> Path:
 
 
 def make_tiny_model(darkfield_dir: Path, hne_dir: Path):
-    from digital_stain.enhance import Enhancer
-    from digital_stain.model import StainModel
-    from digital_stain.nets import ColorizationUNet, ResnetGenerator
+    from digital_stain.core.enhance import Enhancer
+    from digital_stain.stain.model import StainModel
+    from digital_stain.core.nets import ColorizationUNet, ResnetGenerator
 
     enhancer = Enhancer.from_folders(darkfield_dir, hne_dir)
     torch.manual_seed(0)
@@ -110,6 +110,6 @@ def _stop_plugin_workers():
     worker = sys.modules.get("digital_stain._napari.worker")
     if worker is not None and worker.running():
         worker.stop_all()
-    lazy = sys.modules.get("digital_stain.lazy")
+    lazy = sys.modules.get("digital_stain.stain.lazy")
     if lazy is not None:
         lazy.close_all()  # background chunk workers of lazily stained layers

@@ -1,4 +1,4 @@
-"""Comparing OME-Zarr stores written by ``digital_stain.slide`` (shared by the whole-slide tests)."""
+"""Comparing OME-Zarr stores written by ``digital_stain.slide.run`` (shared by the whole-slide tests)."""
 
 import numpy as np
 import zarr

@@ -1,16 +1,16 @@
-"""digital_stain.adapt: the distance, the threshold, histogram matching and the decision."""
+"""digital_stain.core.adapt: the distance, the threshold, histogram matching and the decision."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from digital_stain.adapt import (
+from digital_stain.core.adapt import (
     ADAPT_MODES, OFF, Adaptation, channel_maps, check_mode, decide, distance, match_table, threshold,
 )
-from digital_stain.arrays import InputError, value_scaling
-from digital_stain.enhance import BINS, bin_index
-from digital_stain.histograms import Distribution, measure
+from digital_stain.core.arrays import InputError, value_scaling
+from digital_stain.core.enhance import BINS, bin_index
+from digital_stain.core.histograms import Distribution, measure
 
 
 def _measure(image):
@@ -100,9 +100,9 @@ def test_what_the_user_is_told_and_what_is_stored(darkfield_tile):
 @pytest.mark.slow
 def test_a_shifted_input_stains_close_to_the_unshifted_one(darkfield_tile):
     """The shipped model on its own sample tile, and on the same tile through a brighter, tinted microscope."""
-    from digital_stain import metrics
-    from digital_stain.arrays import to_uint8
-    from digital_stain.model import StainModel
+    from digital_stain.quality import metrics
+    from digital_stain.core.arrays import to_uint8
+    from digital_stain.stain.model import StainModel
 
     model = StainModel.load("dsd-unpaired-fast", device="cpu")
     tiles = [darkfield_tile, np.rot90(darkfield_tile).copy()]

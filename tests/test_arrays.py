@@ -1,11 +1,11 @@
-"""Tests of digital_stain.arrays: shape conventions, value scaling, conversion to unit RGB."""
+"""Tests of digital_stain.core.arrays: shape conventions, value scaling, conversion to unit RGB."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from digital_stain.arrays import (
+from digital_stain.core.arrays import (
     MIN_SIDE,
     InputError,
     ValueScaling,

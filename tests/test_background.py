@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from digital_stain.background import NewestFirst
+from digital_stain.stain.background import NewestFirst
 
 
 def _until(condition, timeout: float = 10.0) -> None:

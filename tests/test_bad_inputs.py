@@ -21,13 +21,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from digital_stain.arrays import InputError
+from digital_stain.core.arrays import InputError
 from digital_stain.cli import main
-from digital_stain.io import read_image
-from digital_stain.model import StainModel
-from digital_stain.modelfile import load_bundle, save_bundle
-from digital_stain.outputs import lock_path, output_lock
-from digital_stain.slide import stain_to_zarr
+from digital_stain.io.images import read_image
+from digital_stain.stain.model import StainModel
+from digital_stain.io.modelfile import load_bundle, save_bundle
+from digital_stain.io.outputs import lock_path, output_lock
+from digital_stain.slide.run import stain_to_zarr
 from stores import write_ome_zarr
 
 FAST = ["--device", "cpu", "--precision", "fp32", "-q"]
@@ -182,7 +182,7 @@ def test_a_second_process_on_the_same_store_is_refused(capsys, tiny_model_file, 
     Image.fromarray(darkfield_tile).save(image)
     store = tmp_path / "out.ome.zarr"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from digital_stain.outputs import output_lock\n"
+        "import sys, time; from digital_stain.io.outputs import output_lock\n"
         f"with output_lock({str(store)!r}):\n    print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -418,7 +418,7 @@ def test_missing_chunks_of_a_slide_are_said(capsys, tiny_model_file, ome_zarr_in
 
 # -- signals and what killed runs leave behind -----------------------------------------------------------
 def test_partial_files_of_a_killed_writer_are_removed(tmp_path):
-    from digital_stain.io import atomic_path, write_image
+    from digital_stain.io.images import atomic_path, write_image
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     target = tmp_path / "model.safetensors"

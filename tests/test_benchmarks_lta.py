@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from digital_stain.nets.registration import warp
+from digital_stain.core.nets.registration import warp
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lta_synthetic.py"
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from benchmark_scripts import load
-from digital_stain.nets import TileStableInstanceNorm
+from digital_stain.core.nets import TileStableInstanceNorm
 
 
 def test_the_loop_and_stain_are_timed_side_by_side(monkeypatch, capsys, tiny_model_file, tmp_path):

@@ -18,8 +18,8 @@ def test_report_splits_unit_time_into_network_and_host(tiny_model_file, tmp_path
     whole, network, host = ms["whole unit"], ms["network (`_forward`, 1 per unit)"], ms["host work (the rest)"]
     assert network > 0 and host > 0 and abs(whole - network - host) < 0.2
     assert 0 < ms["of which store writes and progress marks (with fsync)"] < host
-    from digital_stain.chunks import ChunkStainer
-    from digital_stain.ngff import SlideStore
+    from digital_stain.stain.chunks import ChunkStainer
+    from digital_stain.slide.store import SlideStore
 
     assert ChunkStainer._forward.__name__ == "_forward" and SlideStore.write.__name__ == "write"  # timers removed
     assert list(tmp_path.glob("slide-host-*")) == []  # its temporary slide and store are deleted

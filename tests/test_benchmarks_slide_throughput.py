@@ -20,7 +20,7 @@ def test_report_times_level0_units_apart_from_the_pyramid_per_chunk_and_threads(
                                          ("384", "2.78", "5", "1"), ("384", "2.78", "5", "3")]
     assert float(rows[0][6]) == 1.0  # the first is the baseline
     assert all(float(first) > 0 and float(rate) > 0 for *_, first, rate, _ in rows)
-    import digital_stain.slide as slide_module
+    import digital_stain.slide.run as slide_module
 
     assert slide_module.process_chunk.__name__ == "process_chunk"  # its timing wrapper is removed
     assert list(tmp_path.glob("slide-throughput-*")) == []

@@ -13,10 +13,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from digital_stain.arrays import to_uint8
+from digital_stain.core.arrays import to_uint8
 from digital_stain.cli import main
-from digital_stain.model import StainModel
-from digital_stain.outputs import MARKER
+from digital_stain.stain.model import StainModel
+from digital_stain.io.outputs import MARKER
 
 FAST = ["--device", "cpu", "--precision", "fp32", "-q"]
 
@@ -145,6 +145,19 @@ def test_single_output_to_named_tiff(capsys, tiny_model_file, small_png, tmp_pat
     assert [p.name for p in target.parent.iterdir()] == ["x.tif"]
     image = tifffile.imread(target)
     assert image.dtype == np.uint8 and image.shape == (64, 64)
+
+
+def test_a_tiff_output_keeps_the_input_s_pixel_size(capsys, tiny_model_file, darkfield_tile, tmp_path):
+    from digital_stain.io.images import read_calibration
+
+    source = tmp_path / "slide.ome.tif"
+    tifffile.imwrite(source, darkfield_tile[:96, :96], photometric="rgb", ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.345, "PhysicalSizeY": 0.345})
+    code, err = run(capsys, source, "-o", tmp_path / "out", "--model", tiny_model_file, "--format", "tif")
+    assert code == 0, err
+    for output in ("enhanced", "teacher", "student"):
+        found = read_calibration(tmp_path / "out" / output / "slide.ome.tif")
+        assert found.unit == "micrometer" and np.allclose(found.pixel_size, 0.345), output
 
 
 def test_existing_output_refused_then_overwritten(capsys, tiny_model_file, small_png, tmp_path):
@@ -408,7 +421,7 @@ def paired_dirs(darkfield_dir, sections_dir):
 
 @pytest.mark.slow
 def test_train_paired_end_to_end(capsys, tiny_model_file, paired_dirs, tmp_path):
-    from digital_stain.modelfile import load_bundle
+    from digital_stain.io.modelfile import load_bundle
 
     darkfield, sections = paired_dirs
     output = tmp_path / "paired.safetensors"

@@ -1,4 +1,4 @@
-"""``digital-stain stain INPUT -o OUT.ome.zarr``: whole slides through digital_stain.slide, from the command line.
+"""``digital-stain stain INPUT -o OUT.ome.zarr``: whole slides through digital_stain.slide.run, from the command line.
 
 In-process through ``digital_stain.cli.main``, except the interruption tests,
 which run the real console entry in a subprocess and stop it (Ctrl-C) or kill it.
@@ -19,7 +19,7 @@ import tifffile
 import zarr
 
 from digital_stain.cli import main
-from digital_stain.slide import stain_to_zarr
+from digital_stain.slide.run import stain_to_zarr
 from stores import assert_same_store as assert_same, store_arrays as stored
 
 FAST = ["--device", "cpu", "--precision", "fp32", "-q"]
@@ -213,13 +213,16 @@ def test_view_opens_the_finished_store_beside_an_ome_zarr_slide(capsys, monkeypa
     def instead_of_the_event_loop():  # what the user would see, then close (napari.run would wait for them)
         viewer = napari.current_viewer()
         seen["layers"], seen["grid"] = [layer.name for layer in viewer.layers], grid_of(viewer).enabled
+        seen["placed"] = {(tuple(layer.scale[-2:]), tuple(layer.translate[-2:])) for layer in viewer.layers}
         viewer.close()
 
     monkeypatch.setattr(napari, "run", instead_of_the_event_loop)
     slide = tmp_path / "darkfield.ome.zarr"
-    write_ome_zarr(slide, [np.moveaxis(np.tile(darkfield_tile, (2, 2, 1)), -1, 0)], "cyx")
+    write_ome_zarr(slide, [np.moveaxis(np.tile(darkfield_tile, (2, 2, 1)), -1, 0)], "cyx", scale=(1.0, 0.5, 0.5),
+                   translation=(0.0, 40.0, 80.0), units={"y": "micrometer", "x": "micrometer"})
     out = tmp_path / "out.ome.zarr"
     code, err = run(capsys, slide, "-o", out, "--model", tiny_model_file, "--outputs", "enhanced,student",
                     "--chunk", "256", "--view")
     assert code == 0, err
-    assert seen == {"layers": ["darkfield", "out enhanced", "out student"], "grid": True}
+    assert seen == {"layers": ["darkfield", "out enhanced", "out student"], "grid": True,
+                    "placed": {((0.5, 0.5), (40.0, 80.0))}}  # the stain lies exactly on the slide

@@ -11,10 +11,10 @@ import tifffile
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
-from digital_stain.arrays import InputError
+from digital_stain.core.arrays import InputError
 from digital_stain.cli import main
-from digital_stain.cluster import cluster_client
-from digital_stain.slide import stain_to_zarr
+from digital_stain.slide.cluster import cluster_client
+from digital_stain.slide.run import stain_to_zarr
 from stores import assert_same_store as _assert_same_store
 
 OUTPUTS = ["enhanced", "student"]
@@ -48,7 +48,7 @@ def test_a_local_cluster_writes_the_bytes_of_a_single_process_run(slide_and_refe
         result = stain_to_zarr(MODEL, slide, tmp_path / "out.ome.zarr", OUTPUTS, chunk=256, device="cpu",
                                client=client, progress=lambda done, total: seen.append((done, total)))
         # every worker process loaded the model once and kept it
-        loaded = client.run(lambda: sorted(__import__("digital_stain.cluster").cluster._MODELS))
+        loaded = client.run(lambda: sorted(__import__("digital_stain.slide.cluster").slide.cluster._MODELS))
     assert result.complete and result.units_done == result.units_total
     assert seen[-1] == (result.units_total, result.units_total)
     assert all(len(models) <= 1 for models in loaded.values()) and any(loaded.values())

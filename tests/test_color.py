@@ -1,4 +1,4 @@
-"""Tests of digital_stain.color: torch Lab conversions against scikit-image, luma."""
+"""Tests of digital_stain.core.color: torch Lab conversions against scikit-image, luma."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage import color as skcolor
 
-from digital_stain.color import LUMA_WEIGHTS, gray_to_lightness, lab_to_rgb, luma, luma_torch, rgb_to_lab
+from digital_stain.core.color import LUMA_WEIGHTS, gray_to_lightness, lab_to_rgb, luma, luma_torch, rgb_to_lab
 
 # Colours at the corners of the RGB cube, grays, and values on both sides of the
 # sRGB linear/gamma threshold (0.04045) and of the Lab cube-root threshold.

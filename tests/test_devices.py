@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from digital_stain.arrays import InputError
-from digital_stain.devices import (
+from digital_stain.core.arrays import InputError
+from digital_stain.core.devices import (
     cpu_has_fast_bf16,
     resolve_device,
     resolve_precision,
@@ -50,7 +50,7 @@ def test_fast_bf16_agrees_with_the_flags_the_kernel_reports():
 def test_auto_precision_on_a_fast_bf16_cpu_is_timed_once_and_picks_the_faster(slow):
     import time
 
-    from digital_stain.devices import faster_cpu_precision
+    from digital_stain.core.devices import faster_cpu_precision
 
     calls = []
 

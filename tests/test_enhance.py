@@ -1,4 +1,4 @@
-"""Tests of digital_stain.enhance: the dataset-level histogram-matching enhancer."""
+"""Tests of digital_stain.core.enhance: the dataset-level histogram-matching enhancer."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import digital_stain
-from digital_stain.arrays import InputError
-from digital_stain.enhance import BINS, Enhancer, bin_index, enhancement_table, histogram, luma_unit, on_input_grid
+from digital_stain.core.arrays import InputError
+from digital_stain.core.enhance import BINS, Enhancer, bin_index, enhancement_table, histogram, luma_unit, on_input_grid
 
 DATA = Path(digital_stain.__file__).parent / "data"
 DARKFIELD_TILES = sorted(DATA.glob("darkfield_*.png"))

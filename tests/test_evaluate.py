@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from digital_stain.cli import main
-from digital_stain.evaluate import as_rgb_uint8, evaluate_model, format_table, score_images
-from digital_stain.metrics import lab_pixels
-from digital_stain.model import StainModel
+from digital_stain.quality.evaluate import as_rgb_uint8, evaluate_model, format_table, score_images
+from digital_stain.quality.metrics import lab_pixels
+from digital_stain.stain.model import StainModel
 
 
 def _images(folder):
@@ -34,7 +34,7 @@ def test_niqe_mean_skips_featureless_and_small_images_and_lists_must_match(hne_d
     flat = np.full((256, 256, 3), 128, np.uint8)
     with_flat = score_images(hne + [flat, hne[0][:100, :100]])
     assert with_flat["niqe"] == pytest.approx(score_images(hne)["niqe"])
-    from digital_stain.arrays import InputError
+    from digital_stain.core.arrays import InputError
 
     with pytest.raises(InputError, match="3 images but 2 references"):
         score_images(hne, references=hne[:2])

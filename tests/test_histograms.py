@@ -1,4 +1,4 @@
-"""digital_stain.histograms: what an input looks like, measured whole (numpy, dask, folders, samples of slides)."""
+"""digital_stain.core.histograms: what an input looks like, measured whole (numpy, dask, folders, samples of slides)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from digital_stain.arrays import InputError, ValueScaling, scaling_of, value_scaling
-from digital_stain.enhance import BINS, Enhancer, bin_index, histogram, luma_unit
-from digital_stain.histograms import (
+from digital_stain.core.arrays import InputError, ValueScaling, scaling_of, value_scaling
+from digital_stain.core.enhance import BINS, Enhancer, bin_index, histogram, luma_unit
+from digital_stain.core.histograms import (
     SAMPLE_GRID, Distribution, arrays_distribution, folder_distribution, measure, sample_boxes,
 )
 
@@ -29,7 +29,7 @@ def test_gray_input_has_its_gray_in_every_channel(darkfield_tile):
 
 
 def test_numpy_dask_stacks_and_pieces_pool_to_the_same_counts(darkfield_tile, monkeypatch):
-    import digital_stain.histograms as histograms
+    import digital_stain.core.histograms as histograms
 
     stack = np.stack([darkfield_tile, darkfield_tile[::-1]])
     scaling = value_scaling(stack)

@@ -14,7 +14,7 @@ from digital_stain import hostmem
 # what the `digital-stain` script does first (then main() runs): import the CLI module, which imports torch
 CLI = "import digital_stain.cli; "
 # a library user's imports: the package, its whole-slide and model modules (they import torch and make tensors)
-LIBRARY = "import digital_stain, digital_stain.slide, digital_stain.model; "
+LIBRARY = "import digital_stain, digital_stain.slide.run, digital_stain.stain.model; "
 LARGE_BLOCK = ("import os, torch; "
                "block = torch.ones(64 << 20, dtype=torch.uint8); "
                "huge = sum(int(line.split()[1]) for line in open('/proc/self/smaps') "

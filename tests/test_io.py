@@ -1,4 +1,4 @@
-"""Tests of digital_stain.io: readers (PNG, TIFF, OME-Zarr), list_images, atomic writes."""
+"""Tests of digital_stain.io.images: readers (PNG, TIFF, OME-Zarr), list_images, atomic writes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import zarr
 from PIL import Image
 
 import digital_stain
-from digital_stain.arrays import InputError
-from digital_stain.io import atomic_path, list_images, read_image, write_image
-from digital_stain.outputs import MARKER
+from digital_stain.core.arrays import InputError
+from digital_stain.io.images import atomic_path, list_images, read_image, write_image
+from digital_stain.io.outputs import MARKER
 
 DATA = Path(digital_stain.__file__).parent / "data"
 
@@ -395,22 +395,8 @@ def test_bioformats2raw_store_reads_its_first_image(tmp_path, rgb):
     np.testing.assert_array_equal(read_image(path), rgb)
 
 
-def test_ome_zarr_pixel_size(tmp_path, rgb):
-    from digital_stain.io import ome_zarr_pixel_size
-
-    path = tmp_path / "scaled.ome.zarr"
-    _write_ome_zarr(path, np.moveaxis(rgb, -1, 0), "cyx")
-    assert ome_zarr_pixel_size(path) is None  # no scale given
-    group = zarr.open_group(str(path), mode="a")
-    multiscales = group.attrs["multiscales"]
-    multiscales[0]["axes"][1]["unit"] = multiscales[0]["axes"][2]["unit"] = "micrometer"
-    multiscales[0]["datasets"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [1, 0.25, 0.5]}]
-    group.attrs["multiscales"] = multiscales
-    assert ome_zarr_pixel_size(path) == {"y": (0.25, "micrometer"), "x": (0.5, "micrometer")}
-
-
 def test_chunking_note_bounds():
-    from digital_stain.io import chunking_note
+    from digital_stain.io.images import chunking_note
 
     assert chunking_note((1024, 1024), (9000, 9000), 1024, "x") is None
     assert chunking_note((256, 4096), (9000, 9000), 1024, "x") is None
@@ -430,14 +416,14 @@ def test_lazy_read_recuts_tiny_stored_chunks_and_says_so(tmp_path, caplog):
     assert lazy.chunks[0] == (256, 256, 88) and lazy.chunks[1] == (256, 244) and lazy.shape == (600, 500, 3)
     assert "chunks of 16 x 16 px" in notes[0] and "256-px pieces" in notes[0]
     np.testing.assert_array_equal(lazy.compute(), np.moveaxis(data, 0, -1))
-    with caplog.at_level(logging.WARNING, logger="digital_stain.io"):
+    with caplog.at_level(logging.WARNING, logger="digital_stain.io.images"):
         read_image(path, lazy=True, chunk=256)
     assert any("smaller than 256" in r.getMessage() for r in caplog.records)
     assert read_image(path, lazy=True).chunks[0][0] == 16  # without chunk=: as stored
 
 
 def test_open_source_from_png_numpy_and_dask(tmp_path, rgb):
-    from digital_stain.io import open_source
+    from digital_stain.io.images import open_source
 
     path = tmp_path / "a.png"
     Image.fromarray(rgb).save(path)

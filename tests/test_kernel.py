@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from digital_stain.arrays import InputError
-from digital_stain.kernel import StainKernel
-from digital_stain.lazy import LazyStain
-from digital_stain.stain_settings import StainSettings
+from digital_stain.core.arrays import InputError
+from digital_stain.stain.kernel import StainKernel
+from digital_stain.stain.lazy import LazyStain
+from digital_stain.stain.settings import StainSettings
 
 from conftest import make_tiny_model
 
@@ -158,8 +158,8 @@ def test_a_kernel_on_the_cpu_after_running_out_of_memory_keeps_preparation_and_s
 def test_a_large_plane_takes_its_statistics_from_its_own_tiles_and_reuses_their_stains(tiny_model, darkfield_tile):
     """The tiles that make the statistics pass are not run again, and their stains are what a run with
     those statistics gives (so reusing them changes nothing)."""
-    from digital_stain.kernel import to_yxc
-    from digital_stain.tiling import pad_image, spread_tiles, tile_layout, tiled_apply
+    from digital_stain.stain.kernel import to_yxc
+    from digital_stain.stain.tiling import pad_image, spread_tiles, tile_layout, tiled_apply
 
     image = np.tile(darkfield_tile, (2, 2, 1))[:500, :460]
     settings = StainSettings(tile=128, overlap=32, stats_pixels=4 * 128 * 128, **FP32)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from digital_stain.arrays import InputError
-from digital_stain.lazy import LazyStain, chunk_sizes, stain_lazy
+from digital_stain.core.arrays import InputError
+from digital_stain.stain.lazy import LazyStain, chunk_sizes, stain_lazy
 
 FP32 = dict(precision="fp32", device="cpu")
 

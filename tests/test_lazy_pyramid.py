@@ -4,8 +4,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from digital_stain.arrays import InputError, value_scaling
-from digital_stain.lazy import LazyStain, input_pyramid, lazy_pyramid
+from digital_stain.core.arrays import InputError, value_scaling
+from digital_stain.stain.lazy import LazyStain, input_pyramid, lazy_pyramid
 
 OPTIONS = dict(chunk=128, overlap=32, precision="fp32", device="cpu")
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
-from digital_stain.metrics import lab_pixels, sliced_wasserstein, stain_style_distance
+from digital_stain.quality.metrics import lab_pixels, sliced_wasserstein, stain_style_distance
 
 
 def test_sliced_wasserstein_zero_for_same_cloud_and_grows_with_shift():
@@ -37,7 +37,7 @@ def test_real_hne_is_closer_to_real_hne_than_its_gray_is():
 
 from scipy import ndimage  # noqa: E402
 
-from digital_stain.metrics import (  # noqa: E402
+from digital_stain.quality.metrics import (  # noqa: E402
     checkerboard,
     dice,
     hematoxylin,
@@ -124,3 +124,16 @@ def test_checkerboard_refuses_what_it_cannot_measure(hne_tile):
         checkerboard(hne_tile[:20, :20])
     with pytest.raises(ValueError, match=r"\(Y, X, 3\) RGB"):
         checkerboard(hne_tile[..., :2])
+
+
+@pytest.mark.parametrize("size", [1, 2, 999, 20_000])
+def test_sliced_wasserstein_equals_its_definition_with_np_quantile(size):
+    """The sorted-projection quantiles are numpy's linear-method quantiles, not an approximation of them."""
+    rng = np.random.default_rng(size)
+    cloud, reference = rng.normal(size=(size, 3)), rng.normal(0.3, 1.2, size=(5_000, 3))
+    directions = np.random.default_rng(7).normal(size=(128, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    quantiles = np.linspace(0.0, 1.0, 1001)
+    by_definition = np.abs(np.quantile(cloud @ directions.T, quantiles, axis=0)
+                           - np.quantile(reference @ directions.T, quantiles, axis=0)).mean()
+    assert sliced_wasserstein(cloud, reference, seed=7) == pytest.approx(by_definition, rel=1e-12, abs=1e-12)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from digital_stain.arrays import InputError
-from digital_stain.model import StainModel, available_models
-from digital_stain.tiling import Cancelled
+from digital_stain.core.arrays import InputError
+from digital_stain.stain.model import StainModel, available_models
+from digital_stain.stain.tiling import Cancelled
 
 FAST = dict(precision="fp32", device="cpu")
 
@@ -313,7 +313,7 @@ def test_compiled_staining_equals_eager_and_compiles_once(tiny_model):
 def test_loaded_model_survives_its_file_being_overwritten_in_place(tiny_model_file, darkfield_tile):
     """Regression: tensors were views into the file's memory map, so `cp new.safetensors old.safetensors`
     under a running process silently changed its enhancer (found when a training run saved garbage counts)."""
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     model = StainModel.load(tiny_model_file, device="cpu")
     counts = model.enhancer.darkfield_counts.copy()
@@ -347,8 +347,8 @@ def test_batched_tiles_stain_the_same(tiny_model, darkfield_tile, output):
 def test_a_model_whose_student_inputs_are_its_own_histograms_saves(tiny_model, tmp_path):
     """A fine-tuned enhancer may hold the very arrays of its dark-field histograms as the student's inputs;
     saving must not trip over the shared memory (safetensors refuses tensors that share it)."""
-    from digital_stain.enhance import Enhancer
-    from digital_stain.histograms import Distribution
+    from digital_stain.core.enhance import Enhancer
+    from digital_stain.core.histograms import Distribution
 
     old = tiny_model.enhancer
     channels = np.arange(3 * old.darkfield_counts.size).reshape(3, -1) % 7
@@ -384,8 +384,8 @@ def test_an_image_that_fits_the_statistics_pass_runs_the_student_once(tiny_model
 
 def test_the_one_pass_stain_is_the_former_statistics_then_tiles_stain(tiny_model, darkfield_tile):
     """What the two passes gave: the whole image's statistics frozen, then tiled (here one tile and two)."""
-    from digital_stain.nets import record_statistics
-    from digital_stain.tiling import pad_image, tiled_apply
+    from digital_stain.core.nets import record_statistics
+    from digital_stain.stain.tiling import pad_image, tiled_apply
 
     image = darkfield_tile[:128, :160]
     once = tiny_model.stain(image, ["student"], **FAST)["student"]

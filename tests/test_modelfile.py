@@ -1,4 +1,4 @@
-"""Tests of digital_stain.modelfile: the safetensors model bundle, its checks, and pickle refusal."""
+"""Tests of digital_stain.io.modelfile: the safetensors model bundle, its checks, and pickle refusal."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from digital_stain.arrays import InputError
-from digital_stain.modelfile import (
+from digital_stain.core.arrays import InputError
+from digital_stain.io.modelfile import (
     FORMAT,
     FORMAT_VERSION,
     ModelFileError,

@@ -1,4 +1,4 @@
-"""Reading every image and level of an OME-Zarr store (digital_stain.multiscale): stained stores and others."""
+"""Reading every image and level of an OME-Zarr store (digital_stain.io.multiscale): stained stores and others."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from digital_stain.arrays import InputError
-from digital_stain.multiscale import is_ome_zarr, read_pyramids, store_name
-from digital_stain.slide import stain_to_zarr
+from digital_stain.core.arrays import InputError
+from digital_stain.io.multiscale import is_ome_zarr, read_pyramids, store_name
+from digital_stain.slide.run import stain_to_zarr
 from stores import write_ome_zarr
 
 SMALL = dict(chunk=256, overlap=32, min_side=128, device="cpu", precision="fp32")

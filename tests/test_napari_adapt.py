@@ -55,7 +55,7 @@ def test_another_microscopes_image_is_adapted_and_says_so(make_napari_viewer, qt
     teacher = viewer.layers["dsd_p tile teacher"]
     assert teacher.metadata["digital_stain"]["adaptation"]["mode"] == "off"
     assert teacher.data.mean() < 0.2  # what adaptation prevents
-    from digital_stain import settings
+    from digital_stain._napari import settings
 
     assert settings.load_settings("stain")["adapt"] == "off"
 

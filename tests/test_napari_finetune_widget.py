@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
-from digital_stain import settings
+from digital_stain._napari import settings
 from digital_stain._napari.finetune_widget import FineTuneWidget
-from digital_stain.model import StainModel
+from digital_stain.stain.model import StainModel
 
 PLUGIN = "napari-digital-stain"
 

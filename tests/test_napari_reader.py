@@ -12,7 +12,7 @@ from npe2 import PluginManifest
 
 from digital_stain._napari.layers import grid_of, show_slide
 from digital_stain._napari.reader import napari_get_reader, read_ome_zarr
-from digital_stain.slide import stain_to_zarr
+from digital_stain.slide.run import stain_to_zarr
 from stores import write_ome_zarr
 
 PLUGIN = "napari-digital-stain"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from napari.utils.notifications import NotificationSeverity, notification_manager
 
-from digital_stain import settings
+from digital_stain._napari import settings
 from digital_stain._napari.models import load_model
 from digital_stain._napari.stain_widget import StainWidget
 

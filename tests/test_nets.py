@@ -1,4 +1,4 @@
-"""Tests of digital_stain.nets: shapes, ranges, registration warp, tile-stable instance norm."""
+"""Tests of digital_stain.core.nets: shapes, ranges, registration warp, tile-stable instance norm."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from digital_stain.nets import (
+from digital_stain.core.nets import (
     ColorizationUNet,
     PatchDiscriminator,
     RegistrationNet,
@@ -16,8 +16,8 @@ from digital_stain.nets import (
     record_statistics,
     warp,
 )
-from digital_stain.nets.norm import number_norm_layers
-from digital_stain.nets.registration import smoothness_loss
+from digital_stain.core.nets.norm import number_norm_layers
+from digital_stain.core.nets.registration import smoothness_loss
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,7 @@ def test_colorization_unet_accepts_its_min_size_and_tiler_pads_to_it():
     """The U-Net needs >= 2 px at its bottleneck; it says so in ``min_size`` and the tiler pads to it."""
     import numpy as np
 
-    from digital_stain.tiling import tiled_apply
+    from digital_stain.stain.tiling import tiled_apply
 
     net = ColorizationUNet(width=4, depth=3).eval()
     assert net.min_size == 2 * net.size_multiple
@@ -433,7 +433,7 @@ def test_recorded_statistics_on_net_without_our_norm_are_empty_and_a_no_op():
 
 
 def test_resize_convolution_upsampling_leaves_no_checkerboard_and_old_configs_build_transposed():
-    from digital_stain.metrics import checkerboard
+    from digital_stain.quality.metrics import checkerboard
 
     image = torch.rand(1, 4, 128, 128) * 2 - 1
     grids = {}

@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.special import gamma
 
 import digital_stain
-from digital_stain.niqe import aggd_fit, imresize_half, luma, mscn, niqe, pristine_model
+from digital_stain.quality.niqe import aggd_fit, imresize_half, luma, mscn, niqe, pristine_model
 
 SAMPLE_DIR = Path(digital_stain.__file__).parent / "data"
 

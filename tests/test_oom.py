@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from digital_stain.oom import is_out_of_memory, stain_with_fallback
+from digital_stain.stain.oom import is_out_of_memory, stain_with_fallback
 
 
 class _FailsOverTiles(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""What may be replaced, and one writer at a time (``digital_stain.outputs``)."""
+"""What may be replaced, and one writer at a time (``digital_stain.io.outputs``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from digital_stain.arrays import InputError
-from digital_stain.io import atomic_path, write_image
-from digital_stain.outputs import (MARKER, check_not_input, check_replaceable, is_ours, lock_path, output_lock,
+from digital_stain.core.arrays import InputError
+from digital_stain.io.images import atomic_path, write_image
+from digital_stain.io.outputs import (MARKER, check_not_input, check_replaceable, is_ours, lock_path, output_lock,
                                    software)
 
 RGB = np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""digital_stain.prepare: one preparation of the input for every path, and adaptation through it."""
+"""digital_stain.core.prepare: one preparation of the input for every path, and adaptation through it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from digital_stain.adapt import OFF
-from digital_stain.arrays import to_unit_rgb, value_scaling
-from digital_stain.prepare import Preparation
+from digital_stain.core.adapt import OFF
+from digital_stain.core.arrays import to_unit_rgb, value_scaling
+from digital_stain.core.prepare import Preparation
 
 
 def _gain(image, gain):
@@ -18,8 +18,8 @@ def _gain(image, gain):
 @pytest.mark.parametrize("kind", ["uint8-rgb", "uint16-gray", "float-rgba"])
 def test_plane_prepared_in_bands_equals_one_pass(tiny_model, darkfield_tile, monkeypatch, kind):
     """Large planes are prepared in row bands on threads; forced here on a small plane: identical results."""
-    from digital_stain import prepare as prepare_module
-    from digital_stain.model import to_yxc
+    from digital_stain.core import prepare as prepare_module
+    from digital_stain.stain.model import to_yxc
 
     plane = {"uint8-rgb": darkfield_tile[:250],
              "uint16-gray": darkfield_tile[:250, :, 1].astype(np.uint16) * 257,
@@ -40,8 +40,8 @@ def test_plane_prepared_in_bands_equals_one_pass(tiny_model, darkfield_tile, mon
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_integer_fast_path_equals_binning_every_pixel(tiny_model, dtype):
     """The integer fast path (a table over gray levels) gives the values of on_input_grid + the enhancer's bins."""
-    from digital_stain.color import luma
-    from digital_stain.enhance import on_input_grid
+    from digital_stain.core.color import luma
+    from digital_stain.core.enhance import on_input_grid
 
     top = np.iinfo(dtype).max
     rng = np.random.default_rng(3)
@@ -96,8 +96,8 @@ def test_a_region_prepared_alone_equals_that_region_of_the_whole(tiny_model, dar
 
 def test_a_model_fine_tuned_with_adapted_inputs_maps_its_own_dark_field(tiny_model, darkfield_tile):
     """A student that kept its original inputs: the model's dark-field is mapped onto them even when not adapting."""
-    from digital_stain.enhance import Enhancer
-    from digital_stain.model import StainModel
+    from digital_stain.core.enhance import Enhancer
+    from digital_stain.stain.model import StainModel
 
     bright = _gain(darkfield_tile, 8)
     fitted = Enhancer.from_arrays([bright], [darkfield_tile])  # a "lab" whose dark-field is 8x brighter
@@ -110,7 +110,7 @@ def test_a_model_fine_tuned_with_adapted_inputs_maps_its_own_dark_field(tiny_mod
 
 
 def test_lazy_and_eager_decide_the_same_on_numpy_and_dask(tiny_model, darkfield_tile):
-    from digital_stain.lazy import LazyStain
+    from digital_stain.stain.lazy import LazyStain
 
     bright = _gain(np.tile(darkfield_tile, (2, 2, 1)), 6)
     eager = tiny_model.preparation(bright)

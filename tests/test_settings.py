@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from digital_stain import settings
+from digital_stain._napari import settings
 
 
 def test_folders_follow_the_environment(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
-from digital_stain.color import rgb_to_lab
-from digital_stain.model import DEFAULT_MODEL, StainModel, available_models
+from digital_stain.core.color import rgb_to_lab
+from digital_stain.stain.model import DEFAULT_MODEL, StainModel, available_models
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_default_model_is_shipped_with_provenance(model):
 
 def test_student_keeps_structure_and_stains_like_hne(model):
     """Nuclei where the enhanced image has them (not inverted, not moved) and H&E colours."""
-    from digital_stain.metrics import stain_style_distance, structure_score
+    from digital_stain.quality.metrics import stain_style_distance, structure_score
 
     real = np.stack([_read(p) for p in sample_paths("stained")])
     outs = [model.stain(_read(p), ["enhanced", "student"]) for p in sample_paths("darkfield")]
@@ -90,7 +90,7 @@ def test_shipped_networks_tiled_with_defaults_equal_one_pass(model, output):
 
 
 def test_fast_model_is_shipped_smaller_and_keeps_structure():
-    from digital_stain.metrics import structure_score
+    from digital_stain.quality.metrics import structure_score
 
     fast = StainModel.load("dsd-unpaired-fast")
     assert fast.outputs == ("enhanced", "teacher", "student")
@@ -116,7 +116,7 @@ def test_paired_model_is_shipped_with_its_provenance():
 def test_paired_student_stains_closer_to_the_adjacent_section_than_the_teacher():
     """On held-out pairs: nearer the real H&E of the next section (PSNR despite the misalignment,
     colour distribution) than the teacher, while keeping the dark-field's structure."""
-    from digital_stain.metrics import psnr, stain_style_distance, structure_score
+    from digital_stain.quality.metrics import psnr, stain_style_distance, structure_score
 
     model = StainModel.load("dsd-paired", device="cpu")
     names = sorted((PAIRED_DIR / "darkfield").glob("*.png"))

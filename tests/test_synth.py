@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
-from digital_stain.color import luma
-from digital_stain.enhance import Enhancer
-from digital_stain.synth import darkfield_tint, synthesize_darkfield
+from digital_stain.core.color import luma
+from digital_stain.core.enhance import Enhancer
+from digital_stain.quality.synth import darkfield_tint, synthesize_darkfield
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_enhancing_the_synthetic_darkfield_gives_back_the_hne_gray(tiles):
 
 
 def test_black_darkfield_has_no_tint():
-    from digital_stain.arrays import InputError
+    from digital_stain.core.arrays import InputError
 
     with pytest.raises(InputError, match="all black"):
         darkfield_tint([np.zeros((4, 4, 3), np.uint8)])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from digital_stain.arrays import to_unit_rgb
-from digital_stain.color import luma
-from digital_stain.enhance import on_input_grid
-from digital_stain.tiling import (
+from digital_stain.core.arrays import to_unit_rgb
+from digital_stain.core.color import luma
+from digital_stain.core.enhance import on_input_grid
+from digital_stain.stain.tiling import (
     fitted_tile,
     pad_image,
     ramp,
@@ -220,8 +220,8 @@ def test_seam_detector_sees_a_seam():
 
 def test_tiled_student_equals_one_pass_without_seams(tiny_model, darkfield_tile):
     """Tiles normalised with the whole image's statistics, blended: the one-pass stain, no seams."""
-    from digital_stain.kernel import StainKernel, to_yxc
-    from digital_stain.stain_settings import StainSettings
+    from digital_stain.stain.kernel import StainKernel, to_yxc
+    from digital_stain.stain.settings import StainSettings
 
     image = np.tile(darkfield_tile, (3, 3, 1))  # 768 x 768, a 3 x 3 tiling of the sample
     assert image.shape == (768, 768, 3)
@@ -305,7 +305,7 @@ def test_tile_starts_stay_on_the_network_grid(overlap):
 @pytest.fixture
 def frozen_student():
     """A tiny random ResnetGenerator, a test image (4, 150, 170) and the norm statistics recorded on that image."""
-    from digital_stain.nets import ResnetGenerator, record_statistics
+    from digital_stain.core.nets import ResnetGenerator, record_statistics
 
     torch.manual_seed(0)
     net = ResnetGenerator(4, 3, width=8, n_blocks=2).eval()
@@ -346,7 +346,7 @@ def test_batched_tiles_equal_one_tile_at_a_time(frozen_student, batch):
 
 def test_blending_on_the_device_equals_blending_on_the_host(frozen_student, monkeypatch):
     """The GPU path (tiles cut and blended where the network runs), exercised on the CPU."""
-    from digital_stain import tiling
+    from digital_stain.stain import tiling
 
     net, image, statistics = frozen_student
 
@@ -374,7 +374,7 @@ def test_batched_progress_counts_tiles():
 def test_stop_is_checked_between_batches():
     import threading
 
-    from digital_stain.tiling import Cancelled
+    from digital_stain.stain.tiling import Cancelled
 
     image = np.zeros((1, 128, 128), np.float32)
     stop, calls, seen = threading.Event(), [], []

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from digital_stain.modelfile import load_bundle
-from digital_stain.nets.registration import RegistrationNet, warp
+from digital_stain.io.modelfile import load_bundle
+from digital_stain.core.nets.registration import RegistrationNet, warp
 from digital_stain.train.align_warmup import MAX_SMOOTH, MAX_TRANSLATE, random_fields, warm_up_registration
 from digital_stain.train.finetune import fine_tune
 
@@ -78,7 +78,7 @@ def test_warm_up_is_repeatable_and_stops(sample_dir):
 
 @pytest.mark.slow
 def test_paired_training_warms_r_up_once_and_resume_checks_it(tiny_model, darkfield_dir, sections_dir, tmp_path):
-    from digital_stain.arrays import InputError
+    from digital_stain.core.arrays import InputError
 
     common = dict(paired=True, size="tiny", from_scratch=True, crop=64, device="cpu", precision="fp32")
     fast = dict(disc_width=8, report_every=1, val_every=1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from digital_stain.arrays import InputError
+from digital_stain.core.arrays import InputError
 from digital_stain.train.data import images_from_arrays, load_rgb_folder
 from digital_stain.train.finetune import FineTuneResult, default_output_name, default_size, fine_tune, preview_student
 from digital_stain.train.student import StudentConfig, train_student
@@ -99,7 +99,7 @@ def test_in_memory_arrays_train_like_the_folder(tiny_model, darkfield_dir, hne_d
 # -- callback and preview -----------------------------------------------------
 @pytest.mark.slow
 def test_callback_every_step_and_preview_do_not_change_training(tiny_model, darkfield_dir, hne_dir, darkfield_tile):
-    from digital_stain.nets import record_statistics
+    from digital_stain.core.nets import record_statistics
 
     plain, _ = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config())
     steps, previews, modes = [], [], []
@@ -149,7 +149,7 @@ def test_preview_leaves_the_student_as_it_was(tiny_model, darkfield_tile):
 # -- fine_tune ------------------------------------------------------------------
 @pytest.mark.slow
 def test_fine_tune_returns_a_model_with_provenance(tiny_model, tiny_model_file, darkfield_dir, hne_dir, tmp_path):
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     rgb, names = _folder_arrays(darkfield_dir)
     events = []
@@ -272,7 +272,7 @@ def test_default_output_name_and_size():
 
 
 def test_fine_tune_refuses_a_model_without_teacher(tiny_model, darkfield_dir, hne_dir):
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     with pytest.raises(InputError, match="no teacher"):
         fine_tune(StainModel(tiny_model.enhancer), darkfield_dir, hne_dir, size="tiny", steps=1, crop=64,
@@ -298,7 +298,7 @@ def _brighter(folder, tmp_path, gain=6):
 
 @pytest.mark.slow
 def test_every_stage_adapts_its_part_in_order(tiny_model, darkfield_dir, hne_dir, tmp_path):
-    from digital_stain.enhance import Enhancer
+    from digital_stain.core.enhance import Enhancer
     from digital_stain.train.finetune import STAGES
 
     bright = _brighter(darkfield_dir, tmp_path)
@@ -333,7 +333,7 @@ def test_every_stage_adapts_its_part_in_order(tiny_model, darkfield_dir, hne_dir
     assert record["enhancer"]["brightfield"]["refitted"]  # c_b goes with the teacher, which was fine-tuned
     assert record["enhancer"]["student_inputs"] == "mapped onto the starting student's"
     assert "checked on 1 held-out image(s)" in tuned.summary
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     path = tmp_path / "tuned.safetensors"
     model.save(path)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from digital_stain.arrays import InputError
-from digital_stain.metrics import structure_score
+from digital_stain.core.arrays import InputError
+from digital_stain.quality.metrics import structure_score
 from digital_stain.train.losses import gradients, structure_loss
 from digital_stain.train.student import StudentConfig, train_student
 

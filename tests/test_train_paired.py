@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from digital_stain.arrays import InputError
-from digital_stain.modelfile import load_bundle
-from digital_stain.nets.registration import RegistrationNet, smoothness_loss, warp
+from digital_stain.core.arrays import InputError
+from digital_stain.io.modelfile import load_bundle
+from digital_stain.core.nets.registration import RegistrationNet, smoothness_loss, warp
 from digital_stain.train.finetune import fine_tune
 from digital_stain.train.paired import load_pairs, pair_key
 from digital_stain.train.student import StudentConfig, train_student
@@ -175,7 +175,7 @@ def test_registration_learns_a_known_shift(sample_dir):
 @pytest.mark.slow
 def test_paired_steps_train_registration_and_write_a_model_without_it(tiny_model, darkfield_dir, sections_dir,
                                                                       tmp_path):
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     ckpt = tmp_path / "p.ckpt.safetensors"
     events, steps = [], []

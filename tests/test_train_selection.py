@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from digital_stain._sample_data import sample_paths
-from digital_stain.metrics import lab_pixels
+from digital_stain.quality.metrics import lab_pixels
 from digital_stain.train.selection import chosen_step, selection_score, style_noise
 
 FLOOR = 0.9

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from digital_stain.arrays import InputError
+from digital_stain.core.arrays import InputError
 from digital_stain.train.student import ImagePool, StudentConfig, train_student
 
 
@@ -74,7 +74,7 @@ def test_resume_equals_straight_run(tiny_model, darkfield_dir, hne_dir, tmp_path
 
 
 def test_refuses_model_without_teacher_and_empty_folders(tiny_model, darkfield_dir, hne_dir, tmp_path):
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     no_teacher = StainModel(tiny_model.enhancer)
     with pytest.raises(InputError, match="no teacher"):
@@ -88,7 +88,7 @@ def test_refuses_model_without_teacher_and_empty_folders(tiny_model, darkfield_d
 @pytest.mark.slow
 def test_cli_train_writes_a_model_with_a_student(tiny_model_file, darkfield_dir, hne_dir, tmp_path, capsys):
     from digital_stain.cli import main
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     output = tmp_path / "student.safetensors"
     argv = ["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),
@@ -162,7 +162,7 @@ def test_stop_returns_within_a_step_with_a_usable_student(tiny_model, darkfield_
 @pytest.mark.slow
 def test_cli_ablation_flag_reaches_the_config(tiny_model_file, darkfield_dir, hne_dir, tmp_path, capsys):
     from digital_stain.cli import main
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     output = tmp_path / "nokd.safetensors"
     # the tiny init model has a (width 8) student: --from-scratch must start a new one of the asked size
@@ -197,7 +197,7 @@ def test_cli_stop_before_first_validation_writes_nothing_and_resume_finishes(
         tiny_model_file, darkfield_dir, hne_dir, tmp_path, capsys, monkeypatch):
     import digital_stain.train.student as student_module
     from digital_stain.cli import main
-    from digital_stain.model import StainModel
+    from digital_stain.stain.model import StainModel
 
     output = tmp_path / "s.safetensors"
     argv = ["train", "--darkfield", str(darkfield_dir), "--stained", str(hne_dir), "--output", str(output),

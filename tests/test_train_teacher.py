@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 import digital_stain
-from digital_stain.arrays import InputError
+from digital_stain.core.arrays import InputError
 from digital_stain.cli import main
-from digital_stain.enhance import Enhancer
-from digital_stain.model import StainModel
-from digital_stain.modelfile import load_bundle
-from digital_stain.nets import ColorizationUNet
+from digital_stain.core.enhance import Enhancer
+from digital_stain.stain.model import StainModel
+from digital_stain.io.modelfile import load_bundle
+from digital_stain.core.nets import ColorizationUNet
 from digital_stain.train import Progress, TeacherConfig, TrainResult, train_teacher
 
 SAMPLES = Path(digital_stain.__file__).parent / "data"

@@ -1,8 +1,8 @@
-"""The whole-slide unit scheduler (digital_stain.units): bookkeeping, order, stop, errors, and no import cycle.
+"""The whole-slide unit scheduler (digital_stain.slide.units): bookkeeping, order, stop, errors, and no import cycle.
 
 A real SlideStore on disk with a 3 x 4 unit level 0 and three pyramid levels; level-0 units write a
 constant per unit (what staining writes does not matter here), pyramid units are the store's own.
-End-to-end runs through :func:`digital_stain.slide.stain_to_zarr` are in test_slide.py and test_cluster.py.
+End-to-end runs through :func:`digital_stain.slide.run.stain_to_zarr` are in test_slide.py and test_cluster.py.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from digital_stain.arrays import InputError
-from digital_stain.ngff import Grid, SlideStore, level_shapes
-from digital_stain.slide import SlideResult
-from digital_stain.units import ThreadUnits, run_units
+from digital_stain.core.arrays import InputError
+from digital_stain.slide.store import Grid, SlideStore, level_shapes
+from digital_stain.slide.run import SlideResult
+from digital_stain.slide.units import ThreadUnits, run_units
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "digital_stain"
 GRID = Grid(256, (256,) * 3, (256,) * 4, level_shapes((768, 1024), 128))  # units: 12, 4, 1, 1
@@ -213,7 +213,7 @@ def test_without_interleaving_levels_run_one_after_the_other(store, backend):
 
 # -- the cluster back-end ------------------------------------------------------------------------------
 def test_a_cluster_needs_a_model_from_a_file():
-    from digital_stain.cluster import ClusterUnits
+    from digital_stain.slide.cluster import ClusterUnits
 
     with pytest.raises(InputError, match="from a file"):
         ClusterUnits(None, SimpleNamespace(path=None, checksum=None), None, None, None, None)
@@ -223,9 +223,9 @@ def test_a_worker_s_error_ends_a_cluster_run(tiny_model, tiny_model_file, darkfi
     """A worker whose model file differs from the client's fails its units: the run ends with that error."""
     import torch
 
-    from digital_stain.cluster import cluster_client
-    from digital_stain.model import StainModel
-    from digital_stain.slide import stain_to_zarr
+    from digital_stain.slide.cluster import cluster_client
+    from digital_stain.stain.model import StainModel
+    from digital_stain.slide.run import stain_to_zarr
 
     model = StainModel.load(tiny_model_file, device="cpu")
     with torch.no_grad():
@@ -240,28 +240,29 @@ def test_a_worker_s_error_ends_a_cluster_run(tiny_model, tiny_model_file, darkfi
 
 # -- no import cycle -------------------------------------------------------------------------------------
 def _imported(module: str) -> set[str]:
-    """Modules of this package that ``module`` imports anywhere in its file (functions included)."""
-    tree = ast.parse((SOURCE / f"{module}.py").read_text())
+    """Modules of this package that ``module`` (e.g. ``"slide.run"``) imports anywhere in its file, functions included."""
+    tree = ast.parse((SOURCE / f"{module.replace('.', '/')}.py").read_text())
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y / from . import x
-            names |= {node.module} if node.module else {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("digital_stain."):
-            names.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("digital_stain."):
+            names.add(node.module.removeprefix("digital_stain."))
         elif isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("digital_stain.")}
+            names |= {alias.name.removeprefix("digital_stain.") for alias in node.names
+                      if alias.name.startswith("digital_stain.")}
+        assert not (isinstance(node, ast.ImportFrom) and node.level), f"{module}: a relative import"
     return names
 
 
 def test_slide_cluster_and_units_do_not_import_each_other_in_a_cycle():
-    imports = {module: _imported(module) & {"slide", "cluster", "units"} for module in ("slide", "cluster", "units")}
-    assert imports["units"] == set()  # the scheduler is below both
-    assert imports["cluster"] == set()  # process_chunk reaches the workers as an argument
-    assert imports["slide"] == {"cluster", "units"}
+    slide = {"slide.run", "slide.cluster", "slide.units"}
+    imports = {module: _imported(module) & slide for module in slide}
+    assert imports["slide.units"] == set()  # the scheduler is below both
+    assert imports["slide.cluster"] == set()  # process_chunk reaches the workers as an argument
+    assert imports["slide.run"] == {"slide.cluster", "slide.units"}
 
 
 def test_importing_the_scheduler_or_the_cluster_imports_no_slide():
-    code = ("import sys, digital_stain.units, digital_stain.cluster; "
-            "print(sorted(m for m in ('digital_stain.slide', 'digital_stain.lazy') if m in sys.modules))")
+    code = ("import sys, digital_stain.slide.units, digital_stain.slide.cluster; "
+            "print(sorted(m for m in ('digital_stain.slide.run', 'digital_stain.stain.lazy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.strip() == "[]"

@@ -18,15 +18,15 @@ import numpy as np
 # blocks for reuse (hostmem.py); `import digital_stain` does not, as inside napari the process is shared. PyTorch reads the variable at its
 # first CPU allocation, and the imports below already allocate (color.py makes tensors on import), so
 # it is set here, on importing this module (what the `digital-stain` script does first), not in main().
-from .hostmem import own_process
+from digital_stain.hostmem import own_process
 
 own_process()
 
-from . import options  # noqa: E402
-from .adapt import ADAPT_MODES  # noqa: E402
-from .arrays import InputError, to_uint8  # noqa: E402
-from .devices import DEVICES, PRECISIONS  # noqa: E402
-from .nets.generator import UPSAMPLING  # noqa: E402
+from digital_stain import options  # noqa: E402
+from digital_stain.core.adapt import ADAPT_MODES  # noqa: E402
+from digital_stain.core.arrays import InputError, to_uint8  # noqa: E402
+from digital_stain.core.devices import DEVICES, PRECISIONS  # noqa: E402
+from digital_stain.core.nets.generator import UPSAMPLING  # noqa: E402
 
 STEPS = options.integer(1, what="a number of steps")
 BATCH = options.integer(1, 1024, "a batch size")
@@ -46,7 +46,7 @@ EPILOG = "Docs: docs/usage.md. Models: shipped names ({models}) or a path to a .
 
 
 def _models_text() -> str:
-    from .model import available_models
+    from digital_stain.stain.model import available_models
 
     return ", ".join(available_models()) or "none shipped"
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="digital-stain",
         description="Digitally stain dark-field microscopy as H&E (Xu et al., knowledge distillation).",
     )
-    from . import __version__
+    from digital_stain import __version__
 
     parser.add_argument("--version", action="version", version=f"napari-digital-stain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,7 +227,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 # -- stain ---------------------------------------------------------------
 def _inputs(path: Path) -> list[Path]:
-    from .io import broken_links, is_image_path, list_images
+    from digital_stain.io.images import broken_links, is_image_path, list_images
 
     if path.is_dir() and not path.name.lower().endswith(".zarr"):
         found = list_images(path)
@@ -256,11 +256,11 @@ def _is_zarr_output(path: Path) -> bool:
 def cmd_stain(args) -> int:
     from tqdm import tqdm
 
-    from .arrays import scaling_note, value_scaling
-    from .io import atomic_path, read_image, write_image
-    from .model import StainModel
-    from .outputs import check_not_input, check_replaceable, output_lock
-    from .tiling import check_tiling
+    from digital_stain.core.arrays import scaling_note, value_scaling
+    from digital_stain.io.images import atomic_path, read_calibration, read_image, write_image
+    from digital_stain.stain.model import StainModel
+    from digital_stain.io.outputs import check_not_input, check_replaceable, output_lock
+    from digital_stain.stain.tiling import check_tiling
 
     if _is_zarr_output(args.output):
         return cmd_stain_slide(args)
@@ -290,7 +290,7 @@ def cmd_stain(args) -> int:
                                   mode if first is not None else "off")
     if first is not None or mode == "off":
         print(f"{'folder' if len(inputs) > 1 else 'input'}: {adaptation.message(model.name)}", file=sys.stderr)
-    from .oom import stain_with_fallback
+    from digital_stain.stain.oom import stain_with_fallback
 
     failed: list[str] = []
     shown = []
@@ -322,6 +322,7 @@ def cmd_stain(args) -> int:
                 failed.append(f"{path.name}: {err}")
                 continue
             stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+            calibration = read_calibration(path)  # TIFF outputs record the input's pixel size
             for name, array in results.items():
                 is_stack = array.ndim > (2 if name == "enhanced" else 3)
                 suffix = ".tif" if fmt == "tif" or is_stack else ".png"
@@ -330,7 +331,7 @@ def cmd_stain(args) -> int:
                           file=sys.stderr)
                 target = staging if single_file else _destination(staging, name, len(wanted) > 1, stem, suffix)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                write_image(target, to_uint8(array), overwrite=True, rgb=name != "enhanced")
+                write_image(target, to_uint8(array), overwrite=True, rgb=name != "enhanced", calibration=calibration)
             shown.append((path.name, image, results))
         if failed and len(failed) == len(inputs):
             raise InputError("no image could be stained:\n  " + "\n  ".join(failed))
@@ -345,8 +346,8 @@ def cmd_stain(args) -> int:
 def _stainable_images(paths: list[Path], keep: dict | None):
     """The images of ``paths`` that can be stained, read one at a time (and kept in ``keep`` when given);
     the others are left to the staining loop, which reports each with its reason."""
-    from .arrays import check_plane_shape, split_planes, value_scaling
-    from .io import read_image
+    from digital_stain.core.arrays import check_plane_shape, split_planes, value_scaling
+    from digital_stain.io.images import read_image
 
     for path in paths:
         try:
@@ -366,7 +367,7 @@ WHOLE_SLIDE_PIXELS = 8192 * 8192
 
 def _note_whole_slide(path: Path) -> None:
     """Before a large TIFF or OME-Zarr is loaded whole, say that OME-Zarr output would stain it in bounded memory."""
-    from .io import read_image
+    from digital_stain.io.images import read_image
 
     if not path.name.lower().endswith((".tif", ".tiff", ".zarr")):
         return
@@ -385,7 +386,7 @@ def _maybe_cluster(args):
     if args.scheduler is None and args.workers is None:
         yield None
         return
-    from .cluster import cluster_client
+    from digital_stain.slide.cluster import cluster_client
 
     with cluster_client(args.scheduler, args.workers) as client:
         where = args.scheduler or f"a local cluster of {args.workers} worker process(es)"
@@ -395,12 +396,12 @@ def _maybe_cluster(args):
 
 
 def cmd_stain_slide(args) -> int:
-    """``stain INPUT -o OUT.ome.zarr``: :func:`digital_stain.slide.stain_to_zarr`, with a progress bar and Ctrl-C."""
+    """``stain INPUT -o OUT.ome.zarr``: :func:`digital_stain.slide.run.stain_to_zarr`, with a progress bar and Ctrl-C."""
     from tqdm import tqdm
 
-    from .model import StainModel
-    from .ngff import looks_like_zarr
-    from .slide import open_source, stain_to_zarr
+    from digital_stain.stain.model import StainModel
+    from digital_stain.slide.store import looks_like_zarr
+    from digital_stain.slide.run import open_source, stain_to_zarr
 
     path = args.input
     if not path.exists():
@@ -515,7 +516,7 @@ def _view_slide(darkfield: Path, stained: Path) -> None:
     napari = _napari_or_none()
     if napari is None:
         return
-    from ._napari.layers import show_slide
+    from digital_stain._napari.layers import show_slide
 
     viewer = napari.Viewer(title="napari-digital-stain")
     if not show_slide(viewer, darkfield, stained):
@@ -528,7 +529,7 @@ def _view(shown, model, adaptation) -> None:
     napari = _napari_or_none()
     if napari is None:
         return
-    from ._napari.layers import set_side_by_side, show_output
+    from digital_stain._napari.layers import set_side_by_side, show_output
 
     viewer = napari.Viewer(title="napari-digital-stain")
     for name, image, results in shown[:8]:
@@ -544,10 +545,10 @@ def _view(shown, model, adaptation) -> None:
 
 # -- train-teacher ---------------------------------------------------------
 def cmd_train_teacher(args) -> int:
-    from .enhance import Enhancer
-    from .model import StainModel, provenance
-    from .train.data import skipped_note
-    from .train.teacher import TeacherConfig, train_teacher
+    from digital_stain.core.enhance import Enhancer
+    from digital_stain.stain.model import StainModel, provenance
+    from digital_stain.train.data import skipped_note
+    from digital_stain.train.teacher import TeacherConfig, train_teacher
 
     _refuse_existing(args, resuming=args.resume)
     init = StainModel.load(args.init) if args.init else None
@@ -584,14 +585,14 @@ def cmd_train_teacher(args) -> int:
 
 def _default_size(device: str) -> str:
     """The paper's student on a CUDA GPU; the CPU preset elsewhere (see ``train.finetune.default_size``)."""
-    from .train.finetune import default_size
+    from digital_stain.train.finetune import default_size
 
     return default_size(device)
 
 
 def cmd_train(args) -> int:
     """``digital-stain train``: :func:`digital_stain.train.finetune.fine_tune` (as the napari widget), then save."""
-    from .train.finetune import fine_tune, rejected_path
+    from digital_stain.train.finetune import fine_tune, rejected_path
 
     _refuse_existing(args, resuming=args.resume)
     paired_only = {"--reg-warmup": args.reg_warmup, "--lambda-smooth": args.lambda_smooth,
@@ -630,7 +631,7 @@ def cmd_train(args) -> int:
 # -- evaluate / synth ------------------------------------------------------
 def _paired(images, reference_dir: Path):
     """Reference images matched to ``images`` by file stem; refused when any is missing."""
-    from .train.data import load_rgb_folder
+    from digital_stain.train.data import load_rgb_folder
 
     references = load_rgb_folder(reference_dir, min_side=1, kind="H&E")
     by_stem = {Path(n).stem: im for n, im in zip(references.names, references.images)}
@@ -650,11 +651,11 @@ def cmd_evaluate(args) -> int:
 
     from tqdm import tqdm
 
-    from .evaluate import evaluate_model, format_table
-    from .metrics import lab_pixels
-    from .model import StainModel
-    from .outputs import check_not_input, check_replaceable
-    from .train.data import load_rgb_folder
+    from digital_stain.quality.evaluate import evaluate_model, format_table
+    from digital_stain.quality.metrics import lab_pixels
+    from digital_stain.stain.model import StainModel
+    from digital_stain.io.outputs import check_not_input, check_replaceable
+    from digital_stain.train.data import load_rgb_folder
 
     if args.json:  # before the work, so that it never ends in a refused write
         check_not_input(args.json, [p for p in (args.darkfield, args.reference, args.stained) if p is not None])
@@ -676,8 +677,8 @@ def cmd_evaluate(args) -> int:
     print(f"model {model.name}, {darkfield.summary()}")
     print(format_table(results))
     if args.json:
-        from .io import atomic_path
-        from .outputs import software
+        from digital_stain.io.images import atomic_path
+        from digital_stain.io.outputs import software
 
         with atomic_path(args.json, overwrite=args.overwrite) as staging:
             staging.write_text(json.dumps({"written_by": software(), **model.describe(), "darkfield": str(args.darkfield),
@@ -686,11 +687,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .io import atomic_path, write_image
-    from .model import StainModel
-    from .outputs import check_not_input, check_replaceable
-    from .synth import darkfield_tint, synthesize_darkfield
-    from .train.data import load_rgb_folder
+    from digital_stain.io.images import atomic_path, write_image
+    from digital_stain.stain.model import StainModel
+    from digital_stain.io.outputs import check_not_input, check_replaceable
+    from digital_stain.quality.synth import darkfield_tint, synthesize_darkfield
+    from digital_stain.train.data import load_rgb_folder
 
     check_not_input(args.output, [p for p in (args.stained, args.tint_from) if p is not None])
     check_replaceable(args.output, overwrite=args.overwrite)
@@ -719,9 +720,9 @@ def _refuse_existing(args, resuming: bool = False) -> None:
 
     A resumed run may replace the model file its stopped run wrote.
     """
-    from .outputs import check_replaceable
+    from digital_stain.io.outputs import check_replaceable
 
-    from .train.finetune import teacher_checkpoint
+    from digital_stain.train.finetune import teacher_checkpoint
 
     if resuming:
         checkpoint = _checkpoint_path(args)
@@ -810,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "stain":
         return cmd_stain(args)  # locks its output itself (a whole slide: stain_to_zarr does)
-    from .outputs import output_lock
+    from digital_stain.io.outputs import output_lock
 
     if args.command == "evaluate":
         with output_lock(args.json) if args.json else contextlib.nullcontext():  # taken first: fails early

@@ -16,7 +16,7 @@ The variable is process-wide (every library of the process that uses torch
 gets it), so it is set only in processes this package owns: the command line
 (on importing :mod:`digital_stain.cli`, before the modules it imports make
 their first tensors) and the worker processes of a local cluster
-(:func:`digital_stain.cluster.cluster_client`, through their environment).
+(:func:`digital_stain.slide.cluster.cluster_client`, through their environment).
 The same processes also keep freed blocks for reuse (:func:`keep_freed_memory`): C's ``malloc``
 (glibc) otherwise gives every block over 32 MB back to the kernel on free, so the next layer's
 activations are faulted in and zeroed again. Kept, a staining pass reuses memory it already has

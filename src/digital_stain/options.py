@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .tiling import OVERLAP_RANGE, TILE_RANGE
+from digital_stain.stain.tiling import OVERLAP_RANGE, TILE_RANGE
 
 
 def integer(low: int, high: int | None = None, what: str = "a number") -> Callable[[str], int]:

@@ -25,15 +25,15 @@ from qtpy.QtWidgets import (
     QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from .. import settings
-from ..arrays import InputError
-from ..devices import DEVICES
-from ..io import list_images
-from ..train.finetune import FINE_TUNE_STEPS, STAGES, TEACHER_STEPS, rejected_path
-from . import layers as L
-from .lossplot import LossPlot
-from .models import ModelPicker, load_model, registry
-from .worker import start_job, wait_while
+from digital_stain._napari import settings
+from digital_stain.core.arrays import InputError
+from digital_stain.core.devices import DEVICES
+from digital_stain.io.images import list_images
+from digital_stain.train.finetune import FINE_TUNE_STEPS, STAGES, TEACHER_STEPS, rejected_path
+from digital_stain._napari import layers as L
+from digital_stain._napari.lossplot import LossPlot
+from digital_stain._napari.models import ModelPicker, load_model, registry
+from digital_stain._napari.worker import start_job, wait_while
 
 SECTION = "finetune"
 SIZES = ("auto", "full", "small", "fast", "tiny")
@@ -235,7 +235,7 @@ class FineTuneWidget(QWidget):
         """The dark-field training data (folder path or list of arrays), their names, and an image to preview on."""
         if self.source.currentIndex() == 1:
             folder = self._check_folder(self.darkfield.value(), "dark-field")
-            from ..io import read_image
+            from digital_stain.io.images import read_image
 
             return folder, None, np.asarray(read_image(list_images(folder)[0]))
         names = [n for n in self._ticked_names() if n in self.viewer.layers]
@@ -284,8 +284,8 @@ class FineTuneWidget(QWidget):
     def _work(self, choice, darkfield, names, stained, output, options, crop):
         import torch
 
-        from ..oom import is_out_of_memory, release_memory
-        from ..train.finetune import fine_tune, preview_student, teacher_checkpoint
+        from digital_stain.stain.oom import is_out_of_memory, release_memory
+        from digital_stain.train.finetune import fine_tune, preview_student, teacher_checkpoint
 
         checkpoint = settings.data_dir() / "checkpoints" / (output.name + ".ckpt.safetensors")
 
@@ -503,7 +503,7 @@ def _as_int(value, default: int) -> int:
 def _center_crop(image: np.ndarray, side: int) -> np.ndarray:
     """The central ``side`` square of a plane (the first plane of a stack)."""
     image = np.asarray(image)
-    from ..arrays import split_planes
+    from digital_stain.core.arrays import split_planes
 
     stack, _ = split_planes(image.shape)
     image = image[(0,) * len(stack)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arrays import InputError, check_plane_shape, split_planes
+from digital_stain.core.arrays import InputError, check_plane_shape, split_planes
 
 PLUGIN = "napari-digital-stain"
 LAZY_ABOVE_PIXELS = 4096 * 4096  # numpy planes larger than this are stained as they are viewed
@@ -153,7 +153,7 @@ def show_slide(viewer, darkfield, stained) -> bool:
     pyramids: the dark-field slide first (when it is OME-Zarr), then enhanced, teacher
     and student, the order the **Digitally stain** widget uses.
     """
-    from ..multiscale import is_ome_zarr
+    from digital_stain.io.multiscale import is_ome_zarr
 
     shown = is_ome_zarr(darkfield)
     if shown:

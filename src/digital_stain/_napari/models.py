@@ -13,9 +13,9 @@ from pathlib import Path
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QPushButton, QWidget
 
-from .. import settings
-from ..devices import resolve_device
-from ..model import DEFAULT_MODEL, StainModel, available_models, resolve_model_path
+from digital_stain._napari import settings
+from digital_stain.core.devices import resolve_device
+from digital_stain.stain.model import DEFAULT_MODEL, StainModel, available_models, resolve_model_path
 
 OTHER = "Other model file…"
 
@@ -42,7 +42,7 @@ _CACHE_LOCK = threading.Lock()
 def load_model(choice: str, device: str = "cpu") -> StainModel:
     """The model for a picker value (shipped name or file path), loaded once per file version.
 
-    Raises :class:`~digital_stain.arrays.InputError` (or its subclass
+    Raises :class:`~digital_stain.core.arrays.InputError` (or its subclass
     ``ModelFileError``) with a message for the user. The same object is
     returned to every caller, and any number of jobs may stain with it at once:
     staining never changes a model, and each device runs its own read-only copy

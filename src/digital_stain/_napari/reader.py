@@ -3,7 +3,7 @@
 napari asks :func:`napari_get_reader` about every ``*.zarr`` folder it is
 given; we answer only for Zarr groups with OME-Zarr images (reading their
 metadata, nothing else), so napari's other readers get the rest. The layers
-are dask pyramids over the stored chunks (:func:`digital_stain.multiscale.read_pyramids`):
+are dask pyramids over the stored chunks (:func:`digital_stain.io.multiscale.read_pyramids`):
 opening a 50,000 x 50,000 slide reads a few chunks of its coarsest level,
 and a dark-field slide opened this way is stained by the **Digitally stain**
 widget level by level, only where it is looked at.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..multiscale import is_ome_zarr, read_pyramids, store_name
+from digital_stain.io.multiscale import is_ome_zarr, read_pyramids, store_name
 
 
 def napari_get_reader(path):

@@ -1,9 +1,9 @@
 """The **Digitally stain** dock widget: pick a dark-field layer and a model, press the button.
 
 A thin layer over the library: small images go through
-:func:`digital_stain.oom.stain_with_fallback` in a worker thread (progress bar,
+:func:`digital_stain.stain.oom.stain_with_fallback` in a worker thread (progress bar,
 Stop); large, dask-backed, multiscale or stacked layers become lazy pyramids
-(:func:`digital_stain.lazy.lazy_pyramid`) that stain chunks in the
+(:func:`digital_stain.stain.lazy.lazy_pyramid`) that stain chunks in the
 background as napari shows them. Every expected failure becomes a
 notification that says what to do; nothing is raised into the event loop.
 """
@@ -19,15 +19,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import __version__, settings
-from ..arrays import InputError
-from ..devices import DEVICES
-from ..model import OUTPUTS
-from ..stain_settings import StainSettings
-from ..tiling import Cancelled
-from . import layers as L
-from .models import ModelPicker, load_model, model_label
-from .worker import start_job, wait_while
+from digital_stain import __version__
+from digital_stain._napari import settings
+from digital_stain.core.arrays import InputError
+from digital_stain.core.devices import DEVICES
+from digital_stain.stain.model import OUTPUTS
+from digital_stain.stain.settings import StainSettings
+from digital_stain.stain.tiling import Cancelled
+from digital_stain._napari import layers as L
+from digital_stain._napari.models import ModelPicker, load_model, model_label
+from digital_stain._napari.worker import start_job, wait_while
 
 SECTION = "stain"
 MODES = {"auto": "auto (lazy for large, dask, pyramid or stack)", "now": "whole image now", "lazy": "lazily, as viewed"}
@@ -207,7 +208,7 @@ class StainWidget(QWidget):
         self.stop_button.setEnabled(self.running)
 
     def lazy_stains(self, layer) -> list:
-        """The :class:`~digital_stain.lazy.LazyStain` objects behind a lazily stained output layer."""
+        """The :class:`~digital_stain.stain.lazy.LazyStain` objects behind a lazily stained output layer."""
         return list(self._lazy.get(layer.unique_id, (None, []))[1])
 
     def run(self, layer=None, timeout_s: float = 600.0) -> dict:
@@ -239,7 +240,7 @@ class StainWidget(QWidget):
 
     # -- the work, in a worker thread ------------------------------------------------------
     def _eager_work(self, data, used):
-        from ..oom import stain_with_fallback
+        from digital_stain.stain.oom import stain_with_fallback
 
         signals = self._signals
 
@@ -257,7 +258,7 @@ class StainWidget(QWidget):
         return work
 
     def _lazy_work(self, data, used):
-        from ..lazy import lazy_pyramid
+        from digital_stain.stain.lazy import lazy_pyramid
 
         signals = self._signals  # the closures hold the QObject: it must outlive the background threads
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from napari.qt.threading import FunctionWorker, create_worker
 from qtpy.QtCore import QObject, Signal
 
-from ..arrays import InputError
-from ..tiling import Cancelled
+from digital_stain.core.arrays import InputError
+from digital_stain.stain.tiling import Cancelled
 
 _RUNNING: set = set()  # live jobs, so tests and shutdown can stop them all
 

@@ -5,7 +5,7 @@ One API for the CLI and the napari Fine-tune widget: every loop takes a
 and a ``stop`` :class:`threading.Event` checked every step.
 """
 
-from .events import Progress, TrainResult
-from .teacher import TeacherConfig, train_teacher
+from digital_stain.train.events import Progress, TrainResult
+from digital_stain.train.teacher import TeacherConfig, train_teacher
 
 __all__ = ["Progress", "TeacherConfig", "TrainResult", "train_teacher"]

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..nets.registration import RegistrationNet, warp
-from .data import random_crops
-from .events import Progress, stop_requested
+from digital_stain.core.nets.registration import RegistrationNet, warp
+from digital_stain.train.data import random_crops
+from digital_stain.train.events import Progress, stop_requested
 
 LR = 1e-3  # R is small and the target is exact: it learns quickly at this rate
 BATCH = 4

@@ -8,7 +8,7 @@ would stain them for the user (adaptation ``auto``), and scores each output (tea
 student):
 
 * ``structure``: gradient correlation of the stain's gray with the model's enhanced image
-  (:func:`digital_stain.metrics.structure_score`);
+  (:func:`digital_stain.quality.metrics.structure_score`);
 * ``style``: colour distance to the held-out real H&E (sliced Wasserstein in Lab);
 * ``mean_luma``, ``luma_std`` and ``clipped`` (the fraction of pixels with a channel at 0 or
   255): a stain that is black, flat, saturated or unstructured (structure under 0.3, e.g.
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..color import luma
-from ..evaluate import as_rgb_uint8
-from ..metrics import lab_pixels, sliced_wasserstein, structure_score
-from .events import Progress, stop_requested
+from digital_stain.core.color import luma
+from digital_stain.quality.evaluate import as_rgb_uint8
+from digital_stain.quality.metrics import lab_pixels, sliced_wasserstein, structure_score
+from digital_stain.train.events import Progress, stop_requested
 
 BLACK_LUMA = 0.15  # mean luma under this: a black stain
 FLAT_STD = 0.03  # luma spread (over all pixels) under this: one colour everywhere
@@ -164,7 +164,7 @@ def compare(start, tuned, darkfield: list, reference_lab: np.ndarray | None, *, 
     darkfield : list of arrays
         Held-out dark-field images (at most ``MAX_IMAGES`` are used, centre crops of ``MAX_SIDE``).
     reference_lab : ndarray (n, 3), optional
-        Lab pixels of held-out real H&E (:func:`digital_stain.metrics.lab_pixels`); without it,
+        Lab pixels of held-out real H&E (:func:`digital_stain.quality.metrics.lab_pixels`); without it,
         colours are not compared.
     progress : callable(Progress), optional
         Told when each model has been scored (stage ``check``).

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ..modelfile import load_bundle, save_bundle
+from digital_stain.io.modelfile import load_bundle, save_bundle
 
 
 def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], meta: dict) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arrays import InputError, split_planes, to_uint8, to_unit_rgb, value_scaling
-from ..io import list_images, read_image
+from digital_stain.core.arrays import InputError, split_planes, to_uint8, to_unit_rgb, value_scaling
+from digital_stain.io.images import list_images, read_image
 
 
 @dataclass
@@ -112,7 +112,7 @@ def images_from_arrays(arrays, names: Sequence[str] | None = None, *, min_side: 
     ----------
     arrays : ndarray or sequence of array-like
         Each ``(Y, X)`` or ``(Y, X, C)`` (C in {1, 3, 4}; alpha dropped), uint8, uint16 or
-        float, scaled to [0, 1] as :func:`digital_stain.arrays.value_scaling` says (one
+        float, scaled to [0, 1] as :func:`digital_stain.core.arrays.value_scaling` says (one
         scaling per array) and rounded to uint8. A stack ``(..., Y, X[, C])`` gives one image
         per plane. A single ndarray is one image (or one stack), not a list of rows.
     names : sequence of str, optional
@@ -124,7 +124,7 @@ def images_from_arrays(arrays, names: Sequence[str] | None = None, *, min_side: 
         ``"dark-field"`` (gray is repeated to RGB) or ``"H&E"`` (must be RGB).
 
     Images that cannot be used are skipped and counted (:attr:`ImageSet.skipped`); if none
-    is left, :class:`~digital_stain.arrays.InputError` says why and what to do.
+    is left, :class:`~digital_stain.core.arrays.InputError` says why and what to do.
     """
     if isinstance(arrays, np.ndarray) or hasattr(arrays, "__array__") and hasattr(arrays, "shape"):
         arrays = [arrays]

@@ -6,12 +6,12 @@ in four stages, each reported through ``progress`` with its :attr:`Progress.stag
 
 1. ``enhancer``: the dark-field CDF ``c_d`` is refitted on the user's dark-field and the
    bright-field CDF ``c_b`` on the user's H&E, each when the user's images are far from the
-   model's (the distance and threshold of :mod:`digital_stain.adapt`; ``refit``);
+   model's (the distance and threshold of :mod:`digital_stain.core.adapt`; ``refit``);
 2. ``teacher``: the init model's teacher is fine-tuned on the user's H&E, as
    ``train-teacher`` trains it (input noise, held-out validation; ``teacher_steps``, 0 keeps it);
 3. ``student``: the student is distilled towards that teacher. A student being fine-tuned
    keeps the inputs it was trained on: the user's dark-field channels are mapped onto its
-   original distribution (:mod:`digital_stain.adapt`), and the model file records the mapping;
+   original distribution (:mod:`digital_stain.core.adapt`), and the model file records the mapping;
 4. ``check``: the tuned model and the starting one stain the dark-field images the training
    held out, and the tuned one must not be broken or worse (:mod:`digital_stain.train.check`).
 
@@ -37,20 +37,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapt import check_mode, distance, threshold
-from ..arrays import InputError
-from ..devices import resolve_device
-from ..enhance import Enhancer, luma_histogram_of
-from ..histograms import Distribution, arrays_distribution
-from ..metrics import lab_pixels
-from ..model import StainModel, provenance
-from .check import Check, compare
-from .data import is_folder_source, load_images, skipped_note, validation_split
-from .events import Progress, TrainResult, stop_requested
-from .paired import load_pairs, pair_sets
-from .pairing import Pairing, detect_pairs
-from .student import StudentConfig, _carve_reference, train_student
-from .teacher import TeacherConfig, train_teacher
+from digital_stain.core.adapt import check_mode, distance, threshold
+from digital_stain.core.arrays import InputError
+from digital_stain.core.devices import resolve_device
+from digital_stain.core.enhance import Enhancer, luma_histogram_of
+from digital_stain.core.histograms import Distribution, arrays_distribution
+from digital_stain.quality.metrics import lab_pixels
+from digital_stain.stain.model import StainModel, provenance
+from digital_stain.train.check import Check, compare
+from digital_stain.train.data import is_folder_source, load_images, skipped_note, validation_split
+from digital_stain.train.events import Progress, TrainResult, stop_requested
+from digital_stain.train.paired import load_pairs, pair_sets
+from digital_stain.train.pairing import Pairing, detect_pairs
+from digital_stain.train.student import StudentConfig, _carve_reference, train_student
+from digital_stain.train.teacher import TeacherConfig, train_teacher
 
 STAGES = ("enhancer", "teacher", "student", "check")
 # Defaults sized for a laptop when a student is fine-tuned (docs/usage.md, "Your own microscope"):
@@ -246,7 +246,7 @@ def fine_tune(
         model's teacher as it is.
     refit : ``auto|on|off``
         Refit the enhancer's CDFs on the given images: ``auto`` (default) refits ``c_d`` when the
-        dark-field is far from the model's, as staining adapts (:func:`digital_stain.adapt.decide`,
+        dark-field is far from the model's, as staining adapts (:func:`digital_stain.core.adapt.decide`,
         on all the dark-field images pooled), and ``c_b`` when the H&E's gray is far from the
         model's by the same measure; a few images of the model's own microscope are better served
         by the model's CDFs, fitted on many more. ``on`` always refits both, ``off`` keeps the init

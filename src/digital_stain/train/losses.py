@@ -16,7 +16,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from ..color import luma_torch
+from digital_stain.core.color import luma_torch
 
 
 def _derivative_kernels(sigma: float, device, dtype) -> torch.Tensor:

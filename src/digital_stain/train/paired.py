@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..arrays import InputError
-from ..io import IMAGE_SUFFIXES, ZARR_SUFFIXES
-from .data import ImageSet, load_images
+from digital_stain.core.arrays import InputError
+from digital_stain.io.images import IMAGE_SUFFIXES, ZARR_SUFFIXES
+from digital_stain.train.data import ImageSet, load_images
 
 _SUFFIXES = tuple(sorted({".ome.tif", ".ome.tiff", *ZARR_SUFFIXES, *IMAGE_SUFFIXES}, key=len, reverse=True))
 
@@ -72,7 +72,7 @@ def load_pairs(darkfield, stained, darkfield_names=None, stained_names=None, *, 
         Pairs smaller than this (the training crop) are skipped and counted; if none is
         left, the run is refused.
 
-    Refused (:class:`~digital_stain.arrays.InputError`, with examples and what to do): different
+    Refused (:class:`~digital_stain.core.arrays.InputError`, with examples and what to do): different
     numbers of images, names that do not pair, a name used twice on one side, a file that
     cannot be read or used (a stained image that is not RGB, a dark-field image that is
     neither gray nor RGB), and pairs whose two images differ in size.

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .data import ImageSet
-from .paired import pair_key
+from digital_stain.train.data import ImageSet
+from digital_stain.train.paired import pair_key
 
 SAMPLE = 16  # pairs compared (evenly spread over the sorted names)
 SIDE = 128  # images are block-averaged to about this side before their edges are compared

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..metrics import sliced_wasserstein_to
+from digital_stain.quality.metrics import sliced_wasserstein_to
 
 BOOTSTRAP = 8  # resamples of the validation images for the style's noise (about a second in all)
 BOOTSTRAP_PIXELS = 20_000  # pixels per resample (the style itself uses up to 200,000): noise between tiles dominates

@@ -18,7 +18,7 @@ Paired-but-misaligned (``StudentConfig(mode="paired")``, Learning to Align after
 RegGAN): each dark-field image has a stained adjacent section of the same name and
 size (:mod:`digital_stain.train.paired`). Crops are taken at the same place in both;
 the sections are the discriminator's real images, and a registration network ``R``
-(:class:`~digital_stain.nets.registration.RegistrationNet`, identity at the start)
+(:class:`~digital_stain.core.nets.registration.RegistrationNet`, identity at the start)
 warps the student's output onto its section: ``L_U + λ3 ‖G(x‖z)∘φ − y‖₁ + λ4 L_smoo(φ)``
 with ``φ = R(G(x‖z), y)`` and the paper's weights ``λ1 = 2, λ2 = 10, λ3 = 20, λ4 = 10``.
 ``R`` has its own Adam (as in RegGAN) and is trained jointly with ``G`` on the same loss;
@@ -37,20 +37,20 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..arrays import InputError, to_uint8
-from ..devices import autocast, resolve_device, resolve_training_precision
-from ..metrics import lab_pixels, sliced_wasserstein, structure_score
-from ..nets import PatchDiscriminator, ResnetGenerator
-from ..nets.generator import UPSAMPLING
-from ..nets.registration import RegistrationNet, smoothness_loss, warp
-from .selection import BOOTSTRAP_PIXELS, chosen_step, selection_score, style_noise
-from ..tiling import Cancelled
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import load_images, random_crops, validation_split
-from .events import Meter, Progress, TrainResult, stop_requested
-from .losses import structure_loss
-from .paired import load_pairs
-from .schedule import constant_then_linear, set_lr, snapshot
+from digital_stain.core.arrays import InputError, to_uint8
+from digital_stain.core.devices import autocast, resolve_device, resolve_training_precision
+from digital_stain.quality.metrics import lab_pixels, sliced_wasserstein, structure_score
+from digital_stain.core.nets import PatchDiscriminator, ResnetGenerator
+from digital_stain.core.nets.generator import UPSAMPLING
+from digital_stain.core.nets.registration import RegistrationNet, smoothness_loss, warp
+from digital_stain.train.selection import BOOTSTRAP_PIXELS, chosen_step, selection_score, style_noise
+from digital_stain.stain.tiling import Cancelled
+from digital_stain.train.checkpoint import load_checkpoint, save_checkpoint
+from digital_stain.train.data import load_images, random_crops, validation_split
+from digital_stain.train.events import Meter, Progress, TrainResult, stop_requested
+from digital_stain.train.losses import structure_loss
+from digital_stain.train.paired import load_pairs
+from digital_stain.train.schedule import constant_then_linear, set_lr, snapshot
 
 PRESETS = {
     "full": dict(width=64, blocks=9),  # the paper's generator, 11.4 M parameters: GPU work
@@ -230,7 +230,7 @@ def _score(d: PatchDiscriminator, images: torch.Tensor) -> torch.Tensor:
 
 
 def _structure(rgb: torch.Tensor, enhanced: torch.Tensor) -> float:
-    """:func:`digital_stain.metrics.structure_score` of a network output and its enhanced input (both in [-1, 1])."""
+    """:func:`digital_stain.quality.metrics.structure_score` of a network output and its enhanced input (both in [-1, 1])."""
     stained = ((rgb[0].float().permute(1, 2, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
     return structure_score(stained, ((enhanced[0, 0].float() + 1) / 2).cpu().numpy())
 
@@ -268,7 +268,7 @@ def validation_scores(student: ResnetGenerator, cached_val: list, device: torch.
 
     ``kd_l1``: L1 to the teacher; ``structure``: correlation between the gray
     of the output and the enhanced image (gradient correlation,
-    :func:`digital_stain.metrics.structure_score`); ``style`` (with ``reference_lab``,
+    :func:`digital_stain.quality.metrics.structure_score`); ``style`` (with ``reference_lab``,
     Lab pixels of held-out real H&E): sliced Wasserstein distance of the
     output colours to real H&E, lower is more H&E-like.
 
@@ -336,7 +336,7 @@ def train_student(
         Its enhancer and frozen teacher make the student's inputs and targets.
     darkfield, stained : folder path, or in-memory images
         A folder of images, or a sequence of arrays ``(Y, X)`` / ``(Y, X, C)`` (a stack is
-        split into planes; any dtype :mod:`digital_stain.arrays` accepts), brought to RGB
+        split into planes; any dtype :mod:`digital_stain.core.arrays` accepts), brought to RGB
         uint8 as a folder's images are (:func:`digital_stain.train.data.images_from_arrays`).
         Images smaller than the crop are skipped; nothing usable is refused. In paired mode
         (``config.mode == "paired"``) ``stained`` holds each dark-field image's stained
@@ -427,7 +427,7 @@ def train_student(
         opts["r"] = torch.optim.Adam(reg.parameters(), lr=cfg.lr * cfg.reg_lr_scale, betas=(0.5, 0.999))  # as RegGAN
     resuming = bool(resume and checkpoint and os.path.exists(checkpoint))
     if reg is not None and cfg.reg_warmup > 0 and not resuming:  # a resumed R comes from the checkpoint
-        from .align_warmup import warm_up_registration
+        from digital_stain.train.align_warmup import warm_up_registration
 
         sections = [c[..., 7:10] for c in train_items]
         if warm_up_registration(reg, sections, cfg.reg_warmup, cfg.crop, device, cfg.seed, progress, stop) is None:
@@ -563,7 +563,7 @@ def _call_restoring(callback, step: int, student: torch.nn.Module) -> None:
 
 def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
     """Refuse a checkpoint made in the other mode or with other networks or data settings, saying which differ."""
-    from ..modelfile import load_bundle
+    from digital_stain.io.modelfile import load_bundle
 
     _, metadata = load_bundle(checkpoint)
     saved = metadata.get("meta", {}).get("config", {})
@@ -609,7 +609,7 @@ def _pool_modules(pool: ImagePool) -> dict:
 
 
 def _load_pool(path) -> list:
-    from ..modelfile import load_bundle
+    from digital_stain.io.modelfile import load_bundle
 
     tensors, _ = load_bundle(path)
     keys = sorted((k for k in tensors if k.startswith("pool.image")), key=lambda k: int(k[len("pool.image"):]))

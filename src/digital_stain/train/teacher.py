@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..color import luma_torch, rgb_to_lab
-from ..devices import autocast, resolve_device, resolve_training_precision
-from ..nets.unet import AB_SCALE, ColorizationUNet, lightness_input
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import center_crop, load_images, random_crops, validation_split
-from .events import Meter, Progress, TrainResult, stop_requested
-from .schedule import constant_then_linear, set_lr, snapshot
+from digital_stain.core.color import luma_torch, rgb_to_lab
+from digital_stain.core.devices import autocast, resolve_device, resolve_training_precision
+from digital_stain.core.nets.unet import AB_SCALE, ColorizationUNet, lightness_input
+from digital_stain.train.checkpoint import load_checkpoint, save_checkpoint
+from digital_stain.train.data import center_crop, load_images, random_crops, validation_split
+from digital_stain.train.events import Meter, Progress, TrainResult, stop_requested
+from digital_stain.train.schedule import constant_then_linear, set_lr, snapshot
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Maths only: arrays, colour, the enhancer, histograms and adaptation, devices, the networks. No files, no threads."""

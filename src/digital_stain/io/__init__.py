@@ -1,0 +1,1 @@
+"""Files: images in and out, model files, what we may overwrite, multiscale stores."""

@@ -1,0 +1,1 @@
+"""Scoring: metrics, NIQE, evaluation, synthetic pairs with a known answer."""
