@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/digital-stain stain $(DEMO_INPUT) --output $(DEMO_OUTPUT) --overwrite --view
 
 test: install system-deps
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"
