@@ -31,8 +31,11 @@ system-deps:
 demo: install
 	$(BIN)/digital-stain stain $(DEMO_INPUT) --output $(DEMO_OUTPUT) --overwrite --view
 
+# The whole suite under PyQt5 (qtpy's first choice), then the napari tests again under PyQt6,
+# the binding napari 0.9 moves to: both must pass.
 test: install system-deps
 	$(BIN)/python -m pytest -ra --durations=25
+	QT_API=pyqt6 PYTEST_QT_API=pyqt6 $(BIN)/python -m pytest -ra -p no:cacheprovider tests/test_napari_*.py
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from napari.utils.notifications import NotificationSeverity, notification_manager
+from qtpy.QtCore import Qt
 
 from digital_stain._napari import settings
 from digital_stain._napari.finetune_widget import FineTuneWidget
@@ -103,7 +104,7 @@ def test_bad_folders_are_explained(viewer_and_widgets, qtbot, tmp_path):
 def test_no_layer_ticked_and_existing_output_are_refused(viewer_and_widgets):
     viewer, stain, tune = viewer_and_widgets
     for i in range(tune.layers.count()):
-        tune.layers.item(i).setCheckState(0)
+        tune.layers.item(i).setCheckState(Qt.CheckState.Unchecked)
     start = len(notification_manager.records)
     assert tune.start() is False
     assert any("no dark-field layer is ticked" in m for m in _errors(start))
@@ -112,7 +113,7 @@ def test_no_layer_ticked_and_existing_output_are_refused(viewer_and_widgets):
     existing.parent.mkdir(parents=True)
     existing.write_bytes(b"x")
     tune.output.setText(str(existing))
-    tune.layers.item(0).setCheckState(2)
+    tune.layers.item(0).setCheckState(Qt.CheckState.Checked)
     start = len(notification_manager.records)
     assert tune.start() is False
     assert any("already exists" in m for m in _errors(start))

@@ -53,6 +53,41 @@ def test_the_manifest_offers_the_widget(viewer_and_widget):
     assert widget.run_button.text() == "Digitally stain"
 
 
+@pytest.mark.parametrize(("window", "shape"), [((1500, 950), (2, 2)), ((900, 950), (4, 1))],
+                         ids=["landscape canvas", "narrow canvas"])
+def test_side_by_side_chooses_the_grid_from_the_canvas(viewer_and_widget, window, shape):
+    """Four images share the canvas in the grid that shows them largest, not always in one row."""
+    from qtpy.QtWidgets import QApplication
+
+    from digital_stain._napari.layers import canvas_size
+
+    viewer, widget = viewer_and_widget
+    for index in range(4):
+        viewer.add_image(np.zeros((256, 256), np.float32), name=f"panel {index}")
+    viewer.window._qt_window.showNormal()
+    viewer.window._qt_window.resize(*window)
+    for _ in range(20):  # let the canvas take its new size
+        QApplication.processEvents()
+    if widget.side_by_side.isChecked():
+        widget.side_by_side.click()
+    widget.side_by_side.click()
+    assert viewer.canvas.grid.enabled and tuple(viewer.canvas.grid.shape) == shape, canvas_size(viewer)
+    height, width = canvas_size(viewer)
+    rows, columns = shape  # each panel shows the image larger than in a single row or column would
+    zoom = min(height / rows, width / columns) / 256
+    assert zoom >= max(min(height, width / 4), min(height / 4, width)) / 256
+
+
+def test_grid_shape_fills_the_canvas():
+    from digital_stain._napari.layers import grid_shape
+
+    assert grid_shape(4, (700, 1200), (256, 256)) == (2, 2)
+    assert grid_shape(4, (400, 1600), (256, 256)) == (1, 4)
+    assert grid_shape(4, (1600, 400), (256, 256)) == (4, 1)
+    assert grid_shape(3, (800, 1200), (1000, 500)) == (1, 3)  # tall images side by side
+    assert grid_shape(2, None, (256, 256)) == (1, 2)  # unknown canvas: one row
+
+
 def test_staining_the_sample_adds_three_registered_layers_side_by_side(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
     viewer.open_sample(PLUGIN, "darkfield")

@@ -216,7 +216,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options every training command shares."""
     parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--device", default="auto", choices=DEVICES)
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    # fp16 training would need loss scaling, which we do not do: not offered (devices.resolve_training_precision)
+    parser.add_argument("--precision", default="auto", choices=[p for p in PRECISIONS if p != "fp16"])
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: OUTPUT.ckpt.safetensors)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     parser.add_argument("--half", action="store_true", help="store weights as float16 (half the file size)")

@@ -7,6 +7,8 @@ into a notification.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from digital_stain.core.arrays import InputError, check_plane_shape, split_planes
@@ -137,13 +139,55 @@ def grid_of(viewer):
 
 
 def set_side_by_side(viewer, on: bool, columns: int | None = None) -> None:
-    """Grid view, one layer per panel (``on``; one row, or rows of ``columns``), or everything overlaid."""
+    """Grid view, one layer per panel (``on``), or everything overlaid.
+
+    ``columns`` fixes the columns (a row per image); otherwise the grid is the one that shows the
+    layers largest on this canvas (:func:`grid_shape`): four square images on a landscape window
+    go 2 x 2, on a very wide one in a row.
+    """
     grid = grid_of(viewer)
     if on:
-        visible = len([layer for layer in viewer.layers if layer.visible])
+        visible = [layer for layer in viewer.layers if layer.visible]
         grid.stride = 1
-        grid.shape = (-1, columns) if columns else (1, -1) if visible <= 4 else (-1, -1)
+        if columns:
+            grid.shape = (-1, columns)
+        else:
+            grid.shape = grid_shape(len(visible), canvas_size(viewer), _extent(visible))
     grid.enabled = on
+
+
+def grid_shape(panels: int, canvas: tuple[float, float] | None, image: tuple[float, float] | None) -> tuple[int, int]:
+    """``(rows, columns)`` for ``panels`` images of ``image`` (height, width) on a ``canvas`` (height, width).
+
+    The grid whose panels show the image at the largest zoom (ties: fewer rows); one row when the
+    canvas or image size is not known.
+    """
+    panels = max(1, panels)
+    if not canvas or not image or min(canvas) <= 0 or min(image) <= 0:
+        return (1, panels)
+
+    def zoom(rows: int) -> float:
+        columns = math.ceil(panels / rows)
+        return min(canvas[0] / rows / image[0], canvas[1] / columns / image[1])
+
+    rows = max(range(1, panels + 1), key=lambda r: (round(zoom(r), 9), -r))
+    return (rows, math.ceil(panels / rows))
+
+
+def canvas_size(viewer) -> tuple[float, float] | None:
+    """The canvas' (height, width) in screen pixels (``viewer.canvas.size`` since napari 0.9)."""
+    size = getattr(getattr(viewer, "canvas", None), "size", None) or getattr(viewer, "_canvas_size", None)
+    return (float(size[0]), float(size[1])) if size is not None and len(size) == 2 else None
+
+
+def _extent(layers) -> tuple[float, float] | None:
+    """The largest world (height, width) among ``layers``, or None."""
+    sides = []
+    for layer in layers:
+        extent = np.asarray(layer.extent.world, dtype=float)
+        if extent.shape[1] >= 2:
+            sides.append(extent[1, -2:] - extent[0, -2:])
+    return tuple(np.max(sides, axis=0)) if sides else None
 
 
 def show_slide(viewer, darkfield, stained) -> bool:

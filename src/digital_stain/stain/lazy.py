@@ -43,6 +43,7 @@ never a level-0 chunk.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 import weakref
@@ -61,6 +62,26 @@ from digital_stain.stain.settings import StainSettings
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # background instances not yet closed
+_READ_NOW = threading.local()  # stained_when_read(): this thread wants stains, not placeholders
+
+
+@contextlib.contextmanager
+def stained_when_read():
+    """Chunks read inside this block are stained there and then, never shown as placeholders.
+
+    A background :class:`LazyStain` (napari's) answers a read with the enhanced gray while its
+    worker stains the chunk; saving a layer must get the stain itself. dask runs the blocks in
+    this thread (synchronous scheduler), so the switch, kept per thread, reaches them.
+    """
+    import dask
+
+    before = getattr(_READ_NOW, "on", False)
+    _READ_NOW.on = True
+    try:
+        with dask.config.set(scheduler="synchronous"):
+            yield
+    finally:
+        _READ_NOW.on = before
 
 
 def close_all(wait: bool = True) -> None:
@@ -318,7 +339,7 @@ class LazyStain:
             hit = self._cached(role, key)
         if hit is not None:
             return hit
-        if self.background and not self._queue.closed:
+        if self.background and not self._queue.closed and not getattr(_READ_NOW, "on", False):
             self._queue.submit((role, key))  # a chunk that failed before is not queued again
             return self._placeholder(rgb, key)
         return self._compute(role, key, rgb)
