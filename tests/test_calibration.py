@@ -128,3 +128,26 @@ def test_a_stained_store_has_the_input_s_scale_and_origin_at_every_level(tiny_mo
         # what napari is given: level 0 lies exactly on the dark-field
         np.testing.assert_allclose(pyramid.scale, (0.345, 0.345))
         np.testing.assert_allclose(pyramid.translate, (1000.0, 2000.0))
+
+
+def test_an_svs_slide_stains_from_the_command_line_with_its_pixel_size(capsys, tiny_model_file, rgb, tmp_path):
+    from digital_stain.cli import main
+
+    slide = tmp_path / "slide.svs"
+    tifffile.imwrite(slide, np.tile(rgb, (3, 2, 1)), photometric="rgb", tile=(64, 64), compression="jpeg",
+                     description="Aperio Image Library v12.0.15\n256x288 -> 256x288|AppMag = 40|MPP = 0.2520")
+    out = tmp_path / "out"
+    assert main(["stain", str(slide), "-o", str(out), "--model", str(tiny_model_file), "--format", "tif",
+                 "--device", "cpu", "--precision", "fp32", "-q"]) == 0, capsys.readouterr().err
+    _close(read_calibration(out / "student" / "slide.tif"), (0.252, 0.252))
+    store = tmp_path / "slide.ome.zarr"
+    assert main(["stain", str(slide), "-o", str(store), "--model", str(tiny_model_file), "--outputs", "enhanced",
+                 "--chunk", "256", "--device", "cpu", "--precision", "fp32", "-q"]) == 0, capsys.readouterr().err
+    _close(read_calibration(store), (0.252, 0.252))
+
+
+def test_a_missing_file_is_said_to_be_missing(tmp_path):
+    from digital_stain.core.arrays import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        read_calibration(tmp_path / "nowhere.tif")

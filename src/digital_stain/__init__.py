@@ -37,6 +37,7 @@ PUBLIC = {  # name -> the module that defines it
     "read_calibration": "digital_stain.io.images",
     "Calibration": "digital_stain.io.calibration",
     "read_pyramids": "digital_stain.io.multiscale",
+    "export_model": "digital_stain.io.export",
     "fine_tune": "digital_stain.train.finetune",
     "evaluate_model": "digital_stain.quality.evaluate",
     "synthesize_darkfield": "digital_stain.quality.synth",

@@ -1,4 +1,4 @@
-"""Command line: ``digital-stain stain|train-teacher|train|evaluate|synth``. A thin layer over the library."""
+"""Command line: ``digital-stain stain|train-teacher|train|evaluate|synth|export``. A thin layer over the library."""
 
 from __future__ import annotations
 
@@ -209,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Gaussian noise std on the [0, 1] scale (default 0.003)")
     synth.add_argument("--seed", type=SEED, default=0)
     synth.add_argument("--overwrite", action="store_true")
+    export = sub.add_parser("export", help="write a model's student or teacher as ONNX or TorchScript "
+                            "(frozen norm statistics, for tiled use in other runtimes)")
+    export.add_argument("model", type=options.model, help="a shipped model name or a .safetensors model file")
+    export.add_argument("--output", "-o", type=Path, required=True, help="the file to write (.onnx or .pt)")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default=None,
+                        help="default: torchscript for .pt/.ts outputs, else onnx")
+    export.add_argument("--part", choices=["student", "teacher"], default="student")
+    export.add_argument("--statistics-from", type=Path, default=None,
+                        help="for the student (required): the dark-field image to record its norm statistics on, "
+                             "the one it will stain or one like it")
+    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--quiet", "-q", action="store_true")
     return parser
 
 
@@ -242,7 +254,7 @@ def _inputs(path: Path) -> list[Path]:
     if not path.exists():
         raise InputError(f"{path} does not exist.")
     if not is_image_path(path):
-        raise InputError(f"{path} is not an image file this tool reads (PNG, JPEG, TIFF, OME-Zarr).")
+        raise InputError(f"{path} is not an image file this tool reads (PNG, JPEG, BMP, TIFF and BigTIFF, SVS, NDPI, OME-Zarr).")
     return [path]
 
 
@@ -711,6 +723,27 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from digital_stain.io.export import export_model
+    from digital_stain.io.images import read_image
+    from digital_stain.io.outputs import check_not_input, check_replaceable
+    from digital_stain.stain.model import StainModel
+
+    fmt = args.format or ("torchscript" if args.output.suffix.lower() in (".pt", ".ts") else "onnx")
+    if args.part == "student" and args.statistics_from is None:
+        raise InputError("exporting the student needs --statistics-from IMAGE: its norm statistics are frozen into "
+                         "the file, and must come from a dark-field image like the ones it will stain.")
+    check_not_input(args.output, [p for p in (args.statistics_from,) if p is not None])
+    check_replaceable(args.output, overwrite=args.overwrite)
+    image = np.asarray(read_image(args.statistics_from)) if args.statistics_from is not None else None
+    model = StainModel.load(args.model, device="cpu")
+    export_model(model, args.output, format=fmt, part=args.part, statistics_from=image, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote {args.output}: the {args.part} of {model.name} as {fmt} "
+              "(docs/usage.md, 'Export', shows how to run it tiled)", file=sys.stderr)
+    return 0
+
+
 def _command(args) -> str:
     """The command line as given, for a model's provenance."""
     return "digital-stain " + " ".join(shlex.quote(a) for a in args.argv)
@@ -823,6 +856,8 @@ def _dispatch(args) -> int:
             return cmd_train_teacher(args)
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_synth(args)
 
 

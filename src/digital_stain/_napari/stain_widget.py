@@ -422,7 +422,7 @@ class StainWidget(QWidget):
             self.model._last = self.model.value
         if saved.get("device") in DEVICES:
             self.device.setCurrentText(saved["device"])
-        self.tile.setValue(_as_int(saved.get("tile"), 512))
+        self.tile.setValue(_as_int(saved.get("tile"), StainSettings.tile))  # the library's default, 1024
         index = self.mode.findData(saved.get("mode", "auto"))
         self.mode.setCurrentIndex(max(index, 0))
         self.adapt.setCurrentIndex(max(self.adapt.findData(saved.get("adapt", "auto")), 0))

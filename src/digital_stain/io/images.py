@@ -22,7 +22,7 @@ import numpy as np
 from digital_stain.core.arrays import InputError, split_planes
 from digital_stain.io.calibration import Calibration, from_ngff, from_tiff, tiff_options
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".btf", ".svs", ".ndpi")  # the last: TIFF inside
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 
 
@@ -326,6 +326,8 @@ def read_calibration(path: str | os.PathLike) -> Calibration | None:
     Reads metadata only. PNG and JPEG state none that microscopes use.
     """
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist.")
     if path.is_dir():
         _, axes, multiscale = open_ome_zarr(path)
         return from_ngff(multiscale, list(axes)) if axes else None

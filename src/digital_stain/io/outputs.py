@@ -5,10 +5,11 @@ only ever replace our own output:
 
 * a folder (a folder of stains, synthetic dark-field) holds a small
   ``MARKER`` file;
-* an OME-Zarr store holds its ``digital_stain`` record (:func:`ngff.read_state`);
+* an OME-Zarr store holds its ``digital_stain`` record (:func:`digital_stain.slide.store.read_state`);
 * a PNG or TIFF carries ``Software: napari-digital-stain ...``, a JSON file a
   top-level ``"written_by"`` of the same kind, a model or checkpoint file the
-  ``digital-stain-model`` header.
+  ``digital-stain-model`` header, an exported ONNX file a ``written_by`` metadata entry and a
+  TorchScript export a ``digital_stain.json`` entry saying so (read from the zip; its pickles never).
 
 :func:`check_replaceable` refuses to replace anything else, and
 :func:`check_not_input` refuses an output that is an input, holds one, or lies
@@ -85,6 +86,17 @@ def _file_is_ours(path: Path) -> bool:
 
         with safe_open(str(path), framework="numpy") as fh:
             return (fh.metadata() or {}).get("format") == FORMAT
+    if head.startswith(b"PK\x03\x04"):  # a TorchScript export: a zip; its JSON entry, never its pickles
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            entries = [name for name in archive.namelist() if name.endswith("extra/digital_stain.json")]
+            return bool(entries) and str(json.loads(archive.read(entries[0])).get("written_by", "")).startswith(SOFTWARE)
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False)
+        return any(p.key == "written_by" and p.value.startswith(SOFTWARE) for p in graph.metadata_props)
     if head.lstrip()[:1] == b"{" and path.stat().st_size <= _JSON_LIMIT:
         value = json.loads(path.read_text(encoding="utf-8"))
         return isinstance(value, dict) and str(value.get("written_by", "")).startswith(SOFTWARE)
