@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import shlex
 import sys
@@ -24,7 +23,7 @@ own_process()
 
 from digital_stain import options  # noqa: E402
 from digital_stain.core.adapt import ADAPT_MODES  # noqa: E402
-from digital_stain.core.arrays import InputError, to_uint8  # noqa: E402
+from digital_stain.core.arrays import InputError  # noqa: E402
 from digital_stain.core.devices import DEVICES, PRECISIONS  # noqa: E402
 from digital_stain.core.nets.generator import UPSAMPLING  # noqa: E402
 
@@ -258,10 +257,6 @@ def _inputs(path: Path) -> list[Path]:
     return [path]
 
 
-def _destination(root: Path, output: str, several: bool, stem: str, suffix: str) -> Path:
-    return (root / output if several else root) / f"{stem}{suffix}"
-
-
 def _is_zarr_output(path: Path) -> bool:
     return path.name.lower().endswith(".zarr")
 
@@ -269,10 +264,9 @@ def _is_zarr_output(path: Path) -> bool:
 def cmd_stain(args) -> int:
     from tqdm import tqdm
 
-    from digital_stain.core.arrays import scaling_note, value_scaling
-    from digital_stain.io.images import atomic_path, read_calibration, read_image, write_image
+    from digital_stain.io.outputs import check_not_input, check_replaceable
+    from digital_stain.stain.folder import stain_files
     from digital_stain.stain.model import StainModel
-    from digital_stain.io.outputs import check_not_input, check_replaceable, output_lock
     from digital_stain.stain.tiling import check_tiling
 
     if _is_zarr_output(args.output):
@@ -294,84 +288,38 @@ def cmd_stain(args) -> int:
           file=sys.stderr)
     for path in inputs:
         _note_whole_slide(path)
-    kept: dict[Path, np.ndarray] = {}  # one input is read once; a folder is read again to stain each image
-    mode = args.adapt or "auto"
-    images = _stainable_images(inputs, kept if len(inputs) == 1 else None)
-    first = next(images, None) if mode != "off" else None
-    # one decision for all the images that can be stained (if none can, the loop below says why for each file)
-    adaptation = model.adaptation(itertools.chain([first], images) if first is not None else None,
-                                  mode if first is not None else "off")
-    if first is not None or mode == "off":
-        print(f"{'folder' if len(inputs) > 1 else 'input'}: {adaptation.message(model.name)}", file=sys.stderr)
-    from digital_stain.stain.oom import stain_with_fallback
-
-    failed: list[str] = []
     shown = []
-    with output_lock(args.output), atomic_path(args.output, overwrite=args.overwrite) as staging:
-        if not single_file:
-            staging.mkdir(parents=True)
-        for path in tqdm(inputs, desc="images", disable=args.quiet or len(inputs) == 1, unit="image"):
-            try:
-                image = kept.pop(path) if path in kept else np.asarray(read_image(path))
-                bar = tqdm(total=100, desc=path.name, disable=args.quiet, unit="%", leave=False)
-                done = [0]
+    bars: list = []
 
-                def progress(d, t, bar=bar, done=done):
-                    bar.update(d - done[0])
-                    done[0] = d
+    def on_image(path, index, count):  # one bar of tiles per image; the folder's bar is below
+        if bars:
+            bars.pop().close()
+        bar = tqdm(total=100, desc=path.name, disable=args.quiet, unit="%", leave=False)
+        bars.append(bar)
+        done = [0]
 
-                # the napari widget's out-of-memory policy too (oom.next_step): smaller tiles, then the CPU
-                results, _ = stain_with_fallback(
-                    model, image, wanted, tile=args.tile, overlap=args.overlap, adapt=adaptation,
-                    precision=args.precision, compile=args.compile, progress=progress,
-                    notify=lambda message: print(f"note: {message}", file=sys.stderr))
-                bar.close()
-                note = scaling_note(value_scaling(image))  # stained, so the values are usable
-                if note is not None:
-                    tqdm.write(f"note: {path.name}: {note}", file=sys.stderr)
-            except InputError as err:
-                if len(inputs) == 1:
-                    raise
-                failed.append(f"{path.name}: {err}")
-                continue
-            stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
-            calibration = read_calibration(path)  # TIFF outputs record the input's pixel size
-            for name, array in results.items():
-                is_stack = array.ndim > (2 if name == "enhanced" else 3)
-                suffix = ".tif" if fmt == "tif" or is_stack else ".png"
-                if is_stack and fmt != "tif":
-                    print(f"{path.name}: a stack of {array.shape[0]} planes; {name} written as multi-page TIFF.",
-                          file=sys.stderr)
-                target = staging if single_file else _destination(staging, name, len(wanted) > 1, stem, suffix)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_image(target, to_uint8(array), overwrite=True, rgb=name != "enhanced", calibration=calibration)
-            shown.append((path.name, image, results))
-        if failed and len(failed) == len(inputs):
-            raise InputError("no image could be stained:\n  " + "\n  ".join(failed))
+        def progress(d, t, bar=bar, done=done):
+            bar.update(d - done[0])
+            done[0] = d
+
+        return progress
+
+    with tqdm(total=len(inputs), desc="images", disable=args.quiet or len(inputs) == 1, unit="image") as folder_bar:
+        result = stain_files(
+            model, inputs, args.output, wanted, single_file=single_file, fmt=fmt, tile=args.tile, overlap=args.overlap,
+            precision=args.precision, compile=args.compile, adapt=args.adapt or "auto", overwrite=args.overwrite,
+            progress=lambda done, total: folder_bar.update(done - folder_bar.n), on_image=on_image,
+            notify=lambda message: tqdm.write(message, file=sys.stderr),
+            on_stained=(lambda path, image, results: shown.append((path.name, image, results))) if args.view else None)
+    for bar in bars:
+        bar.close()
+    failed, adaptation = result.skipped, result.adaptation
     print(f"wrote {args.output}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} of {len(inputs)} file(s) were skipped:\n  " + "\n  ".join(failed), file=sys.stderr)
     if args.view:
         _view(shown, model, adaptation)
     return 1 if failed else 0
-
-
-def _stainable_images(paths: list[Path], keep: dict | None):
-    """The images of ``paths`` that can be stained, read one at a time (and kept in ``keep`` when given);
-    the others are left to the staining loop, which reports each with its reason."""
-    from digital_stain.core.arrays import check_plane_shape, split_planes, value_scaling
-    from digital_stain.io.images import read_image
-
-    for path in paths:
-        try:
-            image = np.asarray(read_image(path))
-            check_plane_shape(split_planes(image.shape)[1])
-            value_scaling(image)
-        except InputError:
-            continue
-        if keep is not None:
-            keep[path] = image
-        yield image
 
 
 # Planes above this many pixels are better written as OME-Zarr than stained in memory (a note says so).

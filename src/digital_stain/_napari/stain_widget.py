@@ -10,6 +10,7 @@ notification that says what to do; nothing is raised into the event loop.
 
 from __future__ import annotations
 
+from pathlib import Path
 
 from napari.utils.notifications import show_error, show_info, show_warning
 import numpy as np
@@ -95,6 +96,9 @@ class StainWidget(QWidget):
         self.stop_button.setEnabled(False)
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
+        self.folder_button = QPushButton("Stain a folder…")
+        self.folder_button.setToolTip("Stain every image of a folder into a new folder, in the background, with these "
+                                      "settings (what digital-stain stain FOLDER -o OUT does). Nothing is added here.")
         self.side_by_side = QPushButton("Side by side")
         self.side_by_side.setCheckable(True)
         self.side_by_side.setToolTip("Show the input and each output in its own panel (grid), or overlaid.")
@@ -116,6 +120,7 @@ class StainWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
+        layout.addWidget(self.folder_button)
         layout.addWidget(self.side_by_side)
         layout.addWidget(self.status)
         layout.addStretch(1)
@@ -123,6 +128,7 @@ class StainWidget(QWidget):
         self._restore(saved)
         self.run_button.clicked.connect(lambda: self.stain())
         self.stop_button.clicked.connect(self.stop)
+        self.folder_button.clicked.connect(self._pick_folders)
         self.side_by_side.toggled.connect(self._toggle_grid)
         self.side_by_side.clicked.connect(self._layout_clicked)
         self.model.changed.connect(self._model_changed)
@@ -191,6 +197,28 @@ class StainWidget(QWidget):
         self._worker, self._stop = start_job(
             work, on_progress=self._on_progress,
             on_done=lambda outcome: self._on_done(outcome, layer, settings_used, multiscale or lazy),
+            on_crash=self._on_crash, on_finished=self._on_finished)
+        return True
+
+    def stain_folder(self, source, output) -> bool:
+        """Stain every image of folder ``source`` into the new folder ``output`` in the background (the
+        **Stain a folder…** button, after asking for both). Returns whether it started; progress is per
+        image, Stop stops after the current one (nothing is written then), and a notification sums up."""
+        from digital_stain._napari.folder import folder_work
+
+        if self.running:
+            show_info("staining is already running; press Stop first to start another.")
+            return False
+        if not self.outputs:
+            show_error("no output is ticked: tick enhanced, teacher or student.")
+            return False
+        self._save()
+        used = dict(model=self.model.value, device=self.device.currentText(), tile=self.tile.value(),
+                    outputs=list(self.outputs), adapt=self.adapt.currentData())
+        self._set_running(True, f"staining the images of {Path(source).name}")
+        self._worker, self._stop = start_job(
+            folder_work(Path(source), Path(output), used), on_progress=self._on_progress,
+            on_event=lambda message: self.status.setText(str(message)), on_done=self._on_folder_done,
             on_crash=self._on_crash, on_finished=self._on_finished)
         return True
 
@@ -330,6 +358,31 @@ class StainWidget(QWidget):
             self.status.setText(f"stained {source.name!r} with {model.name}{adapted} on {actual['device']} {where}.")
         except Exception as err:  # never raise into Qt's event loop
             show_error(f"could not show the result: {err}")
+
+    def _pick_folders(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        from digital_stain._napari.folder import output_folder
+
+        source = QFileDialog.getExistingDirectory(self, "Folder of dark-field images to stain")
+        if not source:
+            return
+        parent = QFileDialog.getExistingDirectory(self, f"Where to put the new folder {Path(source).name}-stained")
+        if parent:
+            self.stain_folder(source, output_folder(source, parent))
+
+    def _on_folder_done(self, outcome) -> None:
+        from digital_stain._napari.folder import summary
+
+        if outcome.error is not None:
+            show_error(outcome.error)
+            self.status.setText(f"not stained: {outcome.error}")
+        elif outcome.stopped:
+            self.status.setText("stopped; nothing was written.")
+        else:
+            text = summary(outcome.result)
+            (show_warning if outcome.result.skipped else show_info)(text)
+            self.status.setText(text.splitlines()[0])
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.setValue(int(100 * done / max(total, 1)))
