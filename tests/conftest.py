@@ -113,3 +113,12 @@ def _stop_plugin_workers():
     lazy = sys.modules.get("digital_stain.stain.lazy")
     if lazy is not None:
         lazy.close_all()  # background chunk workers of lazily stained layers
+
+
+@pytest.fixture
+def tiny_stain_widget(make_napari_viewer, tiny_model_file):
+    """A real viewer with the Digitally stain widget set to ``tiny_model_file``: ``(viewer, widget)``."""
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-digital-stain", "Digitally stain")
+    widget.model.set_value(str(tiny_model_file))
+    return viewer, widget

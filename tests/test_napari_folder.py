@@ -11,14 +11,10 @@ from PIL import Image
 
 from digital_stain._napari.folder import output_folder
 
-PLUGIN = "napari-digital-stain"
-
 
 @pytest.fixture
-def widget(make_napari_viewer, tiny_model_file):
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Digitally stain")
-    widget.model.set_value(str(tiny_model_file))
+def widget(tiny_stain_widget):
+    _, widget = tiny_stain_widget
     widget.device.setCurrentText("cpu")
     return widget
 

@@ -14,11 +14,8 @@ PLUGIN = "napari-digital-stain"
 
 
 @pytest.fixture
-def viewer_and_widget(make_napari_viewer, tiny_model_file):
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Digitally stain")
-    widget.model.set_value(str(tiny_model_file))
-    return viewer, widget
+def viewer_and_widget(tiny_stain_widget):
+    return tiny_stain_widget
 
 
 def _stain(qtbot, widget, mode: str) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from digital_stain.core.arrays import InputError, to_uint8
 from digital_stain.io.calibration import Calibration
 from digital_stain.io.images import atomic_path
+from digital_stain.stain.chunks import chunk_sizes
 from digital_stain.slide.store import FORMAT, FORMAT_VERSION, PRIMARY_ORDER, RGB_OUTPUTS, Grid, SlideStore, level_shapes
 
 
@@ -68,7 +69,8 @@ def save_stains(path: str | os.PathLike, stains: dict, *, calibration: Calibrati
     """
     planes = _checked(stains)
     height, width = next(iter(planes.values())).shape[:2]
-    grid = Grid(chunk, _sides(height, chunk), _sides(width, chunk), level_shapes((height, width), min_side))
+    # units of ``chunk`` px, the last one what remains (no staining overlap to keep clear of here)
+    grid = Grid(chunk, chunk_sizes(height, chunk, 0), chunk_sizes(width, chunk, 0), level_shapes((height, width), min_side))
     outputs = sorted(planes, key=PRIMARY_ORDER.index)
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, "token": uuid.uuid4().hex, "complete": False,
              **_provenance(), "settings": {"outputs": outputs, "chunk": chunk, "min_side": min_side},
@@ -115,11 +117,6 @@ def _checked(stains: dict) -> dict:
         raise InputError(f"the stains differ in size ({', '.join(f'{n}: {tuple(p.shape[:2])}' for n, p in planes.items())}); "
                          "save the outputs of one input together.")
     return planes
-
-
-def _sides(length: int, chunk: int) -> tuple[int, ...]:
-    """Unit sides along one axis: ``chunk`` each, the last one what remains."""
-    return tuple(min(chunk, length - start) for start in range(0, length, chunk))
 
 
 def _unit(plane, box: tuple[int, int, int, int]) -> np.ndarray:
