@@ -67,6 +67,15 @@ def test_stain_to_ome_zarr_equals_the_library(capsys, tiny_model_file, slide_tif
     assert_same(out, reference)
 
 
+def test_ngff_0_5_output_holds_the_same_pixels(capsys, tiny_model_file, slide_tif, reference, tmp_path):
+    out = tmp_path / "v05.ome.zarr"
+    code, err = run(capsys, slide_tif, "-o", out, "--model", tiny_model_file, *SETTINGS, "--ngff", "0.5")
+    assert code == 0, err
+    root = zarr.open_group(str(out), mode="r")
+    assert root.metadata.zarr_format == 3 and root.attrs["ome"]["version"] == "0.5"
+    assert_same(out, reference)
+
+
 def test_one_output_and_default_chunk(capsys, tiny_model_file, slide_tif, tmp_path):
     out = tmp_path / "teacher.ome.zarr"
     code, err = run(capsys, slide_tif, "-o", out, "--model", tiny_model_file, "--outputs", "teacher")
@@ -100,6 +109,7 @@ def test_resume_with_other_settings_is_refused(capsys, tiny_model_file, slide_ti
 @pytest.mark.parametrize("extra, words", [
     (["--resume"], "--resume is for OME-Zarr output"),
     (["--chunk", "512"], "--chunk is for OME-Zarr output"),
+    (["--ngff", "0.5"], "--ngff is for OME-Zarr output"),
 ])
 def test_slide_options_without_zarr_output_are_refused(capsys, tiny_model_file, slide_tif, tmp_path, extra, words):
     code, err = run(capsys, slide_tif, "-o", tmp_path / "out", "--model", tiny_model_file, *extra)

@@ -21,6 +21,7 @@ import zarr
 
 from digital_stain.core.arrays import InputError, to_uint8
 from digital_stain.io.images import read_image
+from digital_stain.io.multiscale import read_pyramids
 from digital_stain.stain.lazy import LazyStain
 from digital_stain.stain.model import StainModel
 from digital_stain.slide.store import SlideStore, downsample, level_shapes
@@ -83,7 +84,8 @@ def test_ngff_metadata_and_provenance(tiny_model, reference):
     assert state["package"].startswith("napari-digital-stain ")
     assert state["settings"] == {"outputs": ["enhanced", "teacher", "student"], "chunk": 256, "overlap": 32,
                                  "precision": "fp32", "device": "cpu", "min_side": 128,
-                                 "stats_pixels": 2048 * 2048, "stats_crop": 512, "compile": False, "adapt": "auto"}
+                                 "stats_pixels": 2048 * 2048, "stats_crop": 512, "compile": False, "adapt": "auto",
+                                 "ngff": "0.4"}
     assert state["adaptation"]["mode"] == "auto" and not state["adaptation"]["applied"]  # its own microscope
     assert state["source"]["shape"] == [600, 700, 3] and state["source"]["dtype"] == "uint8"
     assert state["scaling"]["scale"] == 255.0
@@ -150,6 +152,33 @@ def test_stop_then_resume_equals_uninterrupted(tiny_model, slide, reference, tmp
     second = stain_to_zarr(tiny_model, slide, path, resume=True, **SMALL)
     assert second.complete and second.units_skipped == 4 and second.units_done == first.units_total - 4
     assert_same_store(path, reference)
+
+
+def test_an_ngff_0_5_store_stops_resumes_keeping_its_version_and_reads_as_0_4_does(tiny_model, slide, reference,
+                                                                                     tmp_path):
+    path = tmp_path / "v05.ome.zarr"
+    stop = threading.Event()
+    first = stain_to_zarr(tiny_model, slide, path, ngff="0.5", stop=stop,
+                          progress=lambda done, total: done == 3 and stop.set(), **SMALL)
+    assert first.stopped and (path / "zarr.json").exists() and not (path / ".zgroup").exists()
+    with pytest.raises(InputError, match="ngff: stored 0.5, now 0.4"):
+        stain_to_zarr(tiny_model, slide, path, resume=True, ngff="0.4", **SMALL)
+    second = stain_to_zarr(tiny_model, slide, path, resume=True, **SMALL)  # no ngff given: the store's
+    assert second.complete and second.units_skipped == 3
+    root = zarr.open_group(str(path), mode="r")
+    assert root.metadata.zarr_format == 3 and root.attrs["ome"]["version"] == "0.5"
+    assert list(root["student"]["0"].metadata.dimension_names) == ["c", "y", "x"]
+    assert_same_store(path, reference)  # the same bytes as the 0.4 store
+    pyramids = {p.name: p for p in read_pyramids(path)}
+    assert sorted(pyramids) == ["enhanced", "student", "teacher"] and all(p.complete for p in pyramids.values())
+    np.testing.assert_array_equal(pyramids["student"].levels[1].compute(),
+                                  zarr.open_group(str(reference))["student"]["1"][:].transpose(1, 2, 0))
+
+
+def test_an_ngff_version_we_cannot_write_is_refused(tiny_model, slide, tmp_path):
+    with pytest.raises(InputError, match="NGFF version 0.6 cannot be written; choose one of 0.4, 0.5"):
+        stain_to_zarr(tiny_model, slide, tmp_path / "x.ome.zarr", ngff="0.6", **SMALL)
+    assert not (tmp_path / "x.ome.zarr").exists()
 
 
 def test_units_in_threads_write_the_same_bytes(tiny_model, slide, reference, tmp_path):

@@ -11,7 +11,8 @@ from ome_zarr.format import FormatV04, FormatV05
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from ome_zarr.writer import write_image
-from ome_zarr_models.v04 import Image
+from ome_zarr_models.v04 import Image as ImageV04
+from ome_zarr_models.v05 import Image as ImageV05
 
 from digital_stain.io.calibration import Calibration
 from digital_stain.io.images import read_calibration
@@ -26,30 +27,34 @@ def slide(darkfield_tile) -> np.ndarray:
     return np.ascontiguousarray(np.tile(darkfield_tile, (3, 3, 1))[:600, :700])
 
 
-def _ours(tmp_path, tiny_model, slide) -> list:
+def _ours(tmp_path, tiny_model, slide, ngff: str = "0.4") -> list:
     """A store from each of our writers: the whole-slide run (from an OME-Zarr with a placement) and save_stains."""
     source = tmp_path / "slide.ome.zarr"
     write_image(np.moveaxis(slide, -1, 0), zarr.open_group(str(source), mode="w", zarr_format=2), axes="cyx",
                 fmt=FormatV04(), scale_factors=(2,), scale={"y": 0.345, "x": 0.345},
                 axes_units={"y": "micrometer", "x": "micrometer"})
     stained = tmp_path / "stained.ome.zarr"
-    assert stain_to_zarr(tiny_model, source, stained, ["enhanced", "teacher", "student"], **SMALL).complete
+    assert stain_to_zarr(tiny_model, source, stained, ["enhanced", "teacher", "student"], ngff=ngff, **SMALL).complete
     saved = save_stains(tmp_path / "saved.ome.zarr", {"student": np.full((300, 400, 3), 0.5, np.float32)},
-                        calibration=Calibration((0.25, 0.25), "micrometer", (5.0, 7.0)), chunk=256)
+                        calibration=Calibration((0.25, 0.25), "micrometer", (5.0, 7.0)), chunk=256, ngff=ngff)
     return [stained, saved]
 
 
-def test_every_group_we_write_is_valid_ngff_0_4(tiny_model, slide, tmp_path):
-    for store in _ours(tmp_path, tiny_model, slide):
+@pytest.mark.parametrize(("ngff", "zarr_format", "image"), [("0.4", 2, ImageV04), ("0.5", 3, ImageV05)],
+                         ids=["ngff-0.4", "ngff-0.5"])
+def test_every_group_we_write_is_valid_ngff(tiny_model, slide, tmp_path, ngff, zarr_format, image):
+    for store in _ours(tmp_path, tiny_model, slide, ngff):
         root = zarr.open_group(str(store), mode="r")
+        assert root.metadata.zarr_format == zarr_format
         groups = [root] + [root[name] for name in root.group_keys()]
         for group in groups:
-            image = Image.from_zarr(group)  # raises on anything NGFF 0.4 does not allow
-            assert len(image.attributes.multiscales[0].datasets) >= 1, group.path
+            parsed = image.from_zarr(group)  # raises on anything this NGFF version does not allow
+            assert len(parsed.ome_attributes.multiscales[0].datasets) >= 1, group.path
 
 
-def test_ome_zarr_py_reads_our_stores_with_their_placement(tiny_model, slide, tmp_path):
-    for store in _ours(tmp_path, tiny_model, slide):
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_ome_zarr_py_reads_our_stores_with_their_placement(tiny_model, slide, tmp_path, ngff):
+    for store in _ours(tmp_path, tiny_model, slide, ngff):
         calibration = read_calibration(store)
         for name in [n for n in zarr.open_group(str(store), mode="r").group_keys()]:
             (node, *_) = Reader(parse_url(str(store / name)))()

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "every worker needs the package and the model file")
     stain.add_argument("--workers", type=options.integer(1, 256, "a number of worker processes"), default=None, metavar="N",
                        help="OME-Zarr output: run the chunks on a local dask.distributed cluster of N processes")
+    stain.add_argument("--ngff", choices=("0.4", "0.5"), default=None,
+                       help="OME-Zarr output: the NGFF version, 0.4 on Zarr format 2 (default: every OME-Zarr "
+                            "reader opens it) or 0.5 on Zarr format 3; --resume keeps the store's")
     stain.add_argument("--view", action="store_true",
                        help="open the input and outputs in napari when a display is present "
                             "(OME-Zarr output: once finished, as pyramids)")
@@ -272,6 +275,7 @@ def cmd_stain(args) -> int:
     if _is_zarr_output(args.output):
         return cmd_stain_slide(args)
     for option, given in (("--resume", args.resume), ("--chunk", args.chunk is not None),
+                          ("--ngff", args.ngff is not None),
                           ("--scheduler", args.scheduler is not None), ("--workers", args.workers is not None)):
         if given:
             raise InputError(f"{option} is for OME-Zarr output; give an output ending in .zarr (e.g. -o OUT.ome.zarr).")
@@ -393,7 +397,7 @@ def cmd_stain_slide(args) -> int:
             result = stain_to_zarr(model, source, args.output, wanted, chunk=chunk, overlap=args.overlap,
                                    device=None, precision=args.precision, resume=args.resume,
                                    overwrite=args.overwrite, progress=progress, stop=stop, client=client,
-                                   compile=args.compile, adapt=args.adapt)
+                                   compile=args.compile, adapt=args.adapt, ngff=args.ngff)
     except KeyboardInterrupt:
         print(f"aborted. {args.output} can be finished with the same command and --resume.", file=sys.stderr)
         return 130

@@ -22,7 +22,8 @@ from digital_stain.core.arrays import InputError, to_uint8
 from digital_stain.io.calibration import Calibration
 from digital_stain.io.images import atomic_path
 from digital_stain.stain.chunks import chunk_sizes
-from digital_stain.slide.store import FORMAT, FORMAT_VERSION, PRIMARY_ORDER, RGB_OUTPUTS, Grid, SlideStore, level_shapes
+from digital_stain.slide.store import (FORMAT, FORMAT_VERSION, NGFF_VERSION, NGFF_VERSIONS, PRIMARY_ORDER, RGB_OUTPUTS,
+                                      Grid, SlideStore, level_shapes)
 
 
 class SaveStopped(Exception):
@@ -32,7 +33,7 @@ class SaveStopped(Exception):
 def save_stains(path: str | os.PathLike, stains: dict, *, calibration: Calibration | None = None,
                 record: dict | None = None, chunk: int = 1024, min_side: int = 512, overwrite: bool = False,
                 progress: Callable[[int, int], None] | None = None,
-                stop: threading.Event | None = None) -> Path:
+                stop: threading.Event | None = None, ngff: str = NGFF_VERSION) -> Path:
     """Save stained planes as one OME-Zarr store, as the whole-slide path writes it.
 
     Parameters
@@ -56,6 +57,8 @@ def save_stains(path: str | os.PathLike, stains: dict, *, calibration: Calibrati
         ``progress(done, total)`` after each unit (level 0 chunks, then the pyramid's).
     stop : threading.Event, optional
         Set it to stop: :class:`SaveStopped` is raised and nothing is left at ``path``.
+    ngff : ``0.4|0.5``
+        The OME-Zarr version: 0.4 on Zarr format 2 (every reader opens it) or 0.5 on Zarr format 3.
 
     Returns
     -------
@@ -67,13 +70,16 @@ def save_stains(path: str | os.PathLike, stains: dict, *, calibration: Calibrati
         No stains, an unknown output name, planes of different sizes or of another shape, or an
         existing ``path`` that may not be replaced.
     """
+    if str(ngff) not in NGFF_VERSIONS:
+        raise InputError(f"NGFF version {ngff} cannot be written; choose one of {', '.join(NGFF_VERSIONS)}.")
     planes = _checked(stains)
     height, width = next(iter(planes.values())).shape[:2]
     # units of ``chunk`` px, the last one what remains (no staining overlap to keep clear of here)
     grid = Grid(chunk, chunk_sizes(height, chunk, 0), chunk_sizes(width, chunk, 0), level_shapes((height, width), min_side))
     outputs = sorted(planes, key=PRIMARY_ORDER.index)
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, "token": uuid.uuid4().hex, "complete": False,
-             **_provenance(), "settings": {"outputs": outputs, "chunk": chunk, "min_side": min_side},
+             **_provenance(), "settings": {"outputs": outputs, "chunk": chunk, "min_side": min_side,
+                                          "ngff": str(ngff)},
              "source": {"name": "saved stains (napari layers or arrays)", "shape": [height, width]},
              "grid": grid.as_dict(), "made_by": record or {}}
     total = sum(len(grid.units(level)) for level in range(len(grid.levels)))

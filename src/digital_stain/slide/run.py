@@ -61,8 +61,8 @@ from digital_stain.core.arrays import InputError, ValueScaling, check_dtype, che
 from digital_stain.stain.chunks import ChunkStainer, chunked, grid_sizes, unit_rgb_array
 from digital_stain.io.images import Source, open_source, reading_failed
 from digital_stain.stain.kernel import StainKernel
-from digital_stain.slide.store import (FORMAT, FORMAT_VERSION, Grid, SlideStore, level_shapes, prepare_output,
-                                      stored_statistics)
+from digital_stain.slide.store import (FORMAT, FORMAT_VERSION, NGFF_VERSION, NGFF_VERSIONS, Grid, SlideStore,
+                                      level_shapes, prepare_output, stored_statistics)
 from digital_stain.io.outputs import check_not_input, check_writable, output_lock
 from digital_stain.stain.settings import StainSettings
 from digital_stain.stain.tiling import CHUNK_RANGE
@@ -76,7 +76,7 @@ STATS_PIXELS, STATS_CROP = 2048 * 2048, 512  # LazyStain's defaults: the same st
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 GPU_THREADS = 4  # units in flight on a GPU by default
 # settings added since the first stores: what a store without them used
-SETTING_DEFAULTS = {"compile": False, "adapt": "off"}
+SETTING_DEFAULTS = {"compile": False, "adapt": "off", "ngff": NGFF_VERSION}
 
 
 class DiskFullError(InputError):
@@ -350,7 +350,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
                   min_side: int = 512, resume: bool = False, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   stop: threading.Event | None = None, client=None, threads: int | None = None,
-                  compile: bool | None = None, adapt: str | None = None) -> SlideResult:
+                  compile: bool | None = None, adapt: str | None = None, ngff: str | None = None) -> SlideResult:
     """Stain a whole slide into an OME-Zarr store (one image group per output, with a pyramid).
 
     Parameters
@@ -403,6 +403,9 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         slide (on 16 MP of crops spread over it) and stored, so every unit, resumed or on a cluster
         worker, uses the same mapping. Default: ``auto`` for a new store, the stored setting when
         resuming (stores written before adaptation resume with ``off``).
+    ngff : ``0.4|0.5``, optional
+        The OME-Zarr version written: 0.4 on Zarr format 2 (default for a new store; every
+        OME-Zarr reader opens it) or 0.5 on Zarr format 3. Resuming keeps the store's.
     client : distributed.Client, optional
         Spread the units over this dask.distributed cluster
         (:func:`digital_stain.slide.cluster.cluster_client`); each worker loads the
@@ -436,6 +439,9 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
         raise InputError(f"chunk {chunk} px is out of range; use {CHUNK_RANGE[0]}..{CHUNK_RANGE[1]} (default 1024).")
     if resume and overwrite:
         raise InputError("resume and overwrite exclude each other: resume continues the store, overwrite replaces it.")
+    if ngff is not None and str(ngff) not in NGFF_VERSIONS:
+        raise InputError(f"NGFF version {ngff} cannot be written; choose one of {', '.join(NGFF_VERSIONS)} "
+                         "(0.4 opens in every OME-Zarr reader, 0.5 in recent ones).")
     src = open_source(source, chunk=chunk)
     if src.path is not None:
         check_not_input(output, [src.path])
@@ -445,7 +451,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
             return _stain_to_zarr(model, source, src, output, outputs, chunk=chunk, overlap=overlap,
                                   device=device, precision=precision, min_side=min_side, resume=resume,
                                   overwrite=overwrite, progress=progress, stop=stop, client=client,
-                                  threads=threads, compile=compile, adapt=adapt, started=started)
+                                  threads=threads, compile=compile, adapt=adapt, ngff=ngff, started=started)
         except (InputError, KeyboardInterrupt):
             raise
         except Exception as err:
@@ -458,7 +464,7 @@ def stain_to_zarr(model, source, output: str | os.PathLike, outputs: Sequence[st
 
 def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, overlap, device, precision,
                    min_side, resume, overwrite, progress, stop, client, threads, compile, adapt,
-                   started) -> SlideResult:
+                   ngff, started) -> SlideResult:
     """:func:`stain_to_zarr` once its input is open and checked and the output is locked."""
     from digital_stain import __version__
     from digital_stain.stain.model import StainModel, provenance
@@ -470,6 +476,8 @@ def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, 
     stored = prepare_output(output, resume=resume, overwrite=overwrite)
     if adapt is None:
         adapt = stored["settings"].get("adapt", SETTING_DEFAULTS["adapt"]) if stored is not None else "auto"
+    if ngff is None:  # a new store: 0.4; a resumed one: as it was started
+        ngff = stored["settings"].get("ngff", SETTING_DEFAULTS["ngff"]) if stored is not None else NGFF_VERSION
 
     # decided here, or as stored: a resumed run must not measure the slide again
     adaptation = _stored_adaptation(stored) if stored is not None and "adaptation" in stored else adapt
@@ -480,7 +488,8 @@ def _stain_to_zarr(model, source, src: Source, output: Path, outputs, *, chunk, 
                 level_shapes(tuple(src.array.shape[:2]), min_side))
     settings = {"outputs": list(wanted), "chunk": stainer.chunk, "overlap": stainer.overlap,
                 "precision": stainer.precision, "device": stainer.device.type, "min_side": min_side,
-                "stats_pixels": STATS_PIXELS, "stats_crop": STATS_CROP, "compile": bool(compile), "adapt": adapt}
+                "stats_pixels": STATS_PIXELS, "stats_crop": STATS_CROP, "compile": bool(compile), "adapt": adapt,
+                "ngff": str(ngff)}
     identity = {"shape": list(src.array.shape), "dtype": str(src.array.dtype), "fingerprint": _fingerprint(src.array)}
     model_id = {"name": model.name, "checksum": model.checksum, "path": str(model.path) if model.path else None}
     notes = list(src.notes)

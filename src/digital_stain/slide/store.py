@@ -1,9 +1,14 @@
 """The OME-Zarr store of a stained slide: layout, NGFF metadata, per-chunk progress, pyramid levels.
 
-Written with ``zarr`` alone (no ome-zarr package), as OME-Zarr (NGFF) 0.4 on
-Zarr format 2, which every OME-Zarr reader opens (this plugin's napari reader,
+Written with ``zarr`` alone (no ome-zarr package), by default as OME-Zarr (NGFF) 0.4
+on Zarr format 2, which every OME-Zarr reader opens (this plugin's napari reader,
 :mod:`digital_stain.io.multiscale`, ome-zarr-py and napari-ome-zarr, QuPath,
-Fiji/MoBIE, vizarr, neuroglancer)::
+Fiji/MoBIE, vizarr, neuroglancer). Asked for (``ngff="0.5"``, ``--ngff 0.5``), it is
+NGFF 0.5 on Zarr format 3: the same groups and arrays, each described by a
+``zarr.json`` instead of ``.zgroup``/``.zarray``/``.zattrs``, the NGFF metadata under
+the attributes' ``"ome"`` key (``{"ome": {"version": "0.5", "multiscales": ...}}``),
+the arrays with ``dimension_names`` and chunk files under ``c/``. Readers that do not
+know 0.5 yet (older QuPath, Fiji, vizarr) cannot open that; hence 0.4 stays the default::
 
     OUT.ome.zarr/                 root group
       .zattrs                     "multiscales": one entry per output, the primary first
@@ -69,7 +74,9 @@ from digital_stain.io.calibration import Calibration
 
 RGB_OUTPUTS = ("teacher", "student")
 PRIMARY_ORDER = ("student", "teacher", "enhanced")  # the root's first multiscale: the most H&E-like output
-NGFF_VERSION = "0.4"
+NGFF_VERSION = "0.4"  # the default: every reader opens it
+NGFF_VERSIONS = ("0.4", "0.5")
+ZARR_FORMATS = {"0.4": 2, "0.5": 3}
 FORMAT = "digital-stain-slide"
 FORMAT_VERSION = 1
 CHANNELS = (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
@@ -197,10 +204,10 @@ def read_state(path: str | os.PathLike) -> dict | None:
     import zarr
 
     path = Path(path)
-    if not (path / ".zgroup").exists():
+    if not ((path / ".zgroup").exists() or (path / "zarr.json").exists()):
         return None
     try:
-        attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=2).attrs)
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:  # unreadable metadata: not a store we can resume
         return None
     state = attrs.get("digital_stain")
@@ -270,7 +277,7 @@ class SlideStore:
         if self._group is None:
             import zarr
 
-            self._group = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+            self._group = zarr.open_group(str(self.path), mode="r+")  # format 2 (NGFF 0.4) or 3 (0.5)
         return self._group
 
     @property
@@ -291,15 +298,17 @@ class SlideStore:
         """Make (or complete, after a crash during creation) the store's groups, arrays and metadata.
 
         ``state`` is the root's ``digital_stain`` record; it must hold
-        ``grid`` (:meth:`Grid.as_dict`) and ``settings.outputs``. Its
-        ``statistics`` (a list) go to ``norm_statistics.json`` and the record names
-        that file. ``calibration`` is the input's, given to every level. Arrays
-        that exist are kept, so calling this on a half-made store is safe.
+        ``grid`` (:meth:`Grid.as_dict`) and ``settings.outputs``; ``settings.ngff``
+        (``"0.4"``, the default, or ``"0.5"``) chooses the NGFF version and with it the
+        Zarr format. Its ``statistics`` (a list) go to ``norm_statistics.json`` and the
+        record names that file. ``calibration`` is the input's, given to every level.
+        Arrays that exist are kept, so calling this on a half-made store is safe.
         """
         import zarr
 
         path = Path(path)
-        root = zarr.open_group(str(path), mode="a", zarr_format=2)
+        version = ngff_version(state)
+        root = zarr.open_group(str(path), mode="a", zarr_format=ZARR_FORMATS[version])
         grid = Grid.from_dict(state["grid"])
         outputs = tuple(state["settings"]["outputs"])
         primary = sorted(outputs, key=PRIMARY_ORDER.index)
@@ -310,24 +319,24 @@ class SlideStore:
         summary = {key: state[key] for key in ("package", "model", "settings") if key in state}
         for output in primary:
             group = root.require_group(output)
+            rgb = output in RGB_OUTPUTS
             for level, (height, width) in enumerate(grid.levels):
-                rgb = output in RGB_OUTPUTS
                 _require_array(group, str(level), (3, height, width) if rgb else (height, width),
-                               (3, grid.chunk, grid.chunk) if rgb else (grid.chunk, grid.chunk), compress=True)
-            group.attrs.update({"multiscales": [_multiscale(output, grid, calibration, prefix="")],
-                                **({"omero": _omero(output)} if output in RGB_OUTPUTS else {}),
+                               (3, grid.chunk, grid.chunk) if rgb else (grid.chunk, grid.chunk), compress=True,
+                               dimensions=("c", "y", "x") if rgb else ("y", "x"))
+            group.attrs.update({**_ngff(version, [_multiscale(output, grid, calibration, prefix="", version=version)],
+                                        _omero(output, version) if rgb else None),
                                 "digital_stain": {**summary, "output": output}})
         progress = root.require_group("progress")
         for level in range(len(grid.levels)):
             _require_array(progress, str(level), grid.counts(level), (1, 1), compress=False)
-        root.attrs.update({
-            "multiscales": [_multiscale(output, grid, calibration, prefix=f"{output}/") for output in primary],
-            **({"omero": _omero(primary[0])} if primary[0] in RGB_OUTPUTS else {}),
-        })
+        root.attrs.update(_ngff(
+            version, [_multiscale(output, grid, calibration, prefix=f"{output}/", version=version) for output in primary],
+            _omero(primary[0], version) if primary[0] in RGB_OUTPUTS else None))
         return cls(path)
 
     def update_state(self, **changes) -> None:
-        """Change entries of the root's ``digital_stain`` record (one atomic rewrite of ``.zattrs``)."""
+        """Change entries of the root's ``digital_stain`` record (one rewrite of ``.zattrs`` or ``zarr.json``)."""
         self.group.attrs.update({"digital_stain": {**self.state, **changes}})
 
     def clean_partial_files(self) -> int:
@@ -406,20 +415,40 @@ class SlideStore:
         shutil.rmtree(self.path / "progress", ignore_errors=True)
 
 
-def _require_array(group, name: str, shape: tuple, chunks: tuple, *, compress: bool):
+def ngff_version(state: dict) -> str:
+    """The NGFF version a store's record asks for (stores written before the choice: 0.4)."""
+    return str(state.get("settings", {}).get("ngff", NGFF_VERSION))
+
+
+def _require_array(group, name: str, shape: tuple, chunks: tuple, *, compress: bool, dimensions: tuple = ()):
     if name in group:
         return group[name]
-    import numcodecs
-
     # zstd level 1: within 2 % of level 5's size on stained tiles, and 4-5x faster to write (11 ms
     # against 49 ms per 1024-px RGB chunk on the development CPU), which a GPU would otherwise wait for
-    compressor = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE) if compress else None
+    if group.metadata.zarr_format == 2:
+        import numcodecs
+
+        compressor = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE) if compress else None
+        return group.create_array(name, shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+                                  compressors=compressor, chunk_key_encoding={"name": "v2", "separator": "/"})
+    from zarr.codecs import BloscCodec
+
+    compressor = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle") if compress else None
+    # NGFF 0.5 asks each array to name its dimensions as the multiscale's axes do
     return group.create_array(name, shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
-                              compressors=compressor, chunk_key_encoding={"name": "v2", "separator": "/"})
+                              compressors=compressor, dimension_names=dimensions or None)
 
 
-def _multiscale(output: str, grid: Grid, calibration: Calibration | None, prefix: str) -> dict:
-    """One NGFF 0.4 ``multiscales`` entry for ``output``; dataset paths start with ``prefix``.
+def _ngff(version: str, multiscales: list, omero: dict | None) -> dict:
+    """The NGFF attributes of a group: at the top for 0.4, under ``"ome"`` (with the version once) for 0.5."""
+    metadata = {"multiscales": multiscales, **({"omero": omero} if omero is not None else {})}
+    return metadata if version == "0.4" else {"ome": {"version": version, **metadata}}
+
+
+def _multiscale(output: str, grid: Grid, calibration: Calibration | None, prefix: str, version: str = NGFF_VERSION) -> dict:
+    """One NGFF ``multiscales`` entry for ``output``; dataset paths start with ``prefix``.
+
+    0.4 entries carry their ``version``; 0.5 states it once, beside them (:func:`_ngff`).
 
     Every level has a scale and a translation: the input's pixel size and origin (one pixel at 0
     when it states none), doubled and moved in half a pixel per level (:meth:`Calibration.level`).
@@ -435,7 +464,8 @@ def _multiscale(output: str, grid: Grid, calibration: Calibration | None, prefix
         scale, translation = ([1.0, *scale], [0.0, *translation]) if rgb else (list(scale), list(translation))
         datasets.append({"path": f"{prefix}{level}", "coordinateTransformations": [
             {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]})
-    return {"version": NGFF_VERSION, "name": output, "axes": axes, "datasets": datasets, "type": "mean",
+    return {**({"version": version} if version == "0.4" else {}), "name": output, "axes": axes,
+            "datasets": datasets, "type": "mean",
             "metadata": {"description": "2 x 2 mean of the level above, rounded half up; uint8",
                          "method": "digital_stain.slide.store.downsample"}}
 
@@ -468,10 +498,10 @@ def stored_statistics(path: str | os.PathLike, state: dict) -> list | None:
     return statistics
 
 
-def _omero(output: str) -> dict:
+def _omero(output: str, version: str = NGFF_VERSION) -> dict:
     """Rendering settings: the three channels as red, green and blue, 0..255 (so viewers show the colours as stored)."""
     channels = [{"label": label, "color": color, "active": True, "coefficient": 1.0, "family": "linear",
                  "inverted": False, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
                 for label, color in CHANNELS]
-    return {"version": NGFF_VERSION, "name": output, "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
-            "channels": channels}
+    return {**({"version": version} if version == "0.4" else {}), "name": output,
+            "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0}, "channels": channels}
