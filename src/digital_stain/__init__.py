@@ -41,6 +41,10 @@ PUBLIC = {  # name -> the module that defines it
     "fine_tune": "digital_stain.train.finetune",
     "evaluate_model": "digital_stain.quality.evaluate",
     "synthesize_darkfield": "digital_stain.quality.synth",
+    "find_nuclei": "digital_stain.nuclei.find",
+    "find_nuclei_files": "digital_stain.nuclei.files",
+    "segment_nuclei": "digital_stain.nuclei.segment",
+    "NucleiSettings": "digital_stain.nuclei.segment",
 }
 
 __all__ = sorted(PUBLIC) + ["__version__"]

@@ -223,6 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
                              "the one it will stain or one like it")
     export.add_argument("--overwrite", action="store_true")
     export.add_argument("--quiet", "-q", action="store_true")
+
+    nuclei = sub.add_parser("nuclei", help="find the nuclei of dark-field images: one uint16 label image per input",
+                            description="Nuclei as instance labels, by translation: each image is stained and the "
+                                        "virtual H&E segmented (colour deconvolution and a watershed; nothing is "
+                                        "downloaded). Labels are 0 for background, 1..N for the N nuclei.")
+    nuclei.add_argument("input", type=Path, help="dark-field image file or a folder of them")
+    nuclei.add_argument("--output", "-o", type=Path, required=True,
+                        help="folder to write: <input name>.tif per input (uint16 labels, the input's size and pixel size)")
+    nuclei.add_argument("--model", "-m", type=options.model, default="dsd-unpaired", help="shipped model name or model file path")
+    nuclei.add_argument("--method", choices=("auto", "adaptation", "tutorship"), default="auto",
+                        help="adaptation: stain, then segment the virtual H&E; tutorship: a segmenter held in the model "
+                             "file (no shipped model has one yet); auto: tutorship when the model has a segmenter")
+    nuclei.add_argument("--device", default="auto", choices=DEVICES)
+    nuclei.add_argument("--precision", default="auto", choices=PRECISIONS)
+    nuclei.add_argument("--adapt", choices=ADAPT_MODES, default="auto",
+                        help="adaptation to another microscope, decided once for all the inputs (as stain does)")
+    nuclei.add_argument("--min-area", type=options.integer(0, 100000, "an area in pixels"), default=None,
+                        help="smallest nucleus kept, in pixels (default 20)")
+    nuclei.add_argument("--min-distance", type=options.integer(1, 1000, "a distance in pixels"), default=None,
+                        help="least distance between the centres of two touching nuclei, in pixels (default 4)")
+    nuclei.add_argument("--overwrite", action="store_true", help="replace an output folder this tool wrote")
+    nuclei.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
 
 
@@ -675,6 +697,41 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_nuclei(args) -> int:
+    from tqdm import tqdm
+
+    from digital_stain.nuclei.files import find_nuclei_files
+    from digital_stain.nuclei.find import choose_method
+    from digital_stain.nuclei.segment import NucleiSettings
+    from digital_stain.stain.model import StainModel
+    from digital_stain.stain.settings import StainSettings
+
+    if _is_zarr_output(args.output) or args.output.suffix.lower() in (".tif", ".tiff", ".png"):
+        raise InputError(f"--output {args.output}: give a folder; each input's labels are written into it as "
+                         "<name>.tif (labels for whole slides in OME-Zarr are not written yet).")
+    inputs = _inputs(args.input)
+    nuclei = NucleiSettings(**{key: value for key, value in (("min_area", args.min_area),
+                                                              ("min_distance", args.min_distance)) if value is not None})
+    model = StainModel.load(args.model, device=args.device)
+    method = choose_method(model, args.method)  # before any image is read
+    print(f"model {model.name} on {model._device}; nuclei by {method} ({len(inputs)} image(s))", file=sys.stderr)
+    bar = tqdm(total=len(inputs), disable=args.quiet, unit="image")
+    try:
+        result = find_nuclei_files(model, inputs, args.output, method=method, nuclei=nuclei,
+                                   settings=StainSettings(precision=args.precision), adapt=args.adapt,
+                                   overwrite=args.overwrite, progress=lambda done, total: bar.update(done - bar.n),
+                                   notify=lambda message: print(message, file=sys.stderr))
+    finally:
+        bar.close()
+    for reason in result.skipped:
+        print(f"skipped {reason}", file=sys.stderr)
+    total = sum(result.counts.values())
+    print(f"wrote {len(result.written)} label image(s) to {args.output}: {total} nuclei "
+          f"({', '.join(f'{name} {count}' for name, count in list(result.counts.items())[:5])}"
+          f"{' ...' if len(result.counts) > 5 else ''})", file=sys.stderr)
+    return 1 if result.skipped else 0
+
+
 def cmd_export(args) -> int:
     from digital_stain.io.export import export_model
     from digital_stain.io.images import read_image
@@ -797,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "stain":
         return cmd_stain(args)  # locks its output itself (a whole slide: stain_to_zarr does)
+    if args.command == "nuclei":
+        return cmd_nuclei(args)  # locks its output itself (find_nuclei_files)
     from digital_stain.io.outputs import output_lock
 
     if args.command == "evaluate":

@@ -99,6 +99,9 @@ class StainWidget(QWidget):
         self.folder_button = QPushButton("Stain a folder…")
         self.folder_button.setToolTip("Stain every image of a folder into a new folder, in the background, with these "
                                       "settings (what digital-stain stain FOLDER -o OUT does). Nothing is added here.")
+        self.nuclei_button = QPushButton("Find nuclei")
+        self.nuclei_button.setToolTip("Stain the input with this model, then find the nuclei in the virtual H&E: a "
+                                      "Labels layer '<input> nuclei' over the input, and the count below.")
         self.side_by_side = QPushButton("Side by side")
         self.side_by_side.setCheckable(True)
         self.side_by_side.setToolTip("Show the input and each output in its own panel (grid), or overlaid.")
@@ -121,6 +124,7 @@ class StainWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.folder_button)
+        layout.addWidget(self.nuclei_button)
         layout.addWidget(self.side_by_side)
         layout.addWidget(self.status)
         layout.addStretch(1)
@@ -129,6 +133,7 @@ class StainWidget(QWidget):
         self.run_button.clicked.connect(lambda: self.stain())
         self.stop_button.clicked.connect(self.stop)
         self.folder_button.clicked.connect(self._pick_folders)
+        self.nuclei_button.clicked.connect(lambda: self.find_nuclei())
         self.side_by_side.toggled.connect(self._toggle_grid)
         self.side_by_side.clicked.connect(self._layout_clicked)
         self.model.changed.connect(self._model_changed)
@@ -220,6 +225,31 @@ class StainWidget(QWidget):
             folder_work(Path(source), Path(output), used), on_progress=self._on_progress,
             on_event=lambda message: self.status.setText(str(message)), on_done=self._on_folder_done,
             on_crash=self._on_crash, on_finished=self._on_finished)
+        return True
+
+    def find_nuclei(self, layer=None) -> bool:
+        """Find the nuclei of ``layer`` (default: the chosen input) in the background: the **Find nuclei**
+        button. Adds the Labels layer ``<input> nuclei`` and says the count; returns whether it started."""
+        from digital_stain._napari.nuclei import check_plane, nuclei_work
+
+        if self.running:
+            show_info("staining is already running; press Stop first to start another.")
+            return False
+        try:
+            layer = layer if layer is not None else self.input_layer
+            data, multiscale = L.image_source(layer, self.viewer)
+            check_plane(layer, data, multiscale)
+        except InputError as err:
+            show_error(str(err))
+            return False
+        self._save()
+        used = dict(model=self.model.value, device=self.device.currentText(), tile=self.tile.value(),
+                    adapt=self.adapt.currentData())
+        self._set_running(True, f"finding the nuclei of {layer.name!r}")
+        self._worker, self._stop = start_job(
+            nuclei_work(data, used), on_progress=self._on_progress,
+            on_done=lambda outcome: self._on_nuclei_done(outcome, layer, used), on_crash=self._on_crash,
+            on_finished=self._on_finished)
         return True
 
     def stop(self) -> None:
@@ -383,6 +413,28 @@ class StainWidget(QWidget):
             text = summary(outcome.result)
             (show_warning if outcome.result.skipped else show_info)(text)
             self.status.setText(text.splitlines()[0])
+
+    def _on_nuclei_done(self, outcome, source, used) -> None:
+        from digital_stain._napari.nuclei import show_nuclei
+
+        try:
+            if outcome.error is not None:
+                show_error(outcome.error)
+                self.status.setText(f"no nuclei found: {outcome.error}")
+            elif outcome.stopped:
+                self.status.setText("stopped; nothing was added.")
+            elif source not in self.viewer.layers:
+                self.status.setText(f"{source.name!r} was closed meanwhile; nothing was added.")
+            else:
+                model, found = outcome.result
+                self.last_layers = {"nuclei": show_nuclei(self.viewer, source, found, used)}
+                self.progress.setValue(100)
+                text = (f"{found.count} nuclei in {source.name!r} ({found.method}: {model.name}'s {found.source} "
+                        "stain, segmented)")
+                show_info(text)
+                self.status.setText(text + ".")
+        except Exception as err:  # never raise into Qt's event loop
+            show_error(f"could not show the nuclei: {err}")
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.setValue(int(100 * done / max(total, 1)))

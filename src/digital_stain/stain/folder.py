@@ -104,7 +104,7 @@ def stain_files(model, inputs: list, output: str | os.PathLike, outputs=None, *,
     check_replaceable(output, overwrite=overwrite)
     wanted = model.check_outputs(list(outputs) if outputs else None)
     kept: dict = {}  # one input is read once; a folder is read again to stain each image
-    images = _stainable(inputs, kept if len(inputs) == 1 else None)
+    images = stainable_images(inputs, kept if len(inputs) == 1 else None)
     first = next(images, None) if adapt != "off" else None
     # one decision for all the images that can be stained (if none can, the loop says why for each file)
     adaptation = model.adaptation(itertools.chain([first], images) if first is not None else None,
@@ -152,7 +152,7 @@ def stain_files(model, inputs: list, output: str | os.PathLike, outputs=None, *,
     return result
 
 
-def _stainable(paths: list, keep: dict | None):
+def stainable_images(paths: list, keep: dict | None):
     """The images of ``paths`` that can be stained, read one at a time (and kept in ``keep`` when given);
     the others are left to the staining loop, which reports each with its reason."""
     from digital_stain.core.arrays import check_plane_shape, split_planes, value_scaling

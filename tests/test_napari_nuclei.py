@@ -1,0 +1,62 @@
+"""**Find nuclei** in the Digitally stain widget, on a real viewer: a Labels layer over the input, and a count."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from napari.layers import Labels
+from napari.utils.notifications import NotificationSeverity, notification_manager
+
+from digital_stain.nuclei.find import find_nuclei
+from digital_stain.stain.model import StainModel
+
+
+@pytest.fixture
+def widget(tiny_stain_widget):
+    _, widget = tiny_stain_widget
+    widget.device.setCurrentText("cpu")
+    widget.adapt.setCurrentIndex(widget.adapt.findData("off"))
+    return widget
+
+
+def _messages(start: int, severity) -> list[str]:
+    return [str(n.message) for n in notification_manager.records[start:] if n.severity == severity]
+
+
+def test_find_nuclei_adds_a_labels_layer_over_the_input_with_the_count(widget, qtbot, darkfield_tile,
+                                                                       tiny_model_file):
+    viewer = widget.viewer
+    source = viewer.add_image(darkfield_tile, name="tissue", rgb=True, scale=(0.5, 0.5), translate=(10.0, 20.0))
+    widget.input_layer = source
+    start = len(notification_manager.records)
+    assert widget.find_nuclei()
+    assert widget.running
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    layer = viewer.layers["tissue nuclei"]
+    assert isinstance(layer, Labels) and layer.data.dtype == np.uint16
+    assert layer.data.shape == darkfield_tile.shape[:2]
+    np.testing.assert_allclose(layer.scale, (0.5, 0.5))
+    np.testing.assert_allclose(layer.translate, (10.0, 20.0))
+    expected = find_nuclei(StainModel.load(tiny_model_file, device="cpu"), darkfield_tile, adapt="off")
+    np.testing.assert_array_equal(layer.data, expected.labels)  # the library's labels, nothing else
+    count = expected.count
+    assert layer.metadata["digital_stain"]["count"] == count
+    assert f"{count} nuclei in 'tissue'" in widget.status.text()
+    assert any(f"{count} nuclei" in m for m in _messages(start, NotificationSeverity.INFO))
+    # again: the layer is replaced, not doubled; the input is not offered as a stain input twice
+    assert widget.find_nuclei(source)
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert [layer.name for layer in viewer.layers] == ["tissue", "tissue nuclei"]
+
+
+def test_a_lazy_or_stacked_layer_is_refused_with_a_notification(widget, darkfield_tile):
+    viewer = widget.viewer
+    stack = viewer.add_image(np.stack([darkfield_tile] * 2), name="stack", rgb=True)
+    lazy = viewer.add_image(da.from_array(darkfield_tile, chunks=(128, 128, 3)), name="lazy", rgb=True)
+    for layer, words in ((stack, "is a stack"), (lazy, "lazily read")):
+        start = len(notification_manager.records)
+        assert not widget.find_nuclei(layer)
+        errors = _messages(start, NotificationSeverity.ERROR)
+        assert any(words in m and "digital-stain nuclei" in m for m in errors), errors
+    assert not any(layer.name.endswith("nuclei") for layer in viewer.layers)
