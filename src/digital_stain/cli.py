@@ -230,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "downloaded). Labels are 0 for background, 1..N for the N nuclei.")
     nuclei.add_argument("input", type=Path, help="dark-field image file or a folder of them")
     nuclei.add_argument("--output", "-o", type=Path, required=True,
-                        help="folder to write: <input name>.tif per input (uint16 labels, the input's size and pixel size)")
+                        help="folder to write: <input name>.tif per input (uint16 labels, the input's size and pixel "
+                             "size); a name ending in .zarr (OUT.ome.zarr) stains one whole slide into an OME-Zarr "
+                             "store and writes its labels there, as the NGFF label image labels/nuclei")
     nuclei.add_argument("--model", "-m", type=options.model, default="dsd-unpaired", help="shipped model name or model file path")
     nuclei.add_argument("--method", choices=("auto", "adaptation", "tutorship"), default="auto",
                         help="adaptation: stain, then segment the virtual H&E; tutorship: a segmenter held in the model "
@@ -243,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="smallest nucleus kept, in pixels (default 20)")
     nuclei.add_argument("--min-distance", type=options.integer(1, 1000, "a distance in pixels"), default=None,
                         help="least distance between the centres of two touching nuclei, in pixels (default 4)")
-    nuclei.add_argument("--overwrite", action="store_true", help="replace an output folder this tool wrote")
+    nuclei.add_argument("--chunk", type=options.integer(256, 4096, "a chunk side in pixels"), default=None,
+                        help="OME-Zarr output: chunk side in pixels, 256..4096 (default 1024)")
+    nuclei.add_argument("--resume", action="store_true",
+                        help="OME-Zarr output: finish an interrupted run (staining, then labels)")
+    nuclei.add_argument("--ngff", choices=("0.4", "0.5"), default=None,
+                        help="OME-Zarr output: the NGFF version (default 0.4; --resume keeps the store's)")
+    nuclei.add_argument("--overwrite", action="store_true", help="replace an output this tool wrote")
     nuclei.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
 
@@ -702,16 +710,20 @@ def cmd_nuclei(args) -> int:
 
     from digital_stain.nuclei.files import find_nuclei_files
     from digital_stain.nuclei.find import choose_method
-    from digital_stain.nuclei.segment import NucleiSettings
     from digital_stain.stain.model import StainModel
     from digital_stain.stain.settings import StainSettings
 
-    if _is_zarr_output(args.output) or args.output.suffix.lower() in (".tif", ".tiff", ".png"):
+    if _is_zarr_output(args.output):
+        return cmd_nuclei_slide(args)
+    for option, given in (("--resume", args.resume), ("--chunk", args.chunk is not None),
+                          ("--ngff", args.ngff is not None)):
+        if given:
+            raise InputError(f"{option} is for OME-Zarr output; give an output ending in .zarr (e.g. -o OUT.ome.zarr).")
+    if args.output.suffix.lower() in (".tif", ".tiff", ".png"):
         raise InputError(f"--output {args.output}: give a folder; each input's labels are written into it as "
-                         "<name>.tif (labels for whole slides in OME-Zarr are not written yet).")
+                         "<name>.tif (or an OME-Zarr store, -o OUT.ome.zarr, for one whole slide).")
     inputs = _inputs(args.input)
-    nuclei = NucleiSettings(**{key: value for key, value in (("min_area", args.min_area),
-                                                              ("min_distance", args.min_distance)) if value is not None})
+    nuclei = _nuclei_settings(args)
     model = StainModel.load(args.model, device=args.device)
     method = choose_method(model, args.method)  # before any image is read
     print(f"model {model.name} on {model._device}; nuclei by {method} ({len(inputs)} image(s))", file=sys.stderr)
@@ -730,6 +742,54 @@ def cmd_nuclei(args) -> int:
           f"({', '.join(f'{name} {count}' for name, count in list(result.counts.items())[:5])}"
           f"{' ...' if len(result.counts) > 5 else ''})", file=sys.stderr)
     return 1 if result.skipped else 0
+
+
+def _nuclei_settings(args):
+    from digital_stain.nuclei.segment import NucleiSettings
+
+    return NucleiSettings(**{key: value for key, value in (("min_area", args.min_area),
+                                                          ("min_distance", args.min_distance)) if value is not None})
+
+
+def cmd_nuclei_slide(args) -> int:
+    from tqdm import tqdm
+
+    from digital_stain.io.images import open_source
+    from digital_stain.nuclei.find import choose_method
+    from digital_stain.nuclei.slide import check_slide_input, find_nuclei_slide
+    from digital_stain.stain.model import StainModel
+
+    check_slide_input(args.input)
+    chunk = args.chunk or 1024
+    source = open_source(args.input, chunk=chunk)
+    for note in source.notes:
+        print(f"note: {note}", file=sys.stderr)
+    model = StainModel.load(args.model, device=args.device)
+    method = choose_method(model, args.method)
+    print(f"model {model.name} on {model._device}; nuclei by {method}; {source.array.shape[0]} x "
+          f"{source.array.shape[1]} px in {chunk}-px chunks", file=sys.stderr)
+    bar = tqdm(total=None, disable=args.quiet, unit="chunk", desc=args.input.name)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    stop = threading.Event()
+    try:
+        with _ctrl_c_sets(stop):
+            result = find_nuclei_slide(model, source, args.output, method=method, nuclei=_nuclei_settings(args),
+                                       resume=args.resume, overwrite=args.overwrite, progress=progress, stop=stop,
+                                       chunk=chunk, device=None, precision=args.precision, adapt=args.adapt,
+                                       ngff=args.ngff)
+    finally:
+        bar.close()
+    print(f"slide: {result.stained.adaptation.message(model.name)}", file=sys.stderr)
+    if result.stopped:
+        print("stopped; finish with the same command and --resume.", file=sys.stderr)
+        return 130
+    print(f"wrote {args.output}: {result.count} nuclei, labels in {args.output / 'labels' / 'nuclei'} "
+          f"(threshold {result.threshold:.3f})", file=sys.stderr)
+    return 0
 
 
 def cmd_export(args) -> int:
