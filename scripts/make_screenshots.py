@@ -30,7 +30,7 @@ LEFT_DOCKS, RIGHT_DOCK = 230, 440  # widths of napari's layer docks and of the p
 MAX_WIDTH = 1400
 MAX_BYTES = 400_000
 SLIDE = 8192  # side of the dask-backed mosaic stained lazily
-SHOTS = ("side-by-side", "widget", "overlay", "finetune", "lazy", "other-microscope")
+SHOTS = ("side-by-side", "widget", "overlay", "finetune", "lazy", "other-microscope", "nuclei")
 DSD_P_TILE = ROOT / "tests" / "data" / "dsd_p" / "darkfield"  # real tiles of the lab's second, brighter set-up
 DARKFIELD_LIMITS = (0, 40)  # dark-field tiles are dim (mean 2-15 of 255): shown brightened, as one would in napari
 
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
             written += lazy_shot(args.out)
         if "other-microscope" in wanted:
             written += other_microscope_shot(args.out)
+        if "nuclei" in wanted:
+            written += nuclei_shot(args.out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for path in written:
@@ -238,6 +240,35 @@ def stain_shots(out: Path, wanted: set) -> list[Path]:
         camera(viewer).zoom *= 1.5  # closer: one panel has the whole canvas
         settle(1.0)
         written.append(window_shot(viewer, out / "stain-overlay.png"))
+    viewer.close()
+    return written
+
+
+def nuclei_shot(out: Path) -> list[Path]:
+    """nuclei.png: Find nuclei on the sample mosaic: the Labels layer over the dark-field, zoomed in."""
+    viewer = new_viewer("napari-digital-stain: Find nuclei")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Digitally stain")
+    arrange(viewer, dock)
+    mosaic, scale, units = mosaic_of_samples(viewer)
+    source = viewer.add_image(mosaic, name="dark-field", rgb=True, scale=scale, units=units,
+                              contrast_limits=DARKFIELD_LIMITS)
+    widget.input_layer = source
+    widget.model.set_value("dsd-unpaired")
+    widget.device.setCurrentText("auto")
+    if not widget.find_nuclei():
+        raise RuntimeError(f"Find nuclei did not start: {widget.status.text()!r}")
+    widget.wait(600)
+    if "dark-field nuclei" not in viewer.layers:
+        raise RuntimeError(f"Find nuclei did not finish: {widget.status.text()!r}")
+    labels = viewer.layers["dark-field nuclei"]
+    labels.contour = 2  # outlines, so the dark-field shows through
+    labels.opacity = 1.0
+    viewer.layers.selection.active = labels
+    arrange(viewer, dock)
+    viewer.reset_view()
+    camera(viewer).zoom *= 2.0
+    settle(1.0)
+    written = [window_shot(viewer, out / "nuclei.png")]
     viewer.close()
     return written
 

@@ -137,3 +137,22 @@ def test_sliced_wasserstein_equals_its_definition_with_np_quantile(size):
     by_definition = np.abs(np.quantile(cloud @ directions.T, quantiles, axis=0)
                            - np.quantile(reference @ directions.T, quantiles, axis=0)).mean()
     assert sliced_wasserstein(cloud, reference, seed=7) == pytest.approx(by_definition, rel=1e-12, abs=1e-12)
+
+
+def test_aggregated_jaccard_on_known_cases():
+    from digital_stain.quality.metrics import aggregated_jaccard
+
+    truth = np.zeros((20, 20), np.int32)
+    truth[2:6, 2:6] = 1  # 16 px
+    truth[10:14, 10:14] = 7  # 16 px
+    assert aggregated_jaccard(truth, truth) == 1.0
+    assert aggregated_jaccard(truth * 3, truth) == 1.0  # names do not matter
+    missed = np.where(truth == 7, 0, truth)
+    assert aggregated_jaccard(missed, truth) == pytest.approx(16 / 32)  # the missed nucleus' area is union
+    invented = truth.copy()
+    invented[16:18, 16:18] = 9  # 4 px more, matched to nothing
+    assert aggregated_jaccard(invented, truth) == pytest.approx(32 / 36)
+    merged = np.where(truth > 0, 1, 0)  # both true nuclei matched to one predicted: 16 / 48 + 16 / 48
+    assert aggregated_jaccard(merged, truth) == pytest.approx(32 / 64)
+    assert aggregated_jaccard(np.zeros_like(truth), np.zeros_like(truth)) == 1.0
+    assert aggregated_jaccard(np.zeros_like(truth), truth) == 0.0

@@ -10,11 +10,12 @@ from digital_stain.nuclei.find import choose_method, find_nuclei
 from digital_stain.nuclei.segment import NucleiSettings, segment_nuclei
 
 
-def test_adaptation_segments_the_student_stain_of_the_plane(tiny_model, darkfield_tile):
-    found = find_nuclei(tiny_model, darkfield_tile, settings=None, adapt="off")
-    assert found.method == "adaptation" and found.source == "student"
+@pytest.mark.parametrize(("stain", "source"), [("auto", "teacher"), ("teacher", "teacher"), ("student", "student")])
+def test_adaptation_segments_the_chosen_stain_of_the_plane(tiny_model, darkfield_tile, stain, source):
+    found = find_nuclei(tiny_model, darkfield_tile, stain=stain, settings=None, adapt="off")
+    assert found.method == "adaptation" and found.source == source
     assert found.labels.shape == darkfield_tile.shape[:2] and found.labels.dtype == np.uint16
-    stained = tiny_model.stain(darkfield_tile, ["student"], adapt="off")["student"]
+    stained = tiny_model.stain(darkfield_tile, [source], adapt="off")[source]
     np.testing.assert_array_equal(found.stained, stained)  # the stain the user sees
     np.testing.assert_array_equal(found.labels, segment_nuclei(stained))
     assert found.count == int(found.labels.max())
@@ -26,11 +27,15 @@ def test_nuclei_settings_reach_the_segmenter(tiny_model, darkfield_tile):
     assert few.count == 0
 
 
-def test_a_model_without_a_student_segments_the_teacher(tiny_model, darkfield_tile):
+def test_a_model_without_a_teacher_segments_the_student_and_a_missing_stain_is_refused(tiny_model, darkfield_tile):
     from digital_stain.stain.model import StainModel
 
-    teacher_only = StainModel(tiny_model.enhancer, tiny_model.teacher, None, {"name": "teacher only"})
-    assert find_nuclei(teacher_only, darkfield_tile, adapt="off").source == "teacher"
+    student_only = StainModel(tiny_model.enhancer, None, tiny_model.student, {"name": "student only"})
+    assert find_nuclei(student_only, darkfield_tile, adapt="off").source == "student"
+    with pytest.raises(InputError, match="has no teacher"):
+        find_nuclei(student_only, darkfield_tile, stain="teacher")
+    with pytest.raises(InputError, match="'eosin' is not known"):
+        find_nuclei(tiny_model, darkfield_tile, stain="eosin")
 
 
 def test_tutorship_without_a_segmenter_and_unknown_methods_are_refused(tiny_model):

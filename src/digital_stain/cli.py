@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     nuclei.add_argument("--method", choices=("auto", "adaptation", "tutorship"), default="auto",
                         help="adaptation: stain, then segment the virtual H&E; tutorship: a segmenter held in the model "
                              "file (no shipped model has one yet); auto: tutorship when the model has a segmenter")
+    nuclei.add_argument("--stain", choices=("auto", "teacher", "student"), default="auto",
+                        help="the stain to segment; auto: the teacher where the model has one (its nuclei measured "
+                             "better for the DSD_U models: docs/benchmarks.md), else the student")
     nuclei.add_argument("--device", default="auto", choices=DEVICES)
     nuclei.add_argument("--precision", default="auto", choices=PRECISIONS)
     nuclei.add_argument("--adapt", choices=ADAPT_MODES, default="auto",
@@ -729,7 +732,7 @@ def cmd_nuclei(args) -> int:
     print(f"model {model.name} on {model._device}; nuclei by {method} ({len(inputs)} image(s))", file=sys.stderr)
     bar = tqdm(total=len(inputs), disable=args.quiet, unit="image")
     try:
-        result = find_nuclei_files(model, inputs, args.output, method=method, nuclei=nuclei,
+        result = find_nuclei_files(model, inputs, args.output, method=method, stain=args.stain, nuclei=nuclei,
                                    settings=StainSettings(precision=args.precision), adapt=args.adapt,
                                    overwrite=args.overwrite, progress=lambda done, total: bar.update(done - bar.n),
                                    notify=lambda message: print(message, file=sys.stderr))
@@ -777,7 +780,8 @@ def cmd_nuclei_slide(args) -> int:
     stop = threading.Event()
     try:
         with _ctrl_c_sets(stop):
-            result = find_nuclei_slide(model, source, args.output, method=method, nuclei=_nuclei_settings(args),
+            result = find_nuclei_slide(model, source, args.output, method=method, stain=args.stain,
+                                       nuclei=_nuclei_settings(args),
                                        resume=args.resume, overwrite=args.overwrite, progress=progress, stop=stop,
                                        chunk=chunk, device=None, precision=args.precision, adapt=args.adapt,
                                        ngff=args.ngff)

@@ -4,7 +4,8 @@ Two things make the chunks agree with one another (and make a resumed or a re-ru
 same labels):
 
 * **One threshold for the whole image.** Otsu's threshold is taken once, on the smoothed
-  hematoxylin density of crops spread over the image (:func:`global_threshold`), not per chunk,
+  hematoxylin density of the tissue of crops spread over the image (:func:`global_threshold`;
+  glass left out, as :func:`~digital_stain.nuclei.segment.segment_nuclei` does), not per chunk,
   so a chunk with few nuclei is not thresholded into its background.
 * **Labels named by where the nucleus is.** Each chunk is segmented with a margin of its
   neighbours around it; every nucleus found gets the label ``cy * width + cx + 1`` from its
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from digital_stain.nuclei.segment import NucleiSettings, _instances, hematoxylin_density
+from digital_stain.nuclei.segment import NucleiSettings, _instances, hematoxylin_density, tissue_density
 
 MARGIN = 32  # px of neighbours around a chunk: more than a nucleus is wide
 
@@ -48,7 +49,7 @@ def global_threshold(crops: list, settings: NucleiSettings) -> float:
 
     if settings.threshold != "otsu":
         return float(settings.threshold)
-    pooled = np.concatenate([smoothed_density(crop, settings).ravel() for crop in crops])
+    pooled = np.concatenate([tissue_density(crop, smoothed_density(crop, settings), settings) for crop in crops])
     return float(threshold_otsu(pooled)) if np.ptp(pooled) > 1e-6 else float("inf")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from digital_stain.core.arrays import InputError
-from digital_stain.nuclei.find import choose_method, find_nuclei
+from digital_stain.nuclei.find import choose_method, find_nuclei, stain_source
 from digital_stain.nuclei.segment import NucleiSettings
 
 
@@ -45,7 +45,7 @@ class NucleiFiles:
     adaptation: object = None
 
 
-def find_nuclei_files(model, inputs: list, output: str | os.PathLike, *, method: str = "auto",
+def find_nuclei_files(model, inputs: list, output: str | os.PathLike, *, method: str = "auto", stain: str = "auto",
                       nuclei: NucleiSettings | None = None, settings=None, adapt: str = "auto",
                       overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
                       notify: Callable[[str], None] | None = None,
@@ -59,7 +59,7 @@ def find_nuclei_files(model, inputs: list, output: str | os.PathLike, *, method:
         Dark-field image files (or OME-Zarr stores), one plane each.
     output : path-like
         The folder to write: ``<input stem>.tif``, uint16 labels the size of the input.
-    method, nuclei, settings
+    method, stain, nuclei, settings
         As for :func:`~digital_stain.nuclei.find.find_nuclei`.
     adapt : ``auto|on|off``
         Adaptation to another microscope, decided once for all the images.
@@ -90,6 +90,7 @@ def find_nuclei_files(model, inputs: list, output: str | os.PathLike, *, method:
 
     output, inputs = Path(output), [Path(p) for p in inputs]
     chosen = choose_method(model, method)  # refused before anything is read
+    stain_source(model, stain)
     check_not_input(output, inputs)
     check_replaceable(output, overwrite=overwrite)
     kept: dict = {}
@@ -108,7 +109,7 @@ def find_nuclei_files(model, inputs: list, output: str | os.PathLike, *, method:
                 raise Cancelled(f"stopped after {index} of {len(inputs)} image(s); nothing was written.")
             try:
                 image = kept.pop(path) if path in kept else np.asarray(read_image(path))
-                found = find_nuclei(model, image, method=chosen, nuclei=nuclei, settings=settings,
+                found = find_nuclei(model, image, method=chosen, stain=stain, nuclei=nuclei, settings=settings,
                                     adapt=adaptation, stop=stop)
             except InputError as err:
                 if len(inputs) == 1:

