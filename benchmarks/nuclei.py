@@ -10,6 +10,9 @@ tint of DSD_U dark-field, blur 1 px, noise 0.003; several noise seeds). Then, ag
 * **adaptation**: each model stains the synthetic dark-field (``adapt="auto"``, decided per
   image as the napari widget does) and the segmenter finds the nuclei of its teacher's stain and
   of its student's (:func:`digital_stain.nuclei.find.find_nuclei` with ``stain=``);
+* **tutorship**: each model file given by ``--tutorship`` (one with a segmenter, from
+  ``digital-stain train-nuclei``; trained on other H&E than these) finds the nuclei from the
+  enhanced gray of the synthetic dark-field;
 * **floor**: the segmenter on the enhancer's gray of the synthetic dark-field (no colour).
 
 Binary Dice of the nuclei foreground and the aggregated Jaccard index (AJI, instances), the mean
@@ -72,9 +75,9 @@ def tint_from(folder: Path) -> np.ndarray:
 
     images = list_images(folder)[:40] if folder.is_dir() else []
     if not images:
-        from digital_stain._sample_data import SAMPLE_DIR
+        from digital_stain._sample_data import sample_paths
 
-        images = sorted(SAMPLE_DIR.glob("darkfield_*.png"))
+        images = sample_paths("darkfield")
     return darkfield_tint(np.asarray(read_image(path)) for path in images)
 
 
@@ -124,6 +127,12 @@ def run(args) -> list[tuple[str, float, float, float]]:
                 found[key] = find_nuclei(model, image, stain=output, adapt="auto").labels
             default = " (the default: `--stain auto`)" if stain_source(model) == output else ""
             row(f"adaptation: {model_name} {output}{default}", found)
+    for path in args.tutorship:
+        model = StainModel.load(path, device="cpu")
+        started = time.perf_counter()
+        found = {key: find_nuclei(model, image, method="tutorship", adapt="auto").labels
+                 for key, image in darkfield.items()}
+        row(f"tutorship: {model.name}", found)
     return rows
 
 
@@ -135,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=0.5, help="resample the H&E and masks first (default 0.5)")
     parser.add_argument("--seeds", type=int, default=3, help="noise realisations of each synthetic dark-field")
     parser.add_argument("--tint-from", type=Path, default=DSD_TINT, help="dark-field images whose tint to give")
+    parser.add_argument("--tutorship", type=Path, nargs="*", default=[],
+                        help="model files holding a tutorship segmenter (digital-stain train-nuclei)")
     args = parser.parse_args(argv)
     rows = run(args)
     pairs = load_pairs(args.data, args.scale)

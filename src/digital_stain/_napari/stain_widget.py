@@ -429,8 +429,9 @@ class StainWidget(QWidget):
                 model, found = outcome.result
                 self.last_layers = {"nuclei": show_nuclei(self.viewer, source, found, used)}
                 self.progress.setValue(100)
-                text = (f"{found.count} nuclei in {source.name!r} ({found.method}: {model.name}'s {found.source} "
-                        "stain, segmented)")
+                how = (f"{model.name}'s {found.source} stain, segmented" if found.method == "adaptation"
+                       else f"{model.name}'s nuclei segmenter on the enhanced image")
+                text = f"{found.count} nuclei in {source.name!r} ({found.method}: {how})"
                 show_info(text)
                 self.status.setText(text + ".")
         except Exception as err:  # never raise into Qt's event loop

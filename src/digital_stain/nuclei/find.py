@@ -14,8 +14,9 @@ as it did on the held-back tissues of issue 18 (0.61 against 0.51). ``dsd-paired
 learnt DSD_P's pinker H&E, is the exception at full size (student 0.70, teacher 0.57): choose
 ``stain="student"`` for it.
 
-Their "tutorship" (L -> U: a segmenter trained on H&E translated into dark-field) needs a model
-file holding such a segmenter; no shipped model holds one yet, and ``method="tutorship"`` says so.
+Their "tutorship" (L -> U: a segmenter trained on H&E translated into dark-field,
+:mod:`digital_stain.nuclei.tutor`) runs when the model file holds such a segmenter
+(``digital-stain train-nuclei``); it reads the enhanced gray of the input.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ class Nuclei:
         0 background, 1..count the nuclei.
     count : int
     method : str
-        ``adaptation`` (the only one a shipped model supports today).
+        ``adaptation`` or ``tutorship``.
     source : str
-        The output segmented: ``teacher`` or ``student``.
-    stained : ndarray, shape (Y, X, 3), float32
+        The output segmented: ``teacher`` or ``student`` (adaptation), ``enhanced`` (tutorship).
+    stained : ndarray, shape (Y, X, 3) or (Y, X), float32
         That output, as :meth:`StainModel.stain` gave it.
     adaptation : dict
         The stain's adaptation to another microscope (what was decided, the distance), for provenance.
@@ -68,9 +69,9 @@ def choose_method(model, method: str) -> str:
         raise InputError(f"nuclei method {method!r} is not known; use one of {', '.join(METHODS)}.")
     has_segmenter = getattr(model, "segmenter", None) is not None
     if method == "tutorship" and not has_segmenter:
-        raise InputError(f"model {model.name} has no nuclei segmenter, which tutorship needs (no shipped model "
-                         "has one yet); use --method adaptation (method='adaptation'): stain, then segment the "
-                         "virtual H&E.")
+        raise InputError(f"model {model.name} has no nuclei segmenter, which tutorship needs; train one into a "
+                         "model file with digital-stain train-nuclei, or use --method adaptation "
+                         "(method='adaptation'): stain, then segment the virtual H&E.")
     if method == "auto":
         return "tutorship" if has_segmenter else "adaptation"
     return method
@@ -106,7 +107,7 @@ def find_nuclei(model, darkfield, *, method: str = "auto", stain: str = "auto", 
         ``adaptation``: stain, then segment the virtual H&E. ``auto`` chooses tutorship for a model
         that holds a nuclei segmenter, else adaptation.
     stain : ``auto|teacher|student``
-        The stain to segment; ``auto``: the teacher where the model has one, else the student.
+        Adaptation: the stain to segment; ``auto``: the teacher where the model has one, else the student.
     nuclei : NucleiSettings, optional
         The H&E segmenter's parameters.
     settings : StainSettings, optional
@@ -130,11 +131,16 @@ def find_nuclei(model, darkfield, *, method: str = "auto", stain: str = "auto", 
     if plane.ndim not in (2, 3) or plane.ndim == 3 and plane.shape[-1] not in (1, 3, 4):
         raise InputError(f"nuclei are found in one dark-field plane, (Y, X) or (Y, X, 3); this image has shape "
                          f"{tuple(plane.shape)}. Give one plane of a stack at a time.")
-    source = stain_source(model, stain)
+    source = stain_source(model, stain) if chosen == "adaptation" else "enhanced"
     if adapt is None:
         adapt = settings.adapt if settings is not None else "auto"
     adaptation = model.adaptation(plane, adapt)  # decided once, and recorded with the labels
     stained = model.stain(plane, [source], settings=settings, adapt=adaptation, progress=progress, stop=stop)[source]
-    labels = segment_nuclei(stained, nuclei)
+    if chosen == "tutorship":
+        from digital_stain.nuclei.tutor import segment_enhanced
+
+        labels = segment_enhanced(model.segmenter, stained, nuclei)
+    else:
+        labels = segment_nuclei(stained, nuclei)
     return Nuclei(labels=labels, count=int(labels.max()), method=chosen, source=source, stained=stained,
                   adaptation=adaptation.describe())

@@ -68,6 +68,7 @@ def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str =
     output : path-like
         The store (``*.ome.zarr``).
     method : ``auto|adaptation|tutorship``
+        Slides are labelled by adaptation (``auto`` means it here); ``tutorship`` is refused.
     stain : ``auto|teacher|student``
         As for :func:`~digital_stain.nuclei.find.find_nuclei`.
     nuclei : NucleiSettings, optional
@@ -81,7 +82,9 @@ def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str =
     """
     from digital_stain.slide.run import stain_to_zarr
 
-    choose_method(model, method)
+    if choose_method(model, method) == "tutorship" and method == "tutorship":  # auto: adaptation, below
+        raise InputError("whole slides are labelled by adaptation only for now (the tutorship segmenter runs on "
+                         "images and folders); give --method adaptation, or write tiles and label the folder.")
     nuclei = nuclei or NucleiSettings()
     source_output = stain_source(model, stain)
     stained = stain_to_zarr(model, source, output, [source_output], resume=resume, overwrite=overwrite,

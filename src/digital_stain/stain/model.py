@@ -97,6 +97,22 @@ def _build_parts(path: Path, tensors: dict, meta: dict):
     return enhancer, nets["teacher"], nets["student"]
 
 
+def _build_segmenter(path: Path, tensors: dict, meta: dict):
+    """The optional nuclei segmenter of a verified model file (tutorship), or None."""
+    from digital_stain.core.nets.unet import NucleiUNet
+
+    config = meta.get("config", {}).get("segmenter")
+    if config is None:
+        return None
+    try:
+        net = NucleiUNet(**config)
+        net.load_state_dict(torch_state(tensors, "segmenter"))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ModelFileError(f"{path}: its nuclei segmenter does not match its config {config} "
+                             f"({str(err).strip().splitlines()[0]}).") from None
+    return net.eval()
+
+
 def provenance(**extra) -> dict:
     """Who/what/when made a model: package, torch and Python versions, date, plus ``extra``."""
     return {
@@ -119,10 +135,15 @@ class StainModel:
     student : ResnetGenerator, optional
     metadata : dict, optional
         ``name``, ``description`` and ``provenance`` (data, command, date, versions).
+    segmenter : NucleiUNet, optional
+        A nuclei segmenter trained by tutorship (:mod:`digital_stain.nuclei.tutor`); kept on the
+        CPU, used by :func:`digital_stain.nuclei.find.find_nuclei`.
     """
 
-    def __init__(self, enhancer: Enhancer, teacher=None, student=None, metadata: dict | None = None):
+    def __init__(self, enhancer: Enhancer, teacher=None, student=None, metadata: dict | None = None,
+                 segmenter=None):
         self.enhancer = enhancer
+        self.segmenter = segmenter.cpu().eval() if segmenter is not None else None
         self.teacher = teacher.eval() if teacher is not None else None
         self.student = student.eval() if student is not None else None
         self.metadata = dict(metadata or {})
@@ -181,7 +202,7 @@ class StainModel:
         if meta.get("kind") == "checkpoint":
             raise InputError(f"{path} is a training checkpoint, not a model; finish or resume the training to get a model.")
         enhancer, teacher, student = _build_parts(path, tensors, meta)
-        model = cls(enhancer, teacher, student, meta)
+        model = cls(enhancer, teacher, student, meta, segmenter=_build_segmenter(path, tensors, meta))
         model.path = path
         from safetensors import safe_open
 
@@ -197,7 +218,7 @@ class StainModel:
             f"enhancer.{k}": torch.from_numpy(np.array(v, copy=True, order="C")) for k, v in self.enhancer.state().items()
         }
         config = {}
-        for role, net in (("teacher", self.teacher), ("student", self.student)):
+        for role, net in (("teacher", self.teacher), ("student", self.student), ("segmenter", self.segmenter)):
             if net is None:
                 continue
             config[role] = net.config

@@ -27,7 +27,32 @@ def _double_conv(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-class ColorizationUNet(nn.Module):
+class _UNet(nn.Module):
+    """A U-Net from lightness ``(N, 1, H, W)`` to ``outputs`` maps at full resolution (no final activation)."""
+
+    def __init__(self, width: int, depth: int, outputs: int):
+        super().__init__()
+        self.config = dict(width=width, depth=depth)
+        self.size_multiple = 2**depth
+        self.min_size = 2 ** (depth + 1)  # reflect padding needs >= 2 px at the bottleneck
+        chans = [width * 2**i for i in range(depth + 1)]
+        self.stem = _double_conv(1, chans[0])
+        self.down = nn.ModuleList(_double_conv(chans[i], chans[i + 1]) for i in range(depth))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth)))
+        self.fuse = nn.ModuleList(_double_conv(2 * chans[i], chans[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(chans[0], outputs, 1)
+
+    def forward(self, lightness: torch.Tensor) -> torch.Tensor:
+        skips = [self.stem(lightness)]
+        for block in self.down:
+            skips.append(block(F.max_pool2d(skips[-1], 2)))
+        x = skips.pop()
+        for up, fuse in zip(self.up, self.fuse):
+            x = fuse(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+class ColorizationUNet(_UNet):
     """U-Net predicting chroma from lightness.
 
     Parameters
@@ -39,25 +64,21 @@ class ColorizationUNet(nn.Module):
     """
 
     def __init__(self, width: int = 32, depth: int = 3):
-        super().__init__()
-        self.config = dict(width=width, depth=depth)
-        self.size_multiple = 2**depth
-        self.min_size = 2 ** (depth + 1)  # reflect padding needs >= 2 px at the bottleneck
-        chans = [width * 2**i for i in range(depth + 1)]
-        self.stem = _double_conv(1, chans[0])
-        self.down = nn.ModuleList(_double_conv(chans[i], chans[i + 1]) for i in range(depth))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth)))
-        self.fuse = nn.ModuleList(_double_conv(2 * chans[i], chans[i]) for i in reversed(range(depth)))
-        self.head = nn.Conv2d(chans[0], 2, 1)
+        super().__init__(width, depth, outputs=2)
 
     def forward(self, lightness: torch.Tensor) -> torch.Tensor:
-        skips = [self.stem(lightness)]
-        for block in self.down:
-            skips.append(block(F.max_pool2d(skips[-1], 2)))
-        x = skips.pop()
-        for up, fuse in zip(self.up, self.fuse):
-            x = fuse(torch.cat([up(x), skips.pop()], dim=1))
-        return torch.tanh(self.head(x))
+        return torch.tanh(super().forward(lightness))
+
+
+class NucleiUNet(_UNet):
+    """U-Net finding nuclei in lightness: logits of (nucleus, nucleus boundary), ``(N, 2, H, W)``.
+
+    The tutorship segmenter (:mod:`digital_stain.nuclei.tutor`): it reads the enhanced gray, as
+    the teacher does, so adaptation to another microscope (a refitted enhancer) reaches it too.
+    """
+
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__(width, depth, outputs=2)
 
 
 def lightness_input(gray: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""Tutorship (Boschet et al.'s L -> U): H&E with nuclei masks translated into dark-field teach a segmenter.
+
+The translation from H&E to dark-field is the model's own enhancer run backwards
+(:func:`digital_stain.quality.synth.synthesize_darkfield`: ``x = c_d^-1(1 - c_b(gray(y)))``, blurred,
+noisy, 8-bit, in a dark-field tint), the same one ``digital-stain synth`` uses. (Boschet et al.
+translate with the reverse generator of a CycleGAN; our students' reverse generator is trained
+only for their cycle loss and no shipped model file keeps it, so the enhancer's inverse, which
+every model has, is the translator here.) The synthetic dark-field is then enhanced as any input
+is, and the segmenter (:class:`~digital_stain.core.nets.unet.NucleiUNet`) learns, from that
+enhanced gray, where the masks' nuclei and their boundaries are. At stain time it reads the
+enhanced gray of the real dark-field, adapted to another microscope as the stain is.
+
+Labels come from its two maps: nuclei without their boundaries are the seeds, a watershed of the
+nucleus probability grows them back to the nucleus area (:func:`labels_from_maps`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from digital_stain.core.arrays import InputError
+from digital_stain.nuclei.segment import MAX_LABEL, NucleiSettings, _drop_small
+
+TILE, MARGIN = 512, 32  # inference in tiles of TILE px, each with MARGIN px of context kept off its edges
+
+
+def translate(model, stained: np.ndarray, tint, seed: int) -> np.ndarray:
+    """An H&E image's enhanced gray as the model would see it from dark-field: (Y, X) float32 in [0, 1]."""
+    from digital_stain.quality.synth import synthesize_darkfield
+
+    darkfield = synthesize_darkfield(stained, model.enhancer, tint, blur_sigma=1.0, noise_std=0.003,
+                                     rng=np.random.default_rng(seed))
+    return model.stain(darkfield, ["enhanced"], adapt="off")["enhanced"].astype(np.float32)
+
+
+def targets(labels: np.ndarray) -> np.ndarray:
+    """(2, Y, X) uint8 of an instance label image: nucleus, and nucleus boundary (inner, 1 px)."""
+    from skimage.segmentation import find_boundaries
+
+    labels = np.asarray(labels)
+    return np.stack([labels > 0, find_boundaries(labels, mode="inner") & (labels > 0)]).astype(np.uint8)
+
+
+def check_masks(stained: np.ndarray, labels: np.ndarray, name: str) -> None:
+    """Refuse a mask that is not an instance label image the size of its H&E image."""
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{name}: the mask is not an instance label image ((Y, X) integers, 0 = background; "
+                         f"it has shape {labels.shape} and dtype {labels.dtype}).")
+    if labels.shape != stained.shape[:2]:
+        raise InputError(f"{name}: the mask is {labels.shape[1]} x {labels.shape[0]} px but the H&E image is "
+                         f"{stained.shape[1]} x {stained.shape[0]}; masks must match their images pixel for pixel.")
+
+
+def segmenter_maps(segmenter, gray: np.ndarray) -> np.ndarray:
+    """The segmenter's probabilities (2, Y, X) float32 for an enhanced gray plane, in overlapping tiles."""
+    from digital_stain.core.nets.unet import lightness_input
+
+    height, width = gray.shape
+    maps = np.zeros((2, height, width), np.float32)
+    step = TILE - 2 * MARGIN
+    with torch.no_grad():
+        for y in range(0, height, step):
+            for x in range(0, width, step):
+                top, left = max(y - MARGIN, 0), max(x - MARGIN, 0)
+                bottom, right = min(y + step + MARGIN, height), min(x + step + MARGIN, width)
+                tile = gray[top:bottom, left:right]
+                padded = _pad_to(tile, segmenter.size_multiple, segmenter.min_size)
+                logits = segmenter(lightness_input(torch.from_numpy(padded)[None, None]))[0].float()
+                probs = torch.sigmoid(logits).numpy()[:, : tile.shape[0], : tile.shape[1]]
+                core_y, core_x = y - top, x - left
+                h, w = min(step, height - y), min(step, width - x)
+                maps[:, y : y + h, x : x + w] = probs[:, core_y : core_y + h, core_x : core_x + w]
+    return maps
+
+
+def _pad_to(tile: np.ndarray, multiple: int, minimum: int) -> np.ndarray:
+    height, width = tile.shape
+    target = [max(-(-side // multiple) * multiple, minimum) for side in (height, width)]
+    return np.pad(tile, ((0, target[0] - height), (0, target[1] - width)), mode="reflect" if min(tile.shape) > 1
+                  else "edge").astype(np.float32)
+
+
+def labels_from_maps(maps: np.ndarray, settings: NucleiSettings | None = None) -> np.ndarray:
+    """Instance labels (uint16) from (nucleus, boundary) probabilities: seeds inside boundaries, then a watershed."""
+    from skimage.measure import label
+    from skimage.segmentation import relabel_sequential, watershed
+
+    settings = settings or NucleiSettings()
+    nucleus = maps[0] > 0.5
+    if not nucleus.any():
+        return np.zeros(nucleus.shape, np.uint16)
+    seeds = _drop_small(label(nucleus & (maps[1] < 0.5)), max(settings.min_area // 4, 1))
+    labels = watershed(-maps[0], seeds, mask=nucleus)
+    labels = _drop_small(labels, settings.min_area)
+    labels, _, _ = relabel_sequential(labels)
+    if labels.max() > MAX_LABEL:
+        raise InputError(f"{int(labels.max())} nuclei found, more than the {MAX_LABEL} a uint16 label image can "
+                         "number; segment the image in parts.")
+    return labels.astype(np.uint16)
+
+
+def segment_enhanced(segmenter, enhanced: np.ndarray, settings: NucleiSettings | None = None) -> np.ndarray:
+    """Nuclei labels of an enhanced gray plane (Y, X) in [0, 1] by a tutorship segmenter."""
+    return labels_from_maps(segmenter_maps(segmenter, np.asarray(enhanced, np.float32)), settings)
