@@ -40,3 +40,15 @@ def test_the_table_prints_with_a_perfect_ceiling_on_self_made_masks(monkeypatch,
     assert "tutorship: tiny tutor" in rows
     assert "3 H&E image(s)" in out and "scale 1.0" in out
     assert np.isfinite(others).all()
+
+
+def test_pseudo_masks_are_the_segmenter_s_nuclei_beside_links_to_the_tiles(monkeypatch, capsys, tmp_path, hne_dir):
+    bench = load("nuclei_pseudo_masks", monkeypatch)
+    out = tmp_path / "pseudo"
+    assert bench.main(["--output", str(out), "--stained", str(hne_dir), "--every", "2"]) == 0
+    tiles = sorted(hne_dir.glob("*.png"))[::2]
+    assert sorted(p.name for p in (out / "stained").iterdir()) == [p.name for p in tiles]
+    for tile in tiles:
+        np.testing.assert_array_equal(tifffile.imread(out / "masks" / f"{tile.stem}.tif"),
+                                      segment_nuclei(read_image(tile)))
+    assert bench.main(["--output", str(out), "--stained", str(hne_dir)]) == 2  # never into an existing folder
