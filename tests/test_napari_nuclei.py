@@ -50,13 +50,31 @@ def test_find_nuclei_adds_a_labels_layer_over_the_input_with_the_count(widget, q
     assert [layer.name for layer in viewer.layers] == ["tissue", "tissue nuclei"]
 
 
-def test_a_lazy_or_stacked_layer_is_refused_with_a_notification(widget, darkfield_tile):
+def test_a_dask_layer_is_labelled_chunk_by_chunk_as_the_library_does(widget, qtbot, darkfield_tile,
+                                                                     tiny_model_file):
+    from digital_stain.nuclei.chunked import find_nuclei_chunked
+    from digital_stain.stain.settings import StainSettings
+
+    mosaic = np.concatenate([darkfield_tile, darkfield_tile[::-1]], axis=1)  # 256 x 512
+    lazy = widget.viewer.add_image(da.from_array(mosaic, chunks=(256, 256, 3)), name="lazy", rgb=True)
+    widget.tile.setValue(256)
+    assert widget.find_nuclei(lazy)
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    layer = widget.viewer.layers["lazy nuclei"]
+    expected, count, _, _ = find_nuclei_chunked(StainModel.load(tiny_model_file, device="cpu"), mosaic, adapt="off",
+                                                settings=StainSettings(tile=256, chunk=256, device="cpu"))
+    np.testing.assert_array_equal(layer.data, expected)
+    assert layer.data.dtype == np.uint32 and f"{count} nuclei in 'lazy'" in widget.status.text()
+
+
+def test_a_stack_or_a_plane_too_large_for_memory_is_refused_with_a_notification(widget, darkfield_tile):
     viewer = widget.viewer
     stack = viewer.add_image(np.stack([darkfield_tile] * 2), name="stack", rgb=True)
-    lazy = viewer.add_image(da.from_array(darkfield_tile, chunks=(128, 128, 3)), name="lazy", rgb=True)
-    for layer, words in ((stack, "is a stack"), (lazy, "lazily read")):
+    huge = viewer.add_image(da.zeros((20000, 20000, 3), dtype=np.uint8, chunks=(4096, 4096, 3)), name="huge",
+                            rgb=True)
+    for layer, words in ((stack, "is a stack"), (huge, "digital-stain nuclei SLIDE -o OUT.ome.zarr")):
         start = len(notification_manager.records)
         assert not widget.find_nuclei(layer)
         errors = _messages(start, NotificationSeverity.ERROR)
-        assert any(words in m and "digital-stain nuclei" in m for m in errors), errors
+        assert any(words in m for m in errors), errors
     assert not any(layer.name.endswith("nuclei") for layer in viewer.layers)

@@ -62,3 +62,28 @@ def test_a_threshold_from_crops_and_a_blank_image():
     assert count == 0 and not labels.any()
     assert global_threshold([], NucleiSettings(threshold=0.1)) == 0.1
     assert label_dtype((65536, 65535)) == np.uint32 and label_dtype((65536, 65536)) == np.uint64
+
+
+def test_a_large_plane_is_stained_and_labelled_chunk_by_chunk(tiny_model, darkfield_tile):
+    import threading
+
+    import dask.array as da
+
+    from digital_stain.nuclei.chunked import find_nuclei_chunked
+    from digital_stain.stain.settings import StainSettings
+    from digital_stain.stain.tiling import Cancelled
+
+    plane = np.concatenate([darkfield_tile, darkfield_tile[:, ::-1]], axis=1)  # 256 x 512: two chunks of 256
+    settings = StainSettings(chunk=256, device="cpu", precision="fp32")
+    seen = []
+    labels, count, threshold, adaptation = find_nuclei_chunked(
+        tiny_model, da.from_array(plane, chunks=(256, 256, 3)), stain="student", settings=settings, adapt="off",
+        progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 2), (2, 2)] and labels.shape == (256, 512) and adaptation.mode == "off"
+    stained = tiny_model.stain(plane, ["student"], adapt="off", precision="fp32")["student"]
+    whole, whole_count = segment_block(stained, (0, 0), (0, 256, 0, 512), (256, 512), NucleiSettings(), threshold)
+    assert np.mean(labels == whole) > 0.98 and abs(count - whole_count) <= 2  # the chunked stain is within 1/255
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        find_nuclei_chunked(tiny_model, plane, settings=settings, adapt="off", stop=stop)

@@ -1,8 +1,12 @@
 """**Find nuclei** in the Digitally stain widget: the input's nuclei as a Labels layer ``<input> nuclei``.
 
-The job calls :func:`digital_stain.nuclei.find.find_nuclei` (stain with the widget's model, device,
-tile and adapt, then segment the virtual H&E) in a worker thread; the layer lies exactly over the
-input (its scale, translation and units) and its metadata records how it was made.
+The job runs in a worker thread with the widget's model, device, tile and adapt. A plane in memory
+goes through :func:`digital_stain.nuclei.find.find_nuclei` (stain, then segment the virtual H&E;
+tutorship when the model holds a segmenter); a dask plane, a large one or a pyramid's level 0
+through :func:`digital_stain.nuclei.chunked.find_nuclei_chunked`, chunk by chunk (only a few
+stained chunks in memory; the labels are one uint32 array, so planes are limited to
+:data:`MAX_PIXELS`). The layer lies exactly over the input (its scale, translation and units) and
+its metadata records how it was made.
 """
 
 from __future__ import annotations
@@ -17,29 +21,52 @@ def nuclei_name(source) -> str:
     return f"{source.name} nuclei"
 
 
-def nuclei_work(data, used: dict):
+MAX_PIXELS = 16384 * 16384  # the labels of a larger plane (4 bytes a pixel) belong on disk: the CLI's slide mode
+
+
+def plane_of(data, multiscale: bool):
+    """The plane to find nuclei in: the layer's data, or a pyramid's level 0."""
+    return data[0] if multiscale else data
+
+
+def nuclei_work(data, multiscale: bool, used: dict):
     """The job for :func:`digital_stain._napari.worker.start_job`: find the nuclei of one plane."""
+    from digital_stain._napari import layers as L
     from digital_stain._napari.models import load_model
-    from digital_stain.nuclei.find import find_nuclei
+    from digital_stain.nuclei.chunked import find_nuclei_chunked
+    from digital_stain.nuclei.find import Nuclei, find_nuclei, stain_source
     from digital_stain.stain.settings import StainSettings
+
+    plane = plane_of(data, multiscale)
 
     def work(bridge, stop):
         model = load_model(used["model"], used["device"])  # shared, never changed by staining
-        found = find_nuclei(model, np.asarray(data), settings=StainSettings(tile=used["tile"], device=used["device"]),
-                            adapt=used["adapt"], progress=bridge.progress.emit, stop=stop)
-        return model, found
+        settings = StainSettings(tile=used["tile"], chunk=used["tile"], device=used["device"])
+        if not L.should_stain_lazily(plane, False):
+            found = find_nuclei(model, np.asarray(plane), settings=settings, adapt=used["adapt"],
+                                progress=bridge.progress.emit, stop=stop)
+            return model, found
+        labels, count, _, adaptation = find_nuclei_chunked(model, plane, settings=settings, adapt=used["adapt"],
+                                                           progress=bridge.progress.emit, stop=stop)
+        return model, Nuclei(labels=labels, count=count, method="adaptation", source=stain_source(model),
+                             stained=None, adaptation=adaptation.describe(), notes=["found chunk by chunk"])
 
     return work
 
 
 def check_plane(layer, data, multiscale: bool) -> None:
-    """Refuse what Find nuclei cannot do yet, saying what to do instead."""
+    """Refuse what Find nuclei cannot do, saying what to do instead."""
     from digital_stain._napari import layers as L
 
-    if multiscale or L.is_stack(data.shape) or not isinstance(data, np.ndarray):
-        what = "a pyramid" if multiscale else "a stack" if L.is_stack(data.shape) else "a lazily read (dask) image"
-        raise InputError(f"{layer.name!r} is {what}; Find nuclei works on one plane held in memory. Open one "
-                         "plane or a region of it, or write tiles and run `digital-stain nuclei TILES -o LABELS`.")
+    plane = plane_of(data, multiscale)
+    if L.is_stack(plane.shape):
+        raise InputError(f"{layer.name!r} is a stack; Find nuclei works on one plane. Open one plane of it, or "
+                         "write the planes as images and run `digital-stain nuclei PLANES -o LABELS`.")
+    height, width = plane.shape[:2]
+    if height * width > MAX_PIXELS:
+        raise InputError(f"{layer.name!r} is {width} x {height} px, more than Find nuclei keeps labels of in memory "
+                         "(16384 x 16384); label the whole slide on disk with `digital-stain nuclei SLIDE -o "
+                         "OUT.ome.zarr` and open the store.")
 
 
 def show_nuclei(viewer, source, found, used: dict):

@@ -229,7 +229,8 @@ class StainWidget(QWidget):
 
     def find_nuclei(self, layer=None) -> bool:
         """Find the nuclei of ``layer`` (default: the chosen input) in the background: the **Find nuclei**
-        button. Adds the Labels layer ``<input> nuclei`` and says the count; returns whether it started."""
+        button. Adds the Labels layer ``<input> nuclei`` and says the count; returns whether it started.
+        A dask, large or pyramid layer (its level 0) is stained and segmented chunk by chunk."""
         from digital_stain._napari.nuclei import check_plane, nuclei_work
 
         if self.running:
@@ -247,7 +248,7 @@ class StainWidget(QWidget):
                     adapt=self.adapt.currentData())
         self._set_running(True, f"finding the nuclei of {layer.name!r}")
         self._worker, self._stop = start_job(
-            nuclei_work(data, used), on_progress=self._on_progress,
+            nuclei_work(data, multiscale, used), on_progress=self._on_progress,
             on_done=lambda outcome: self._on_nuclei_done(outcome, layer, used), on_crash=self._on_crash,
             on_finished=self._on_finished)
         return True

@@ -98,3 +98,54 @@ def _centroids(local: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     cy = np.bincount(flat, weights=yy.ravel(), minlength=count + 1)[1:] / area
     cx = np.bincount(flat, weights=xx.ravel(), minlength=count + 1)[1:] / area
     return np.floor(cy + 0.5).astype(np.int64), np.floor(cx + 0.5).astype(np.int64)
+
+
+def find_nuclei_chunked(model, darkfield, *, stain: str = "auto", nuclei: NucleiSettings | None = None,
+                        settings=None, adapt="auto", progress=None, stop=None) -> tuple[np.ndarray, int, float, object]:
+    """Nuclei of one large dark-field plane (numpy or dask), stained and segmented chunk by chunk.
+
+    Staining goes through :class:`~digital_stain.stain.lazy.LazyStain` (the same chunks, margins
+    and statistics as the lazy layers and whole slides), so only a few stained chunks are in memory
+    at a time; the labels, uint32 (:func:`label_dtype`), are the one whole array. Adaptation only
+    (the segmenter of tutorship runs on images and folders).
+
+    Returns
+    -------
+    (labels, count, threshold, adaptation)
+
+    Raises
+    ------
+    digital_stain.stain.tiling.Cancelled
+        ``stop`` was set; nothing is returned.
+    """
+    from digital_stain.nuclei.find import stain_source
+    from digital_stain.stain.lazy import LazyStain
+    from digital_stain.stain.settings import StainSettings
+    from digital_stain.stain.tiling import Cancelled
+
+    nuclei = nuclei or NucleiSettings()
+    source = stain_source(model, stain)
+    settings = settings or StainSettings()
+    lazy = LazyStain(model, darkfield, [source], settings=settings, adapt=adapt, cache_chunks=64)
+    stained = lazy.arrays[source]
+    height, width = stained.shape[:2]
+    rows, cols = stained.chunks[0], stained.chunks[1]
+    boxes = [(sum(rows[:i]), sum(rows[: i + 1]), sum(cols[:j]), sum(cols[: j + 1]))
+             for i in range(len(rows)) for j in range(len(cols))]
+    picks = np.unique(np.linspace(0, len(boxes) - 1, min(16, len(boxes))).round().astype(int))
+    threshold = global_threshold([np.asarray(stained[y0:y1, x0:x1]) for y0, y1, x0, x1 in
+                                  (boxes[i] for i in picks)], nuclei)
+    labels = np.zeros((height, width), label_dtype((height, width)))
+    count = 0
+    for done, (y0, y1, x0, x1) in enumerate(boxes, start=1):
+        if stop is not None and stop.is_set():
+            raise Cancelled("stopped by the user")
+        top, left = max(y0 - MARGIN, 0), max(x0 - MARGIN, 0)
+        bottom, right = min(y1 + MARGIN, height), min(x1 + MARGIN, width)
+        block, own = segment_block(np.asarray(stained[top:bottom, left:right]), (top, left),
+                                   (y0 - top, y1 - top, x0 - left, x1 - left), (height, width), nuclei, threshold)
+        labels[y0:y1, x0:x1] = block
+        count += own
+        if progress is not None:
+            progress(done, len(boxes))
+    return labels, count, threshold, lazy.prep.adaptation

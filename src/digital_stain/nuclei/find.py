@@ -47,8 +47,8 @@ class Nuclei:
         ``adaptation`` or ``tutorship``.
     source : str
         The output segmented: ``teacher`` or ``student`` (adaptation), ``enhanced`` (tutorship).
-    stained : ndarray, shape (Y, X, 3) or (Y, X), float32
-        That output, as :meth:`StainModel.stain` gave it.
+    stained : ndarray, shape (Y, X, 3) or (Y, X), float32, or None
+        That output, as :meth:`StainModel.stain` gave it (None when found chunk by chunk).
     adaptation : dict
         The stain's adaptation to another microscope (what was decided, the distance), for provenance.
     notes : list of str
@@ -58,7 +58,7 @@ class Nuclei:
     count: int
     method: str
     source: str
-    stained: np.ndarray
+    stained: np.ndarray | None
     adaptation: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
