@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from digital_stain.nuclei.segment import NucleiSettings, _instances, hematoxylin_density, tissue_density
+from digital_stain.nuclei.segment import (NucleiSettings, nuclei_foreground, smoothed_density, split_instances,
+                                          tissue_density)
 
 MARGIN = 32  # px of neighbours around a chunk: more than a nucleus is wide
 
@@ -32,14 +33,6 @@ MARGIN = 32  # px of neighbours around a chunk: more than a nucleus is wide
 def label_dtype(shape: tuple[int, int]) -> np.dtype:
     """uint32 when every centroid label fits (up to 65,536 x 65,536 px), else uint64."""
     return np.dtype(np.uint32) if shape[0] * shape[1] < np.iinfo(np.uint32).max else np.dtype(np.uint64)
-
-
-def smoothed_density(rgb: np.ndarray, settings: NucleiSettings) -> np.ndarray:
-    """The segmenter's smoothed hematoxylin density of a float RGB region."""
-    from scipy import ndimage
-
-    density = hematoxylin_density(rgb)
-    return ndimage.gaussian_filter(density, settings.sigma) if settings.sigma > 0 else density
 
 
 def global_threshold(crops: list, settings: NucleiSettings) -> float:
@@ -68,18 +61,12 @@ def segment_block(rgb: np.ndarray, origin: tuple[int, int], core: tuple[int, int
     image_shape : (int, int)
         The whole image's (Y, X).
     """
-    from scipy import ndimage
-    from skimage.measure import label
-
-    from digital_stain.nuclei.segment import _drop_small
-
     dtype = label_dtype(image_shape)
     y0, y1, x0, x1 = core
     if not np.isfinite(threshold):
         return np.zeros((y1 - y0, x1 - x0), dtype), 0
-    mask = ndimage.binary_fill_holes(smoothed_density(rgb, settings) > threshold)
-    mask = _drop_small(label(mask), settings.min_area) > 0
-    local = _instances(mask, settings).astype(np.int64)
+    local = split_instances(nuclei_foreground(smoothed_density(rgb, settings), threshold, settings),
+                            settings).astype(np.int64)
     count = int(local.max())
     if count == 0:
         return np.zeros((y1 - y0, x1 - x0), dtype), 0

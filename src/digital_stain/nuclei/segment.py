@@ -115,15 +115,27 @@ def tissue_density(rgb: np.ndarray, density: np.ndarray, settings: NucleiSetting
     return density[tissue] if np.count_nonzero(tissue) >= 100 else density.ravel()
 
 
-def _segment(rgb: np.ndarray, settings: NucleiSettings) -> np.ndarray:
-    """:func:`segment_nuclei` on a checked float RGB plane."""
+def smoothed_density(rgb: np.ndarray, settings: NucleiSettings) -> np.ndarray:
+    """Steps 1 and 2: the hematoxylin density of a float RGB region, smoothed by ``settings.sigma``."""
     from scipy import ndimage
-    from skimage.filters import threshold_otsu
-    from skimage.measure import label
 
     density = hematoxylin_density(rgb)
-    if settings.sigma > 0:
-        density = ndimage.gaussian_filter(density, settings.sigma)
+    return ndimage.gaussian_filter(density, settings.sigma) if settings.sigma > 0 else density
+
+
+def nuclei_foreground(density: np.ndarray, level: float, settings: NucleiSettings) -> np.ndarray:
+    """Step 3 once the threshold is known: denser than ``level``, holes filled, specks dropped; bool."""
+    from scipy import ndimage
+    from skimage.measure import label
+
+    return drop_small(label(ndimage.binary_fill_holes(density > level)), settings.min_area) > 0
+
+
+def _segment(rgb: np.ndarray, settings: NucleiSettings) -> np.ndarray:
+    """:func:`segment_nuclei` on a checked float RGB plane."""
+    from skimage.filters import threshold_otsu
+
+    density = smoothed_density(rgb, settings)
     if settings.threshold == "otsu":
         tissue = tissue_density(rgb, density, settings)
         if np.ptp(tissue) <= 1e-6:  # flat: no nuclei, and Otsu has nothing to split
@@ -131,11 +143,10 @@ def _segment(rgb: np.ndarray, settings: NucleiSettings) -> np.ndarray:
         level = threshold_otsu(tissue)
     else:
         level = float(settings.threshold)
-    mask = _drop_small(label(ndimage.binary_fill_holes(density > level)), settings.min_area) > 0
-    return _instances(mask, settings)
+    return split_instances(nuclei_foreground(density, level, settings), settings)
 
 
-def _drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+def drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
     """``labels`` with the objects of fewer than ``min_area`` pixels set to 0."""
     sizes = np.bincount(labels.ravel())
     small = sizes < min_area
@@ -143,13 +154,14 @@ def _drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
     return np.where(small[labels], 0, labels) if small.any() else labels
 
 
-def _instances(mask: np.ndarray, settings: NucleiSettings) -> np.ndarray:
-    """Split a foreground mask into nuclei: seeds at distance maxima, watershed of the inverted distance."""
+def split_instances(mask: np.ndarray, settings: NucleiSettings) -> np.ndarray:
+    """Step 4: split a foreground mask into nuclei (seeds at distance maxima, watershed of the inverted
+    distance), numbered 1..N, uint16."""
     from scipy import ndimage
     from skimage.feature import peak_local_max
     from skimage.measure import label
     from skimage.morphology import h_maxima
-    from skimage.segmentation import relabel_sequential, watershed
+    from skimage.segmentation import watershed
 
     if not mask.any():
         return np.zeros(mask.shape, np.uint16)
@@ -166,10 +178,15 @@ def _instances(mask: np.ndarray, settings: NucleiSettings) -> np.ndarray:
     if unseeded.size:  # a region whose seeds were all thinned away still is a nucleus
         extra = np.isin(regions, unseeded)
         markers[extra] = regions[extra] + markers.max()
-    labels = watershed(-distance, markers, mask=mask)
-    labels = _drop_small(labels, settings.min_area)
-    labels, _, _ = relabel_sequential(labels)
+    return numbered(watershed(-distance, markers, mask=mask), settings.min_area)
+
+
+def numbered(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Watershed ``labels`` as the uint16 image we hand out: pieces under ``min_area`` px dropped, numbered 1..N."""
+    from skimage.segmentation import relabel_sequential
+
+    labels, _, _ = relabel_sequential(drop_small(labels, min_area))
     if labels.max() > MAX_LABEL:
         raise InputError(f"{int(labels.max())} nuclei found, more than the {MAX_LABEL} a uint16 label image can "
-                         "number; segment the image in parts, or stain it as a whole slide.")
+                         "number; segment the image in parts, or label it as a whole slide (OME-Zarr output).")
     return labels.astype(np.uint16)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from digital_stain.core.arrays import InputError
-from digital_stain.nuclei.segment import MAX_LABEL, NucleiSettings, _drop_small
+from digital_stain.nuclei.segment import NucleiSettings, drop_small, numbered
 
 TILE, MARGIN = 512, 32  # inference in tiles of TILE px, each with MARGIN px of context kept off its edges
 
@@ -84,20 +84,14 @@ def _pad_to(tile: np.ndarray, multiple: int, minimum: int) -> np.ndarray:
 def labels_from_maps(maps: np.ndarray, settings: NucleiSettings | None = None) -> np.ndarray:
     """Instance labels (uint16) from (nucleus, boundary) probabilities: seeds inside boundaries, then a watershed."""
     from skimage.measure import label
-    from skimage.segmentation import relabel_sequential, watershed
+    from skimage.segmentation import watershed
 
     settings = settings or NucleiSettings()
     nucleus = maps[0] > 0.5
     if not nucleus.any():
         return np.zeros(nucleus.shape, np.uint16)
-    seeds = _drop_small(label(nucleus & (maps[1] < 0.5)), max(settings.min_area // 4, 1))
-    labels = watershed(-maps[0], seeds, mask=nucleus)
-    labels = _drop_small(labels, settings.min_area)
-    labels, _, _ = relabel_sequential(labels)
-    if labels.max() > MAX_LABEL:
-        raise InputError(f"{int(labels.max())} nuclei found, more than the {MAX_LABEL} a uint16 label image can "
-                         "number; segment the image in parts.")
-    return labels.astype(np.uint16)
+    seeds = drop_small(label(nucleus & (maps[1] < 0.5)), max(settings.min_area // 4, 1))
+    return numbered(watershed(-maps[0], seeds, mask=nucleus), settings.min_area)
 
 
 def segment_enhanced(segmenter, enhanced: np.ndarray, settings: NucleiSettings | None = None) -> np.ndarray:
