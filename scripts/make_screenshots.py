@@ -202,10 +202,10 @@ def mosaic_of_samples(viewer):
     return np.ascontiguousarray(mosaic), scale, units
 
 
-# -- the pictures -------------------------------------------------------------------------------------
-def stain_shots(out: Path, wanted: set) -> list[Path]:
-    """stain-side-by-side.png, stain-widget.png, stain-overlay.png: the shipped model on the sample tiles."""
-    viewer = new_viewer("napari-digital-stain: Digitally stain")
+def stain_widget_on_mosaic(title: str):
+    """A viewer with the Digitally stain dock, the sample mosaic as ``dark-field`` chosen as input, the
+    shipped default model chosen: ``(viewer, dock, widget, mosaic)``."""
+    viewer = new_viewer(title)
     dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Digitally stain")
     arrange(viewer, dock)
     mosaic, scale, units = mosaic_of_samples(viewer)
@@ -213,6 +213,13 @@ def stain_shots(out: Path, wanted: set) -> list[Path]:
                               contrast_limits=DARKFIELD_LIMITS)
     widget.input_layer = source
     widget.model.set_value("dsd-unpaired")
+    return viewer, dock, widget, mosaic
+
+
+# -- the pictures -------------------------------------------------------------------------------------
+def stain_shots(out: Path, wanted: set) -> list[Path]:
+    """stain-side-by-side.png, stain-widget.png, stain-overlay.png: the shipped model on the sample tiles."""
+    viewer, dock, widget, mosaic = stain_widget_on_mosaic("napari-digital-stain: Digitally stain")
     for box in widget.output_boxes.values():
         box.setChecked(True)
     widget.device.setCurrentText("auto")
@@ -246,14 +253,7 @@ def stain_shots(out: Path, wanted: set) -> list[Path]:
 
 def nuclei_shot(out: Path) -> list[Path]:
     """nuclei.png: Find nuclei on the sample mosaic: the Labels layer over the dark-field, zoomed in."""
-    viewer = new_viewer("napari-digital-stain: Find nuclei")
-    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Digitally stain")
-    arrange(viewer, dock)
-    mosaic, scale, units = mosaic_of_samples(viewer)
-    source = viewer.add_image(mosaic, name="dark-field", rgb=True, scale=scale, units=units,
-                              contrast_limits=DARKFIELD_LIMITS)
-    widget.input_layer = source
-    widget.model.set_value("dsd-unpaired")
+    viewer, dock, widget, _ = stain_widget_on_mosaic("napari-digital-stain: Find nuclei")
     widget.device.setCurrentText("auto")
     if not widget.find_nuclei():
         raise RuntimeError(f"Find nuclei did not start: {widget.status.text()!r}")

@@ -24,10 +24,10 @@ from torch.nn import functional as F
 
 from digital_stain.core.arrays import InputError
 from digital_stain.core.nets.unet import NucleiUNet, lightness_input
-from digital_stain.train.checkpoint import load_checkpoint, save_checkpoint
+from digital_stain.train.checkpoint import BestSoFar
 from digital_stain.train.data import validation_split
 from digital_stain.train.events import Meter, Progress, TrainResult, stop_requested
-from digital_stain.train.schedule import constant_then_linear, set_lr, snapshot
+from digital_stain.train.schedule import constant_then_linear, set_lr
 
 
 @dataclass
@@ -149,23 +149,9 @@ def train_segmenter(model, stained: list, masks: list, names: list, config: Nucl
     torch.manual_seed(cfg.seed)
     net = NucleiUNet(cfg.width, cfg.depth)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    start, best_score, best_step, history = 0, -1.0, None, []
-    best_state = snapshot(net)
-    if resume and checkpoint and Path(checkpoint).exists():
-        holder = NucleiUNet(cfg.width, cfg.depth)
-        meta = load_checkpoint(checkpoint, {"net": net, "best": holder}, {"net": optimizer})
-        if meta.get("config") != asdict(cfg):
-            raise InputError(f"{checkpoint} was made with other settings ({meta.get('config')}); resume with those, "
-                             "or start again without --resume.")
-        start, best_score, best_step, history = meta["step"], meta["best_score"], meta["best_step"], meta["history"]
-        best_state = holder.state_dict()
-
-    def save(step: int) -> None:
-        if checkpoint:
-            holder = NucleiUNet(cfg.width, cfg.depth)
-            holder.load_state_dict(best_state)
-            meta = dict(step=step, best_score=best_score, best_step=best_step, history=history, config=asdict(cfg))
-            save_checkpoint(checkpoint, {"net": net, "best": holder}, {"net": optimizer}, meta)
+    chosen = BestSoFar(lambda: NucleiUNet(cfg.width, cfg.depth), net, optimizer, checkpoint, asdict(cfg),
+                       higher_is_better=True, check_config=True)
+    start = chosen.resume() if resume and checkpoint and Path(checkpoint).exists() else 0
 
     meter = Meter(cfg.steps, start)
     step, cancelled = start, False
@@ -186,17 +172,12 @@ def train_segmenter(model, stained: list, masks: list, names: list, config: Nucl
         message = ""
         if step % cfg.val_every == 0 or step == cfg.steps:
             score = validation_dice(net, val_pairs)
-            history.append({"step": step, "val_dice": score})
-            if score > best_score:
-                best_score, best_step = score, step
-                best_state = snapshot(net)
-            save(step)
-            message = f"validation nuclei Dice {score:.3f} (best {best_score:.3f} at step {best_step})"
+            chosen.judge(step, score, {"step": step, "val_dice": score})
+            chosen.save(step)
+            message = f"validation nuclei Dice {score:.3f} (best {chosen.score:.3f} at step {chosen.step})"
         if progress and (step % cfg.report_every == 0 or message or step == cfg.steps):
             progress(meter.report(step, message))
     if cancelled:
-        save(step)
-    best = NucleiUNet(cfg.width, cfg.depth)
-    best.load_state_dict(best_state if best_step is not None else net.state_dict())
-    best.eval()
-    return best, TrainResult(None, step, cancelled, best_step, None if best_step is None else best_score, history)
+        chosen.save(step)
+    return chosen.best(), TrainResult(None, step, cancelled, chosen.step, None if chosen.step is None else chosen.score,
+                                      chosen.history)

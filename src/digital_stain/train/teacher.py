@@ -21,10 +21,10 @@ from torch.nn import functional as F
 from digital_stain.core.color import luma_torch, rgb_to_lab
 from digital_stain.core.devices import autocast, resolve_device, resolve_training_precision
 from digital_stain.core.nets.unet import AB_SCALE, ColorizationUNet, lightness_input
-from digital_stain.train.checkpoint import load_checkpoint, save_checkpoint
+from digital_stain.train.checkpoint import BestSoFar
 from digital_stain.train.data import center_crop, load_images, random_crops, validation_split
 from digital_stain.train.events import Meter, Progress, TrainResult, stop_requested
-from digital_stain.train.schedule import constant_then_linear, set_lr, snapshot
+from digital_stain.train.schedule import constant_then_linear, set_lr
 
 
 @dataclass
@@ -135,21 +135,9 @@ def train_teacher(
     if init_state is not None:
         net.load_state_dict(init_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    start, best_score, best_step, history = 0, float("inf"), None, []
-    best_state = snapshot(net)
-    if resume and checkpoint and Path(checkpoint).exists():
-        best_holder = ColorizationUNet(cfg.width, cfg.depth)
-        meta = load_checkpoint(checkpoint, {"net": net, "best": best_holder}, {"net": optimizer})
-        start, best_score, best_step, history = meta["step"], meta["best_score"], meta["best_step"], meta["history"]
-        best_state = best_holder.state_dict()
-
-
-    def save(step: int) -> None:
-        if checkpoint:
-            holder = ColorizationUNet(cfg.width, cfg.depth)
-            holder.load_state_dict(best_state)
-            meta = dict(step=step, best_score=best_score, best_step=best_step, history=history, config=asdict(cfg))
-            save_checkpoint(checkpoint, {"net": net, "best": holder}, {"net": optimizer}, meta)
+    chosen = BestSoFar(lambda: ColorizationUNet(cfg.width, cfg.depth), net, optimizer, checkpoint, asdict(cfg),
+                       higher_is_better=False)
+    start = chosen.resume() if resume and checkpoint and Path(checkpoint).exists() else 0
 
     meter = Meter(cfg.steps, start)
     step, cancelled = start, False
@@ -174,19 +162,13 @@ def train_teacher(
         message = ""
         if step % cfg.val_every == 0 or step == cfg.steps:
             score = validation_loss(net, val_images, device, noise=cfg.val_noise)
-            history.append({"step": step, "val_l1_ab": score})
-            if score < best_score:
-                best_score, best_step = score, step
-                best_state = snapshot(net)
-            save(step)
-            message = f"validation L1(ab) {score:.3f} (best {best_score:.3f} at step {best_step})"
+            chosen.judge(step, score, {"step": step, "val_l1_ab": score})
+            chosen.save(step)
+            message = f"validation L1(ab) {score:.3f} (best {chosen.score:.3f} at step {chosen.step})"
         if progress and (step % cfg.report_every == 0 or message or step == cfg.steps):
             progress(meter.report(step, message))
     if cancelled:
-        save(step)
-    best = ColorizationUNet(cfg.width, cfg.depth)
-    best.load_state_dict(best_state if best_step is not None else net.state_dict())
-    best.eval()
-    result = TrainResult(None, step, cancelled, best_step, None if best_step is None else best_score, history,
-                         data.skipped)
-    return best, result
+        chosen.save(step)
+    result = TrainResult(None, step, cancelled, chosen.step, None if chosen.step is None else chosen.score,
+                         chosen.history, data.skipped)
+    return chosen.best(), result
