@@ -175,7 +175,12 @@ def test_fine_tune_returns_a_model_with_provenance(tiny_model, tiny_model_file, 
     assert tuned.model.student is not tiny_model.student and tuned.model.teacher is tiny_model.teacher
     path = tmp_path / "tuned.safetensors"
     tuned.model.save(path)
-    assert StainModel.load(path).metadata["provenance"]["student"]["best_step"] == tuned.result.best_step
+    loaded = StainModel.load(path)
+    assert loaded.metadata["provenance"]["student"]["best_step"] == tuned.result.best_step
+    # the reverse generator F that trained beside the student is kept (tutorship translates with it)
+    assert loaded.reverse is not None and loaded.reverse.config["in_channels"] == 3
+    for key, value in tuned.result.parts["reverse"].state_dict().items():
+        torch.testing.assert_close(loaded.reverse.state_dict()[key], value, msg=key)
 
     # a model file as init, a folder of data, from scratch: the asked size, notes to on_note
     said = []

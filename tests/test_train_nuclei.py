@@ -122,3 +122,25 @@ def test_the_command_line_trains_then_finds_nuclei_by_tutorship(capsys, tiny_mod
     (masks / "stained_0_0.tif").unlink()
     code = main([*args[:-1], "--overwrite", "-q"])
     assert code == 2 and "have no mask of the same name" in capsys.readouterr().err
+
+
+def test_a_model_that_keeps_its_reverse_generator_translates_with_it(tiny_model, he_with_masks):
+    from digital_stain.core.nets import ResnetGenerator
+    from digital_stain.nuclei.tutor import reverse_translate, translate, translator_of
+
+    images, _, _ = he_with_masks
+    assert translator_of(tiny_model) == "enhancer"
+    with pytest.raises(InputError, match="keeps no reverse generator"):
+        translator_of(tiny_model, "reverse")
+    torch.manual_seed(0)
+    reverse = ResnetGenerator(in_channels=3, width=4, n_blocks=1)
+    model = StainModel(tiny_model.enhancer, tiny_model.teacher, tiny_model.student, {"name": "with F"},
+                       reverse=reverse)
+    assert translator_of(model) == "reverse" and translator_of(model, "enhancer") == "enhancer"
+    darkfield = reverse_translate(model.reverse, images[0][:250, :250])  # any size: padded to F's multiple
+    assert darkfield.shape == (250, 250, 3) and darkfield.dtype == np.uint8
+    by_f = translate(model, images[0], (1.0, 1.0, 1.0), seed=0, translator="reverse")
+    by_enhancer = translate(model, images[0], (1.0, 1.0, 1.0), seed=0, translator="enhancer")
+    assert by_f.shape == by_enhancer.shape == images[0].shape[:2] and not np.allclose(by_f, by_enhancer)
+    net, _ = train_segmenter(model, *he_with_masks, NucleiConfig(**{**TINY, "steps": 2}))  # auto: by F
+    assert net is not None

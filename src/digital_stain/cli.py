@@ -237,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     tutor.add_argument("--tint-from", type=Path, default=None,
                        help="dark-field images of your microscope, for the colour of the translated dark-field "
                             "(default: the package's sample tiles)")
-    tutor.add_argument("--steps", type=STEPS, default=None, help="training steps (default 1500: 3-4 min on 2 CPU cores)")
+    tutor.add_argument("--translate", choices=("auto", "reverse", "enhancer"), default="auto",
+                       help="H&E -> dark-field by the model's reverse generator F (kept in files trained or fine-tuned "
+                            "since) or by its enhancer's inverse; auto: F where the file keeps it")
+    tutor.add_argument("--steps", type=STEPS, default=None, help="training steps (default 1500: 4-6 min on 2 CPU cores)")
     tutor.add_argument("--batch", type=BATCH, default=None)
     tutor.add_argument("--crop", type=CROP, default=None)
     tutor.add_argument("--seed", type=SEED, default=0)
@@ -785,11 +788,14 @@ def cmd_train_nuclei(args) -> int:
     if not tint_images:
         raise InputError(f"--tint-from {args.tint_from} has no images; give a folder of your dark-field images.")
     tint = darkfield_tint(np.asarray(read_image(path)) for path in tint_images[:40])
-    cfg = NucleiConfig(seed=args.seed)
+    cfg = NucleiConfig(seed=args.seed, translator=args.translate)
     for key in ("steps", "batch", "crop"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    print(f"tutorship on {len(names)} H&E image(s) with masks, translated by {init.name}'s enhancer", file=sys.stderr)
+    from digital_stain.nuclei.tutor import translator_of
+
+    how = {"reverse": "reverse generator F", "enhancer": "enhancer's inverse"}[translator_of(init, args.translate)]
+    print(f"tutorship on {len(names)} H&E image(s) with masks, translated by {init.name}'s {how}", file=sys.stderr)
     (net, result), seconds = _run_training(args, "segmenter", lambda checkpoint, progress, stop: train_segmenter(
         init, stained, masks, names, cfg, tint=tint, checkpoint=checkpoint, resume=args.resume, progress=progress,
         stop=stop))
@@ -799,7 +805,7 @@ def cmd_train_nuclei(args) -> int:
                 command=_command(args), stained=str(args.stained), masks=str(args.masks), init=str(args.init),
                 tint=[float(v) for v in tint], steps=result.steps_done, best_step=result.best_step,
                 val_dice=result.best_score, seconds=seconds, cancelled=result.cancelled, config=vars(cfg))}
-    model = StainModel(init.enhancer, init.teacher, init.student, meta, segmenter=net)
+    model = StainModel(init.enhancer, init.teacher, init.student, meta, segmenter=net, reverse=init.reverse)
     return _save_trained(args, model, result, f"best validation nuclei Dice {result.best_score}")
 
 

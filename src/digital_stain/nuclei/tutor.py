@@ -1,12 +1,12 @@
 """Tutorship (Boschet et al.'s L -> U): H&E with nuclei masks translated into dark-field teach a segmenter.
 
-The translation from H&E to dark-field is the model's own enhancer run backwards
+The translation from H&E to dark-field (:func:`translate`) is, as Boschet et al. do it, the reverse
+generator F of the cycle (H&E -> dark-field) where the model file keeps it (students trained or
+fine-tuned since F is kept), else the model's own enhancer run backwards
 (:func:`digital_stain.quality.synth.synthesize_darkfield`: ``x = c_d^-1(1 - c_b(gray(y)))``, blurred,
-noisy, 8-bit, in a dark-field tint), the same one ``digital-stain synth`` uses. (Boschet et al.
-translate with the reverse generator of a CycleGAN; our students' reverse generator is trained
-only for their cycle loss and no shipped model file keeps it, so the enhancer's inverse, which
-every model has, is the translator here.) The synthetic dark-field is then enhanced as any input
-is, and the segmenter (:class:`~digital_stain.core.nets.unet.NucleiUNet`) learns, from that
+noisy, 8-bit, in a dark-field tint, as ``digital-stain synth`` makes test data), which every model
+has; the shipped models were trained before F was kept. The synthetic dark-field is then enhanced
+as any input is, and the segmenter (:class:`~digital_stain.core.nets.unet.NucleiUNet`) learns, from that
 enhanced gray, where the masks' nuclei and their boundaries are. At stain time it reads the
 enhanced gray of the real dark-field, adapted to another microscope as the stain is.
 
@@ -25,13 +25,48 @@ from digital_stain.nuclei.segment import NucleiSettings, drop_small, numbered
 TILE, MARGIN = 512, 32  # inference in tiles of TILE px, each with MARGIN px of context kept off its edges
 
 
-def translate(model, stained: np.ndarray, tint, seed: int) -> np.ndarray:
-    """An H&E image's enhanced gray as the model would see it from dark-field: (Y, X) float32 in [0, 1]."""
-    from digital_stain.quality.synth import synthesize_darkfield
+TRANSLATORS = ("auto", "reverse", "enhancer")
 
-    darkfield = synthesize_darkfield(stained, model.enhancer, tint, blur_sigma=1.0, noise_std=0.003,
-                                     rng=np.random.default_rng(seed))
+
+def translator_of(model, translator: str = "auto") -> str:
+    """``reverse`` (the model's F) or ``enhancer`` (its inverse); ``auto``: F where the model file keeps it."""
+    if translator not in TRANSLATORS:
+        raise InputError(f"translator {translator!r} is not known; use one of {', '.join(TRANSLATORS)}.")
+    has_reverse = getattr(model, "reverse", None) is not None
+    if translator == "reverse" and not has_reverse:
+        raise InputError(f"model {model.name} keeps no reverse generator (models trained before it was kept, the "
+                         "shipped ones among them); use --translate enhancer, or fine-tune the model first "
+                         "(digital-stain train), which keeps it.")
+    return "reverse" if translator == "reverse" or translator == "auto" and has_reverse else "enhancer"
+
+
+def translate(model, stained: np.ndarray, tint, seed: int, translator: str = "enhancer") -> np.ndarray:
+    """An H&E image's enhanced gray as the model would see it from dark-field: (Y, X) float32 in [0, 1].
+
+    ``translator``: ``reverse`` (F; ``tint`` and ``seed`` unused) or ``enhancer`` (its inverse,
+    with ``seed``'s noise); see :func:`translator_of`.
+    """
+    if translator == "reverse":
+        darkfield = reverse_translate(model.reverse, stained)
+    else:
+        from digital_stain.quality.synth import synthesize_darkfield
+
+        darkfield = synthesize_darkfield(stained, model.enhancer, tint, blur_sigma=1.0, noise_std=0.003,
+                                         rng=np.random.default_rng(seed))
     return model.stain(darkfield, ["enhanced"], adapt="off")["enhanced"].astype(np.float32)
+
+
+def reverse_translate(reverse, stained: np.ndarray) -> np.ndarray:
+    """Dark-field uint8 (Y, X, 3) of an H&E image by F, which maps signed H&E RGB to the signed dark-field the
+    student trained on."""
+    rgb = np.asarray(stained)[..., :3]
+    signed = torch.from_numpy(rgb.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    height, width = rgb.shape[:2]
+    multiple = reverse.size_multiple
+    padded = torch.nn.functional.pad(signed, (0, -width % multiple, 0, -height % multiple), mode="reflect")
+    with torch.no_grad():
+        out = reverse(padded)[0, :, :height, :width].float()
+    return np.clip(np.rint((out.permute(1, 2, 0).numpy() + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def targets(labels: np.ndarray) -> np.ndarray:

@@ -97,18 +97,20 @@ def _build_parts(path: Path, tensors: dict, meta: dict):
     return enhancer, nets["teacher"], nets["student"]
 
 
-def _build_segmenter(path: Path, tensors: dict, meta: dict):
-    """The optional nuclei segmenter of a verified model file (tutorship), or None."""
+def _build_optional(path: Path, tensors: dict, meta: dict, role: str):
+    """An optional network of a verified model file, or None: ``segmenter`` (the tutorship nuclei U-Net) or
+    ``reverse`` (the student's reverse generator F, H&E -> dark-field)."""
     from digital_stain.core.nets.unet import NucleiUNet
 
-    config = meta.get("config", {}).get("segmenter")
+    config = meta.get("config", {}).get(role)
     if config is None:
         return None
+    kind = {"segmenter": NucleiUNet, "reverse": ResnetGenerator}[role]
     try:
-        net = NucleiUNet(**config)
-        net.load_state_dict(torch_state(tensors, "segmenter"))
+        net = kind(**config)
+        net.load_state_dict(torch_state(tensors, role))
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ModelFileError(f"{path}: its nuclei segmenter does not match its config {config} "
+        raise ModelFileError(f"{path}: its {role} network does not match its config {config} "
                              f"({str(err).strip().splitlines()[0]}).") from None
     return net.eval()
 
@@ -138,12 +140,16 @@ class StainModel:
     segmenter : NucleiUNet, optional
         A nuclei segmenter trained by tutorship (:mod:`digital_stain.nuclei.tutor`); kept on the
         CPU, used by :func:`digital_stain.nuclei.find.find_nuclei`.
+    reverse : ResnetGenerator, optional
+        The reverse generator F that trained beside the student (H&E -> dark-field, signed RGB);
+        kept on the CPU, used by tutorship to translate H&E into dark-field.
     """
 
     def __init__(self, enhancer: Enhancer, teacher=None, student=None, metadata: dict | None = None,
-                 segmenter=None):
+                 segmenter=None, reverse=None):
         self.enhancer = enhancer
         self.segmenter = segmenter.cpu().eval() if segmenter is not None else None
+        self.reverse = reverse.cpu().eval() if reverse is not None else None
         self.teacher = teacher.eval() if teacher is not None else None
         self.student = student.eval() if student is not None else None
         self.metadata = dict(metadata or {})
@@ -202,7 +208,8 @@ class StainModel:
         if meta.get("kind") == "checkpoint":
             raise InputError(f"{path} is a training checkpoint, not a model; finish or resume the training to get a model.")
         enhancer, teacher, student = _build_parts(path, tensors, meta)
-        model = cls(enhancer, teacher, student, meta, segmenter=_build_segmenter(path, tensors, meta))
+        model = cls(enhancer, teacher, student, meta, segmenter=_build_optional(path, tensors, meta, "segmenter"),
+                    reverse=_build_optional(path, tensors, meta, "reverse"))
         model.path = path
         from safetensors import safe_open
 
@@ -218,7 +225,8 @@ class StainModel:
             f"enhancer.{k}": torch.from_numpy(np.array(v, copy=True, order="C")) for k, v in self.enhancer.state().items()
         }
         config = {}
-        for role, net in (("teacher", self.teacher), ("student", self.student), ("segmenter", self.segmenter)):
+        for role, net in (("teacher", self.teacher), ("student", self.student), ("segmenter", self.segmenter),
+                          ("reverse", self.reverse)):
             if net is None:
                 continue
             config[role] = net.config

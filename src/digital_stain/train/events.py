@@ -49,6 +49,7 @@ class TrainResult:
     best_score: float | None = None
     history: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)  # reason -> names of the training files not used
+    parts: dict = field(default_factory=dict)  # other networks the run trained, by role (a student's "reverse")
 
 
 class Meter:

@@ -370,7 +370,8 @@ def fine_tune(
     if result.best_step is None:
         summary = f"stopped at step {result.steps_done}, before the first validation: no validated student"
         return FineTuneResult(None, result, round(time.time() - started, 1), summary, notes, teacher_result)
-    tuned = StainModel(enhancer, teacher, student, {}).to(stain_device)
+    # the reverse generator F goes into the file too: tutorship translates H&E into dark-field with it
+    tuned = StainModel(enhancer, teacher, student, {}, reverse=result.parts.get("reverse")).to(stain_device)
 
     # 4. check
     verdict = None

@@ -548,7 +548,11 @@ def train_student(
     result_net = _generator(cfg)
     result_net.load_state_dict(best_state if best_step is not None else judged.state_dict())
     result_net.eval()
-    return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history)
+    # F as it ended (not at the chosen step: it is kept to translate H&E into dark-field, not judged)
+    kept_reverse = _generator(cfg, in_channels=3)
+    kept_reverse.load_state_dict({k: v.detach().cpu() for k, v in reverse.state_dict().items()})
+    return result_net, TrainResult(None, step, cancelled, best_step, None if best_step is None else best, history,
+                                   parts={"reverse": kept_reverse.eval()})
 
 
 def _call_restoring(callback, step: int, student: torch.nn.Module) -> None:
