@@ -4,7 +4,8 @@
 ``L_adv + λ1 L_kd + λ2 L_cyc``: LSGAN against a PatchGAN ``D`` whose patch map
 is averaged to one score per image (as in the authors' code), L1 to the
 frozen teacher's stain ``G_t(z)``, and the cycle ``F(G(x ‖ z)) ≈ x`` through a
-reverse generator ``F`` trained on that cycle only. An image pool of 50 fakes
+reverse generator ``F`` trained on that cycle only (returned as it ended, in ``TrainResult.parts``,
+for the model file: tutorship translates H&E into dark-field with it). An image pool of 50 fakes
 feeds ``D``. The teacher is frozen, so its outputs (and the enhanced images)
 are computed once per dark-field image, through ``StainModel.stain``, and
 cropped together with the dark-field.
