@@ -70,8 +70,9 @@ def test_a_dask_layer_is_labelled_chunk_by_chunk_as_the_library_does(widget, qtb
 def test_a_stack_or_a_plane_too_large_for_memory_is_refused_with_a_notification(widget, darkfield_tile):
     viewer = widget.viewer
     stack = viewer.add_image(np.stack([darkfield_tile] * 2), name="stack", rgb=True)
-    huge = viewer.add_image(da.zeros((20000, 20000, 3), dtype=np.uint8, chunks=(4096, 4096, 3)), name="huge",
-                            rgb=True)
+    # a pyramid, so napari reads only a coarse level to show it; Find nuclei would label level 0
+    huge = viewer.add_image([da.zeros((20000, 20000, 3), dtype=np.uint8, chunks=(4096, 4096, 3)),
+                             da.zeros((625, 625, 3), dtype=np.uint8)], name="huge", rgb=True, multiscale=True)
     for layer, words in ((stack, "is a stack"), (huge, "digital-stain nuclei SLIDE -o OUT.ome.zarr")):
         start = len(notification_manager.records)
         assert not widget.find_nuclei(layer)
