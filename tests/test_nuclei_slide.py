@@ -88,3 +88,27 @@ def test_the_command_line_labels_a_slide(capsys, tiny_model_file, slide, tmp_pat
     assert f"{count} nuclei" in err
     code = main(["nuclei", str(source), "-o", str(tmp_path / "folder"), "--resume", "--model", str(tiny_model_file)])
     assert code == 2 and "--resume is for OME-Zarr output" in capsys.readouterr().err
+
+
+def test_labels_another_program_put_in_the_store_are_never_replaced(tiny_model, slide, tmp_path):
+    from digital_stain.core.arrays import InputError
+    from stores import write_ome_zarr
+
+    path = tmp_path / "slide.ome.zarr"
+    find_nuclei_slide(tiny_model, slide, path, stain="student", **SMALL)
+    # a crash after our labels were moved in, before the record: ours, so a resume labels again
+    root = zarr.open_group(str(path), mode="r+")
+    record = dict(root.attrs)["digital_stain"]
+    root.attrs["digital_stain"] = {k: v for k, v in record.items() if k != "nuclei"}
+    again = find_nuclei_slide(tiny_model, slide, path, resume=True, stain="student", **SMALL)
+    assert again.count == record["nuclei"]["count"]
+    # someone else's labels (another tool's cells): refused, kept as they were
+    root = zarr.open_group(str(path), mode="r+")
+    root.attrs["digital_stain"] = {k: v for k, v in dict(root.attrs)["digital_stain"].items() if k != "nuclei"}
+    import shutil
+
+    shutil.rmtree(path / "labels")
+    write_ome_zarr(path / "labels" / "cells", [np.ones((700, 600), np.uint16)], "yx")
+    with pytest.raises(InputError, match="labels this tool did not write"):
+        find_nuclei_slide(tiny_model, slide, path, resume=True, stain="student", **SMALL)
+    assert (path / "labels" / "cells").exists() and not (path / "labels" / "nuclei").exists()

@@ -36,6 +36,8 @@ from digital_stain.nuclei.find import choose_method, stain_source
 from digital_stain.nuclei.segment import NucleiSettings
 
 LABELS = "nuclei"
+STAGING = ".labels.partial"
+METHOD = "digital_stain.nuclei.slide.label_store"  # recorded in our labels' metadata: how we know them
 THRESHOLD_CROPS = 16  # crops spread over the slide for its one threshold
 
 
@@ -103,20 +105,25 @@ def label_store(path: Path, output: str, nuclei: NucleiSettings, *, progress=Non
     """Write ``labels/nuclei`` for the stored ``output`` of a complete store; returns (count, threshold),
     (None, None) when stopped (nothing of the labels is left then)."""
     from digital_stain.io.images import read_calibration
-    from digital_stain.slide.store import SlideStore, ngff_attributes, ngff_version
+    from digital_stain.slide.store import SlideStore, ngff_attributes, ngff_version, read_state
 
+    if read_state(path) is None:  # only ever a store this package started (stain_to_zarr checked it too)
+        raise InputError(f"{path} is not a stained store this tool wrote; nuclei are labelled only there.")
     store = SlideStore(path)
     state = store.state
     record = state.get("nuclei")
     if record is not None and (path / "labels" / LABELS).exists():
         return int(record["count"]), float(record["threshold"])  # labelled before: nothing to do
+    if (path / "labels").exists() and not _our_labels(path / "labels"):
+        raise InputError(f"{path / 'labels'} holds labels this tool did not write (another program added them); "
+                         "they are not replaced. Move them out of the store, or label into a new store.")
     grid = store.grid
     height, width = grid.levels[0]
     threshold = global_threshold(_spread_crops(store, output, grid), nuclei)
     version = ngff_version(state)
-    staging = path / ".labels.partial"
+    staging = path / STAGING  # our own name inside our store: what a stopped or crashed labelling left
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(path / "labels", ignore_errors=True)  # ours: a store this package wrote and is completing
+    shutil.rmtree(path / "labels", ignore_errors=True)  # ours (checked above): left by a crash before the record
     group = store.group.require_group(staging.name)
     labels = group.require_group(LABELS)
     arrays = _label_arrays(store, labels, grid, label_dtype((height, width)))
@@ -146,6 +153,21 @@ def label_store(path: Path, output: str, nuclei: NucleiSettings, *, progress=Non
     store.update_state(nuclei={"count": count, "method": "adaptation", "source": output, "threshold": threshold,
                                "margin": MARGIN, "settings": dataclasses.asdict(nuclei)})
     return count, threshold
+
+
+def _our_labels(folder: Path) -> bool:
+    """Whether a store's ``labels`` group holds only our nuclei label image (its metadata names our writer)."""
+    import zarr
+
+    from digital_stain.io.images import ngff_multiscales
+
+    try:
+        group = zarr.open_group(str(folder), mode="r")
+        names = sorted(group.group_keys())
+        entries = ngff_multiscales(dict(group[LABELS].attrs)) if names == [LABELS] else []
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours, so never deleted
+        return False
+    return bool(entries) and entries[0].get("metadata", {}).get("method") == METHOD
 
 
 def _spread_crops(store, output: str, grid) -> list:
@@ -182,7 +204,7 @@ def _labels_multiscale(calibration, grid, version: str) -> dict:
     for dataset in entry["datasets"]:
         dataset["coordinateTransformations"][1]["translation"] = list(first)
     entry.update({"type": "nearest", "metadata": {"description": "every other pixel of the level above; labels",
-                                                  "method": "digital_stain.nuclei.slide.label_store"}})
+                                                  "method": METHOD}})
     return entry
 
 
