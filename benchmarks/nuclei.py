@@ -87,14 +87,13 @@ def scores(labels: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return dice(labels > 0, truth > 0), aggregated_jaccard(labels, truth)
 
 
-def run(args) -> list[tuple[str, float, float, float]]:
+def run(args, pairs: list) -> list[tuple[str, float, float, float]]:
     from digital_stain.core.arrays import to_uint8
     from digital_stain.nuclei.find import find_nuclei, stain_source
     from digital_stain.nuclei.segment import segment_nuclei
     from digital_stain.quality.synth import synthesize_darkfield
     from digital_stain.stain.model import StainModel
 
-    pairs = load_pairs(args.data, args.scale)
     synthesis = StainModel.load("dsd-unpaired", device="cpu")
     tint = tint_from(args.tint_from)
     darkfield = {(name, seed): synthesize_darkfield(rgb, synthesis.enhancer, tint, blur_sigma=1.0, noise_std=0.003,
@@ -147,8 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tutorship", type=Path, nargs="*", default=[],
                         help="model files holding a tutorship segmenter (digital-stain train-nuclei)")
     args = parser.parse_args(argv)
-    rows = run(args)
     pairs = load_pairs(args.data, args.scale)
+    rows = run(args, pairs)
     print(f"`python benchmarks/nuclei.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
           f"{len(pairs)} H&E image(s) of {args.data.name} with {sum(int(len(np.unique(t)) - 1) for _, _, t in pairs)} "
           f"nuclei, scale {args.scale}, {args.seeds} noise seed(s)\n")

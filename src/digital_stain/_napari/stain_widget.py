@@ -173,8 +173,7 @@ class StainWidget(QWidget):
         Problems (wrong layer type, bad shape, a model without the asked
         outputs, a missing GPU) are shown as notifications and return False.
         """
-        if self.running:
-            show_info("staining is already running; press Stop first to start another.")
+        if self._busy():
             return False
         try:
             layer = layer if layer is not None else self.input_layer
@@ -211,8 +210,7 @@ class StainWidget(QWidget):
         image, Stop stops after the current one (nothing is written then), and a notification sums up."""
         from digital_stain._napari.folder import folder_work
 
-        if self.running:
-            show_info("staining is already running; press Stop first to start another.")
+        if self._busy():
             return False
         if not self.outputs:
             show_error("no output is ticked: tick enhanced, teacher or student.")
@@ -233,8 +231,7 @@ class StainWidget(QWidget):
         A dask, large or pyramid layer (its level 0) is stained and segmented chunk by chunk."""
         from digital_stain._napari.nuclei import check_plane, nuclei_work
 
-        if self.running:
-            show_info("staining is already running; press Stop first to start another.")
+        if self._busy():
             return False
         try:
             layer = layer if layer is not None else self.input_layer
@@ -252,6 +249,12 @@ class StainWidget(QWidget):
             on_done=lambda outcome: self._on_nuclei_done(outcome, layer, used), on_crash=self._on_crash,
             on_finished=self._on_finished)
         return True
+
+    def _busy(self) -> bool:
+        """Whether a job runs (one at a time): then says so and the new one is not started."""
+        if self.running:
+            show_info("staining is already running; press Stop first to start another.")
+        return self.running
 
     def stop(self) -> None:
         """Stop the running staining (within one tile) and drop the chunks waiting to be stained.
