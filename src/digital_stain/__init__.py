@@ -16,7 +16,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# no hostmem.own_process() here: huge pages and malloc's reuse are process-wide settings, asked for only
+# no hostmem.own_process() here: huge pages are a process-wide setting, asked for only
 # where this package owns the process (the CLI, cluster workers), never on import (napari's, a user's)
 
 PUBLIC = {  # name -> the module that defines it

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-# The command line owns its process, so it asks PyTorch for huge pages and C's malloc to keep freed
-# blocks for reuse (hostmem.py); `import digital_stain` does not, as inside napari the process is shared. PyTorch reads the variable at its
+# The command line owns its process, so it asks PyTorch for huge pages (hostmem.py); `import digital_stain`
+# does not, as inside napari the process is shared. PyTorch reads the variable at its
 # first CPU allocation, and the imports below already allocate (color.py makes tensors on import), so
 # it is set here, on importing this module (what the `digital-stain` script does first), not in main().
 from digital_stain.hostmem import own_process

@@ -1,4 +1,4 @@
-"""Host memory for the large tensors of networks on the CPU: huge pages, and freed blocks kept for reuse.
+"""Host memory for the large tensors of networks on the CPU: huge pages in the processes this package owns.
 
 A forward pass on the CPU allocates and frees hundreds of megabytes of
 activations layer after layer (64 channels x 1280² px of float32 is 420 MB).
@@ -17,12 +17,13 @@ gets it), so it is set only in processes this package owns: the command line
 (on importing :mod:`digital_stain.cli`, before the modules it imports make
 their first tensors) and the worker processes of a local cluster
 (:func:`digital_stain.slide.cluster.cluster_client`, through their environment).
-The same processes also keep freed blocks for reuse (:func:`keep_freed_memory`): C's ``malloc``
-(glibc) otherwise gives every block over 32 MB back to the kernel on free, so the next layer's
-activations are faulted in and zeroed again. Kept, a staining pass reuses memory it already has
-(``benchmarks/official_loop.py``: 4096² staining 1.3x faster; the official loop's 1.07x). The
-price is memory: the process keeps up to its peak (less up to 1 GB given back at the top of its
-heap) until it ends.
+They leave C's ``malloc`` at its defaults. Having glibc keep freed blocks of up to 1 GB for
+reuse (``mallopt``) was tried and dropped: PyTorch asks ``posix_memalign`` for huge-page-aligned
+blocks, which glibc serves only from a free chunk 2 MiB larger than the block, so where a small
+allocation had landed next to a freed block, the next one of the same size grew the heap instead
+(in 13 of 30 fresh processes resident memory grew from 0.74 to 1.25-2.3 GB around a 512-MB block),
+and at 4096² staining it measured 1.04x, within the spread of runs. Freed blocks over 32 MB go back
+to the system, so a process's memory follows its work.
 
 ``import digital_stain`` leaves the environment alone: inside napari, or a
 user's own script, it is theirs to set. PyTorch reads the
@@ -34,9 +35,7 @@ environment to keep PyTorch's default (a user's setting is always kept).
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 
 ENVIRONMENT = "THP_MEM_ALLOC_ENABLE"
 
@@ -55,39 +54,9 @@ def request_huge_pages() -> bool:
     return os.environ.setdefault(ENVIRONMENT, "1").strip() == "1"
 
 
-# glibc's malloc: blocks up to this size come from the heap, not their own mmap; this much free at the
-# top of the heap is kept (its defaults: 128 KiB rising to 32 MiB, and twice that)
-KEEP_BYTES = 1 << 30
-MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Have C's ``malloc`` keep freed blocks of up to 1 GB for reuse instead of unmapping them.
-
-    Only for a process this package owns: it is process-wide, and takes effect at once.
-    Where the user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``, or the C library
-    is not glibc (macOS, Windows, musl), nothing is changed.
-
-    Returns
-    -------
-    bool
-        Whether freed memory is now kept.
-    """
-    if any(name in os.environ for name in MALLOC_ENVIRONMENT) or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover - glibc always has it
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES) == 1
-
-
 def own_process() -> None:
-    """What a process this package owns asks for first: :func:`request_huge_pages` and :func:`keep_freed_memory`."""
+    """What a process this package owns asks for first, before torch allocates: :func:`request_huge_pages`."""
     request_huge_pages()
-    keep_freed_memory()
 
 
 def child_environment() -> dict[str, str]:
@@ -96,14 +65,9 @@ def child_environment() -> dict[str, str]:
     Returns
     -------
     dict
-        ``{"THP_MEM_ALLOC_ENABLE": value}``: the user's setting, else ``"1"``; and glibc's
-        ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (:func:`keep_freed_memory`,
-        read by the C library when the process starts): the user's, else 1 GB each.
+        ``{"THP_MEM_ALLOC_ENABLE": value}``: the user's setting, else ``"1"``.
     """
-    keep = {name: os.environ.get(name, str(KEEP_BYTES)) for name in MALLOC_ENVIRONMENT}
-    if any(name in os.environ for name in MALLOC_ENVIRONMENT):  # the user's malloc settings, as they are
-        keep = {name: os.environ[name] for name in MALLOC_ENVIRONMENT if name in os.environ}
-    return {ENVIRONMENT: os.environ.get(ENVIRONMENT, "1"), **keep}
+    return {ENVIRONMENT: os.environ.get(ENVIRONMENT, "1")}
 
 
 def kernel_huge_pages() -> str | None:
