@@ -67,6 +67,41 @@ def test_a_dask_layer_is_labelled_chunk_by_chunk_as_the_library_does(widget, qtb
     assert layer.data.dtype == np.uint32 and f"{count} nuclei in 'lazy'" in widget.status.text()
 
 
+def test_a_large_layer_shows_its_labels_at_once_filled_in_as_found_and_counted_at_the_end(widget, qtbot,
+                                                                                            darkfield_tile):
+    from digital_stain.nuclei.chunked import find_nuclei_chunked
+    from digital_stain.stain.settings import StainSettings
+
+    viewer = widget.viewer
+    widget.model.set_value("dsd-unpaired-fast")  # a trained stain: there are nuclei to show
+    widget.tile.setValue(512)
+    big = da.tile(da.from_array(darkfield_tile, chunks=(256, 256, 3)), (4, 4, 1))  # 1024 x 1024, 4 chunks
+    source = viewer.add_image(big, rgb=True, name="big")
+    # Stop once the layer is there: what was segmented stays shown, nothing is counted
+    assert widget.find_nuclei(source)
+    qtbot.waitUntil(lambda: "big nuclei" in viewer.layers, timeout=120_000)
+    layer = viewer.layers["big nuclei"]
+    assert widget.running and layer.multiscale and [level.shape for level in layer.data] == [(1024, 1024),
+                                                                                            (512, 512)]
+    assert layer.metadata["digital_stain"]["count"] is None
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert "chunks labelled and shown; not counted" in widget.status.text() and "big nuclei" in viewer.layers
+    # again, to the end: the same labels as the library's chunk-by-chunk call, and the count
+    assert widget.find_nuclei(source)
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
+    layer = viewer.layers["big nuclei"]
+    expected, count, _, _ = find_nuclei_chunked(StainModel.load("dsd-unpaired-fast", device="cpu"), big,
+                                                adapt="off", settings=StainSettings(tile=512, chunk=512, device="cpu"))
+    np.testing.assert_array_equal(np.asarray(layer.data[0]), expected)
+    np.testing.assert_array_equal(np.asarray(layer.data[1]), expected[::2, ::2])
+    assert count > 100 and layer.metadata["digital_stain"]["count"] == count
+    assert f"{count} nuclei in 'big'" in widget.status.text()
+    assert [layer.name for layer in viewer.layers] == ["big", "big nuclei"]
+    # what napari draws was read again as chunks came in (added empty, it would stay empty otherwise)
+    assert np.asarray(layer._slice.image.raw).any()  # napari's own (private) slice of the layer
+
+
 def test_a_stack_or_a_plane_too_large_for_memory_is_refused_with_a_notification(widget, darkfield_tile):
     viewer = widget.viewer
     stack = viewer.add_image(np.stack([darkfield_tile] * 2), name="stack", rgb=True)

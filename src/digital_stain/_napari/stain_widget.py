@@ -29,6 +29,7 @@ from digital_stain.stain.settings import StainSettings
 from digital_stain.stain.tiling import Cancelled
 from digital_stain._napari import layers as L
 from digital_stain._napari.models import ModelPicker, load_model, model_label
+from digital_stain._napari.nuclei import FindNuclei
 from digital_stain._napari.worker import start_job, wait_while
 
 SECTION = "stain"
@@ -45,7 +46,7 @@ class _Signals(QObject):
     warning = Signal(str)
 
 
-class StainWidget(QWidget):
+class StainWidget(FindNuclei, QWidget):
     """Dock widget: input layer, model, outputs, device, tile size, mode; **Digitally stain** and **Stop**."""
 
     def __init__(self, napari_viewer):
@@ -67,6 +68,7 @@ class StainWidget(QWidget):
         self._signals.warning.connect(show_warning)
         self._pending_timer = QTimer(self, interval=500)  # Stop stays usable while lazy chunks wait
         self._pending_timer.timeout.connect(self._update_stop_button)
+        self._setup_find_nuclei()
         self.last_layers: dict[str, object] = {}
 
         self.input = QComboBox()
@@ -223,31 +225,6 @@ class StainWidget(QWidget):
             folder_work(Path(source), Path(output), used), on_progress=self._on_progress,
             on_event=lambda message: self.status.setText(str(message)), on_done=self._on_folder_done,
             on_crash=self._on_crash, on_finished=self._on_finished)
-        return True
-
-    def find_nuclei(self, layer=None) -> bool:
-        """Find the nuclei of ``layer`` (default: the chosen input) in the background: the **Find nuclei**
-        button. Adds the Labels layer ``<input> nuclei`` and says the count; returns whether it started.
-        A dask, large or pyramid layer (its level 0) is stained and segmented chunk by chunk."""
-        from digital_stain._napari.nuclei import check_plane, nuclei_work
-
-        if self._busy():
-            return False
-        try:
-            layer = layer if layer is not None else self.input_layer
-            data, multiscale = L.image_source(layer, self.viewer)
-            check_plane(layer, data, multiscale)
-        except InputError as err:
-            show_error(str(err))
-            return False
-        self._save()
-        used = dict(model=self.model.value, device=self.device.currentText(), tile=self.tile.value(),
-                    adapt=self.adapt.currentData())
-        self._set_running(True, f"finding the nuclei of {layer.name!r}")
-        self._worker, self._stop = start_job(
-            nuclei_work(data, multiscale, used), on_progress=self._on_progress,
-            on_done=lambda outcome: self._on_nuclei_done(outcome, layer, used), on_crash=self._on_crash,
-            on_finished=self._on_finished)
         return True
 
     def _busy(self) -> bool:
@@ -417,29 +394,6 @@ class StainWidget(QWidget):
             text = summary(outcome.result)
             (show_warning if outcome.result.skipped else show_info)(text)
             self.status.setText(text.splitlines()[0])
-
-    def _on_nuclei_done(self, outcome, source, used) -> None:
-        from digital_stain._napari.nuclei import show_nuclei
-
-        try:
-            if outcome.error is not None:
-                show_error(outcome.error)
-                self.status.setText(f"no nuclei found: {outcome.error}")
-            elif outcome.stopped:
-                self.status.setText("stopped; nothing was added.")
-            elif source not in self.viewer.layers:
-                self.status.setText(f"{source.name!r} was closed meanwhile; nothing was added.")
-            else:
-                model, found = outcome.result
-                self.last_layers = {"nuclei": show_nuclei(self.viewer, source, found, used)}
-                self.progress.setValue(100)
-                how = (f"{model.name}'s {found.source} stain, segmented" if found.method == "adaptation"
-                       else f"{model.name}'s nuclei segmenter on the enhanced image")
-                text = f"{found.count} nuclei in {source.name!r} ({found.method}: {how})"
-                show_info(text)
-                self.status.setText(text + ".")
-        except Exception as err:  # never raise into Qt's event loop
-            show_error(f"could not show the nuclei: {err}")
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.setValue(int(100 * done / max(total, 1)))

@@ -94,7 +94,8 @@ def find_nuclei_chunked(model, darkfield, *, stain: str = "auto", nuclei: Nuclei
     Staining goes through :class:`~digital_stain.stain.lazy.LazyStain` (the same chunks, margins
     and statistics as the lazy layers and whole slides), so only a few stained chunks are in memory
     at a time; the labels, uint32 (:func:`label_dtype`), are the one whole array. Adaptation only
-    (the segmenter of tutorship runs on images and folders).
+    (the segmenter of tutorship runs on images and folders). The same chunks, one at a time and in
+    the order a viewer asks for them: :class:`digital_stain.nuclei.lazy.LazyNuclei`.
 
     Returns
     -------
@@ -105,34 +106,8 @@ def find_nuclei_chunked(model, darkfield, *, stain: str = "auto", nuclei: Nuclei
     digital_stain.stain.tiling.Cancelled
         ``stop`` was set; nothing is returned.
     """
-    from digital_stain.nuclei.find import stain_source
-    from digital_stain.stain.lazy import LazyStain
-    from digital_stain.stain.settings import StainSettings
-    from digital_stain.stain.tiling import Cancelled
+    from digital_stain.nuclei.lazy import LazyNuclei
 
-    nuclei = nuclei or NucleiSettings()
-    source = stain_source(model, stain)
-    settings = settings or StainSettings()
-    lazy = LazyStain(model, darkfield, [source], settings=settings, adapt=adapt, cache_chunks=64)
-    stained = lazy.arrays[source]
-    height, width = stained.shape[:2]
-    rows, cols = stained.chunks[0], stained.chunks[1]
-    boxes = [(sum(rows[:i]), sum(rows[: i + 1]), sum(cols[:j]), sum(cols[: j + 1]))
-             for i in range(len(rows)) for j in range(len(cols))]
-    picks = np.unique(np.linspace(0, len(boxes) - 1, min(16, len(boxes))).round().astype(int))
-    threshold = global_threshold([np.asarray(stained[y0:y1, x0:x1]) for y0, y1, x0, x1 in
-                                  (boxes[i] for i in picks)], nuclei)
-    labels = np.zeros((height, width), label_dtype((height, width)))
-    count = 0
-    for done, (y0, y1, x0, x1) in enumerate(boxes, start=1):
-        if stop is not None and stop.is_set():
-            raise Cancelled("stopped by the user")
-        top, left = max(y0 - MARGIN, 0), max(x0 - MARGIN, 0)
-        bottom, right = min(y1 + MARGIN, height), min(x1 + MARGIN, width)
-        block, own = segment_block(np.asarray(stained[top:bottom, left:right]), (top, left),
-                                   (y0 - top, y1 - top, x0 - left, x1 - left), (height, width), nuclei, threshold)
-        labels[y0:y1, x0:x1] = block
-        count += own
-        if progress is not None:
-            progress(done, len(boxes))
-    return labels, count, threshold, lazy.prep.adaptation
+    found = LazyNuclei(model, darkfield, stain=stain, nuclei=nuclei, settings=settings, adapt=adapt)
+    count = found.sweep(progress=progress, stop=stop)
+    return found.labels(), count, found.threshold, found.adaptation
