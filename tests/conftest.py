@@ -74,6 +74,27 @@ def tiny_model(darkfield_dir, hne_dir):
     return make_tiny_model(darkfield_dir, hne_dir)
 
 
+class DarkSpots(torch.nn.Module):
+    """A fixed tutorship segmenter for tests (no training, so its nuclei are known): a nucleus wherever the
+    lightness, averaged over 5 x 5 px, is below -0.4 of [-1, 1] (about a tenth of a sample tile's
+    enhanced gray); no boundaries. It takes what :class:`~digital_stain.core.nets.unet.NucleiUNet` does."""
+
+    size_multiple, min_size = 4, 8
+
+    def forward(self, lightness: torch.Tensor) -> torch.Tensor:
+        mean = torch.nn.functional.avg_pool2d(lightness, 5, stride=1, padding=2, count_include_pad=False)
+        return torch.cat([20.0 * (-0.4 - mean), torch.full_like(mean, -10.0)], dim=1)
+
+
+@pytest.fixture
+def tutored_model(tiny_model):
+    """``tiny_model`` holding the :class:`DarkSpots` segmenter: ``method="auto"`` means tutorship for it."""
+    from digital_stain.stain.model import StainModel
+
+    return StainModel(tiny_model.enhancer, tiny_model.teacher, tiny_model.student,
+                      {**tiny_model.metadata, "name": "tiny-tutored"}, segmenter=DarkSpots())
+
+
 @pytest.fixture
 def tiny_model_file(tiny_model, tmp_path) -> Path:
     """``tiny_model`` saved to a .safetensors model file."""

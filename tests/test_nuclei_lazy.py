@@ -69,3 +69,18 @@ def test_a_stopped_sweep_keeps_what_it_segmented_and_goes_on_from_there(model, p
     assert found.sweep() >= partial and found.done == 4
     straight = LazyNuclei(model, plane, settings=SETTINGS, adapt="off")
     assert straight.sweep() == found.count and np.array_equal(straight.labels(), found.labels())
+
+
+def test_tutorship_chunk_by_chunk_finds_what_the_segmenter_finds_in_the_whole_plane(tutored_model, plane):
+    from digital_stain.nuclei.find import find_nuclei
+
+    found = LazyNuclei(tutored_model, plane, settings=SETTINGS, adapt="off")  # auto: the model has a segmenter
+    assert (found.method, found.source, found.threshold) == ("tutorship", "enhanced", None)
+    count = found.sweep()
+    whole = find_nuclei(tutored_model, plane, adapt="off", settings=SETTINGS)
+    assert whole.method == "tutorship" and whole.count > 20
+    labels = found.labels()
+    assert np.mean((labels > 0) == (whole.labels > 0)) > 0.999  # the same nuclei, cut into chunks of 256
+    assert abs(count - whole.count) <= 2
+    adapted = LazyNuclei(tutored_model, plane, method="adaptation", settings=SETTINGS, adapt="off")
+    assert adapted.method == "adaptation" and adapted.source == "teacher" and adapted.threshold is not None

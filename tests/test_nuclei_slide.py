@@ -54,6 +54,24 @@ def test_labels_beside_the_stain_agree_with_segmenting_the_stored_stain_whole(ti
     assert all(t == translations[0] for t in translations)  # every other pixel: no half-pixel move
 
 
+def test_a_model_with_a_segmenter_labels_the_stored_enhanced_gray_by_tutorship(tutored_model, slide, tmp_path):
+    from digital_stain.nuclei.tutor import segment_enhanced
+
+    path = tmp_path / "tutored.ome.zarr"
+    result = find_nuclei_slide(tutored_model, slide, path, **SMALL)  # auto: the model has a segmenter
+    root = zarr.open_group(str(path), mode="r")
+    assert sorted(root.group_keys()) == ["enhanced", "labels"]
+    record = dict(root.attrs)["digital_stain"]["nuclei"]
+    assert (record["method"], record["source"], record["threshold"], result.threshold) == (
+        "tutorship", "enhanced", None, None)
+    labels = root["labels/nuclei/0"][:]
+    whole = segment_enhanced(tutored_model.segmenter, root["enhanced/0"][:].astype(np.float32) / 255)
+    assert result.count > 20 and abs(result.count - int(whole.max())) <= 2
+    assert np.mean((labels > 0) == (whole > 0)) > 0.999  # the segmenter's nuclei, unit by unit
+    again = find_nuclei_slide(tutored_model, slide, path, resume=True, **SMALL)  # complete: read back
+    assert again.count == result.count and again.threshold is None
+
+
 def test_stopped_while_labelling_leaves_the_stain_and_no_labels_then_resume_labels_it(tiny_model, slide, tmp_path):
     reference = find_nuclei_slide(tiny_model, slide, tmp_path / "reference.ome.zarr", **SMALL)
     path = tmp_path / "stopped.ome.zarr"

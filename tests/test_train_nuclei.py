@@ -119,6 +119,11 @@ def test_the_command_line_trains_then_finds_nuclei_by_tutorship(capsys, tiny_mod
     err = capsys.readouterr().err
     assert code == 0 and "by tutorship" in err, err
     assert len(list((tmp_path / "labels").glob("*.tif"))) == 3
+    code = main(["nuclei", str(darkfield_dir / "darkfield_0_0.png"), "-o", str(tmp_path / "slide.ome.zarr"),
+                 "--model", str(out), "--chunk", "256", "--device", "cpu", "-q"])  # a slide: auto is tutorship too
+    err = capsys.readouterr().err
+    assert code == 0 and "nuclei by tutorship" in err and "(the model's segmenter)" in err, err
+    assert (tmp_path / "slide.ome.zarr" / "enhanced").is_dir() and (tmp_path / "slide.ome.zarr" / "labels").is_dir()
     (masks / "stained_0_0.tif").unlink()
     code = main([*args[:-1], "--overwrite", "-q"])
     assert code == 2 and "have no mask of the same name" in capsys.readouterr().err

@@ -877,8 +877,9 @@ def cmd_nuclei_slide(args) -> int:
     if result.stopped:
         print("stopped; finish with the same command and --resume.", file=sys.stderr)
         return 130
-    print(f"wrote {args.output}: {result.count} nuclei, labels in {args.output / 'labels' / 'nuclei'} "
-          f"(threshold {result.threshold:.3f})", file=sys.stderr)
+    how = "the model's segmenter" if result.threshold is None else f"threshold {result.threshold:.3f}"
+    print(f"wrote {args.output}: {result.count} nuclei, labels in {args.output / 'labels' / 'nuclei'} ({how})",
+          file=sys.stderr)
     return 0
 
 

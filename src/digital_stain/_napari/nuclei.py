@@ -3,8 +3,8 @@
 The job runs in a worker thread with the widget's model, device, tile and adapt. A plane in memory
 goes through :func:`digital_stain.nuclei.find.find_nuclei` (stain, then segment the virtual H&E;
 tutorship when the model holds a segmenter) and its layer is added when it is done. A dask plane, a
-large one or a pyramid's level 0 goes through :class:`digital_stain.nuclei.lazy.LazyNuclei`: once
-the threshold is set (a few chunks stained), its layer is added at once as a pyramid that shows the
+large one or a pyramid's level 0 goes through :class:`digital_stain.nuclei.lazy.LazyNuclei` (by
+either method): once the threshold is set (a few chunks stained), its layer is added at once as a pyramid that shows the
 chunks segmented so far, and the job segments the rest, the chunks on screen first, redrawing as it
 goes; the count comes at the end. Only a few stained chunks are in memory; the labels are kept
 (4 bytes a pixel), so planes are limited to :data:`MAX_PIXELS`. The layer lies exactly over the
@@ -53,7 +53,7 @@ def nuclei_work(data, multiscale: bool, used: dict):
         lazy = LazyNuclei(model, plane, settings=settings, adapt=used["adapt"])
         bridge.event.emit(lazy)  # the GUI adds the layer now; what is segmented shows as it comes
         count = lazy.sweep(progress=bridge.progress.emit, stop=stop)
-        return model, Nuclei(labels=None, count=count, method="adaptation", source=lazy.source, stained=None,
+        return model, Nuclei(labels=None, count=count, method=lazy.method, source=lazy.source, stained=None,
                              adaptation=lazy.adaptation.describe(), notes=["found chunk by chunk, as viewed"])
 
     return work
@@ -142,7 +142,7 @@ class FindNuclei:
         try:
             if source not in self.viewer.layers:
                 return
-            pending = Nuclei(labels=None, count=None, method="adaptation", source=lazy.source, stained=None,
+            pending = Nuclei(labels=None, count=None, method=lazy.method, source=lazy.source, stained=None,
                              adaptation=lazy.adaptation.describe(), notes=[])
             layer = show_nuclei(self.viewer, source, lazy, nuclei_metadata(pending, used, source))
             self._lazy_nuclei = (layer, lazy)

@@ -61,12 +61,37 @@ def segment_block(rgb: np.ndarray, origin: tuple[int, int], core: tuple[int, int
     image_shape : (int, int)
         The whole image's (Y, X).
     """
-    dtype = label_dtype(image_shape)
     y0, y1, x0, x1 = core
     if not np.isfinite(threshold):
-        return np.zeros((y1 - y0, x1 - x0), dtype), 0
-    local = split_instances(nuclei_foreground(smoothed_density(rgb, settings), threshold, settings),
-                            settings).astype(np.int64)
+        return np.zeros((y1 - y0, x1 - x0), label_dtype(image_shape)), 0
+    local = split_instances(nuclei_foreground(smoothed_density(rgb, settings), threshold, settings), settings)
+    return name_block(local, origin, core, image_shape)
+
+
+def label_block(method: str, image: np.ndarray, origin: tuple[int, int], core: tuple[int, int, int, int],
+                image_shape: tuple[int, int], settings: NucleiSettings, threshold: float | None = None,
+                segmenter=None) -> tuple[np.ndarray, int]:
+    """One chunk's labels by ``method``, named by their centroids, and how many have their centroid in it.
+
+    ``adaptation``: ``image`` is the stain (float RGB), segmented with the one ``threshold``
+    (:func:`segment_block`). ``tutorship``: ``image`` is the enhanced gray (float (h, w)), and the
+    model's ``segmenter`` finds the nuclei (:func:`digital_stain.nuclei.tutor.segment_enhanced`).
+    Other parameters as for :func:`segment_block`.
+    """
+    if method != "tutorship":
+        return segment_block(image, origin, core, image_shape, settings, threshold)
+    from digital_stain.nuclei.tutor import segment_enhanced
+
+    return name_block(segment_enhanced(segmenter, image, settings), origin, core, image_shape)
+
+
+def name_block(local: np.ndarray, origin: tuple[int, int], core: tuple[int, int, int, int],
+               image_shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """A chunk's instance labels ``local`` (1..N, of the chunk with its margins) renamed by their centroids
+    in the whole image, cut to the chunk's own pixels; and how many have their centroid there."""
+    dtype = label_dtype(image_shape)
+    y0, y1, x0, x1 = core
+    local = local.astype(np.int64)
     count = int(local.max())
     if count == 0:
         return np.zeros((y1 - y0, x1 - x0), dtype), 0
@@ -87,19 +112,22 @@ def _centroids(local: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     return np.floor(cy + 0.5).astype(np.int64), np.floor(cx + 0.5).astype(np.int64)
 
 
-def find_nuclei_chunked(model, darkfield, *, stain: str = "auto", nuclei: NucleiSettings | None = None,
-                        settings=None, adapt="auto", progress=None, stop=None) -> tuple[np.ndarray, int, float, object]:
+def find_nuclei_chunked(model, darkfield, *, method: str = "auto", stain: str = "auto",
+                        nuclei: NucleiSettings | None = None, settings=None, adapt="auto", progress=None,
+                        stop=None) -> tuple[np.ndarray, int, float | None, object]:
     """Nuclei of one large dark-field plane (numpy or dask), stained and segmented chunk by chunk.
 
     Staining goes through :class:`~digital_stain.stain.lazy.LazyStain` (the same chunks, margins
     and statistics as the lazy layers and whole slides), so only a few stained chunks are in memory
-    at a time; the labels, uint32 (:func:`label_dtype`), are the one whole array. Adaptation only
-    (the segmenter of tutorship runs on images and folders). The same chunks, one at a time and in
-    the order a viewer asks for them: :class:`digital_stain.nuclei.lazy.LazyNuclei`.
+    at a time; the labels, uint32 (:func:`label_dtype`), are the one whole array. ``method`` as for
+    :func:`~digital_stain.nuclei.find.find_nuclei` (tutorship segments the enhanced gray with the
+    model's segmenter, chunk by chunk). The same chunks, one at a time and in the order a viewer
+    asks for them: :class:`digital_stain.nuclei.lazy.LazyNuclei`.
 
     Returns
     -------
     (labels, count, threshold, adaptation)
+        ``threshold`` is None for tutorship.
 
     Raises
     ------
@@ -108,6 +136,7 @@ def find_nuclei_chunked(model, darkfield, *, stain: str = "auto", nuclei: Nuclei
     """
     from digital_stain.nuclei.lazy import LazyNuclei
 
-    found = LazyNuclei(model, darkfield, stain=stain, nuclei=nuclei, settings=settings, adapt=adapt)
+    found = LazyNuclei(model, darkfield, method=method, stain=stain, nuclei=nuclei, settings=settings,
+                       adapt=adapt)
     count = found.sweep(progress=progress, stop=stop)
     return found.labels(), count, found.threshold, found.adaptation

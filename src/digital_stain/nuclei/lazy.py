@@ -1,9 +1,10 @@
 """Nuclei labels of a large plane, segmented chunk by chunk in the order a viewer asks for them, each once.
 
 :class:`LazyNuclei` stains (through :class:`~digital_stain.stain.lazy.LazyStain`) and segments one
-chunk at a time with :func:`~digital_stain.nuclei.chunked.segment_block`: one Otsu threshold for
-the whole plane, labels named by their centroids, so chunks agree with one another whatever order
-they are segmented in. Two kinds of caller share it:
+chunk at a time with :func:`~digital_stain.nuclei.chunked.label_block`: by adaptation, the stain
+segmented with one Otsu threshold for the whole plane; by tutorship, the enhanced gray segmented by
+the model's segmenter. Labels are named by their centroids, so chunks agree with one another
+whatever order they are segmented in. Two kinds of caller share it:
 
 * :meth:`LazyNuclei.sweep` (a worker thread) segments every chunk, those asked for first, and
   counts each nucleus once (by the chunk its centroid falls in);
@@ -25,7 +26,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from digital_stain.nuclei.chunked import MARGIN, global_threshold, label_dtype, segment_block
+from digital_stain.nuclei.chunked import MARGIN, global_threshold, label_block, label_dtype
 from digital_stain.nuclei.segment import NucleiSettings
 
 THRESHOLD_CROPS = 16  # chunks spread over the plane whose tissue gives the one Otsu threshold
@@ -40,23 +41,28 @@ class LazyNuclei:
         Stains the plane; not changed.
     darkfield : array (Y, X) or (Y, X, C)
         The plane, as :class:`~digital_stain.stain.lazy.LazyStain` takes it.
+    method : {"auto", "adaptation", "tutorship"}
+        As for :func:`~digital_stain.nuclei.find.find_nuclei` (``auto``: tutorship when the model
+        holds a segmenter).
     stain : {"auto", "teacher", "student"}
-        Which stain is segmented (:func:`digital_stain.nuclei.find.stain_source`).
+        Adaptation: which stain is segmented (:func:`digital_stain.nuclei.find.stain_source`).
     nuclei, settings, adapt
         The segmenter's settings, the staining settings (its ``chunk`` is the chunk side) and the
         light adaptation, as for :func:`~digital_stain.nuclei.chunked.find_nuclei_chunked`.
 
-    Constructing it stains up to 16 chunks (for the threshold): do it in a worker thread.
+    Constructing it by adaptation stains up to 16 chunks (for the threshold): do it in a worker thread.
     """
 
-    def __init__(self, model, darkfield, *, stain: str = "auto", nuclei: NucleiSettings | None = None,
-                 settings=None, adapt="auto"):
-        from digital_stain.nuclei.find import stain_source
+    def __init__(self, model, darkfield, *, method: str = "auto", stain: str = "auto",
+                 nuclei: NucleiSettings | None = None, settings=None, adapt="auto"):
+        from digital_stain.nuclei.find import choose_method, stain_source
         from digital_stain.stain.lazy import LazyStain
         from digital_stain.stain.settings import StainSettings
 
         self.nuclei = nuclei or NucleiSettings()
-        self.source = stain_source(model, stain)
+        self.method = choose_method(model, method)
+        self.source = stain_source(model, stain) if self.method == "adaptation" else "enhanced"
+        self._segmenter = model.segmenter if self.method == "tutorship" else None
         self._stain = LazyStain(model, darkfield, [self.source], settings=settings or StainSettings(),
                                 adapt=adapt, cache_chunks=64)
         self._stained = self._stain.arrays[self.source]
@@ -67,9 +73,7 @@ class LazyNuclei:
         starts_y, starts_x = np.cumsum((0,) + rows), np.cumsum((0,) + cols)
         self.boxes = {(i, j): (int(starts_y[i]), int(starts_y[i + 1]), int(starts_x[j]), int(starts_x[j + 1]))
                       for i in range(len(rows)) for j in range(len(cols))}
-        keys = list(self.boxes)
-        picks = np.unique(np.linspace(0, len(keys) - 1, min(THRESHOLD_CROPS, len(keys))).round().astype(int))
-        self.threshold = global_threshold([self._read_stain(self.boxes[keys[i]]) for i in picks], self.nuclei)
+        self.threshold = self._threshold() if self.method == "adaptation" else None
         self._labels: dict[tuple, np.ndarray] = {}
         self._own: dict[tuple, int] = {}
         self._asked: OrderedDict = OrderedDict()  # the newest last: the sweep takes it first
@@ -96,6 +100,11 @@ class LazyNuclei:
         with self._lock:
             return sum(self._own.values())
 
+    def _threshold(self) -> float:
+        keys = list(self.boxes)
+        picks = np.unique(np.linspace(0, len(keys) - 1, min(THRESHOLD_CROPS, len(keys))).round().astype(int))
+        return global_threshold([self._read_stain(self.boxes[keys[i]]) for i in picks], self.nuclei)
+
     def _read_stain(self, box) -> np.ndarray:
         y0, y1, x0, x1 = box
         return np.asarray(self._stained[y0:y1, x0:x1])
@@ -109,9 +118,9 @@ class LazyNuclei:
         y0, y1, x0, x1 = self.boxes[key]
         top, left = max(y0 - MARGIN, 0), max(x0 - MARGIN, 0)
         bottom, right = min(y1 + MARGIN, height), min(x1 + MARGIN, width)
-        block, own = segment_block(self._read_stain((top, bottom, left, right)), (top, left),
-                                   (y0 - top, y1 - top, x0 - left, x1 - left), self.shape, self.nuclei,
-                                   self.threshold)
+        block, own = label_block(self.method, self._read_stain((top, bottom, left, right)), (top, left),
+                                 (y0 - top, y1 - top, x0 - left, x1 - left), self.shape, self.nuclei,
+                                 self.threshold, self._segmenter)
         with self._lock:  # the same chunk segmented twice gives the same labels: keep the first
             self._labels.setdefault(key, block)
             self._own.setdefault(key, own)

@@ -4,7 +4,8 @@
 (:func:`digital_stain.slide.run.stain_to_zarr`: bounded memory, resumable; only the stain that is
 segmented, :func:`~digital_stain.nuclei.find.stain_source`: the teacher by default), then segments the stored stain unit by unit
 (:mod:`digital_stain.nuclei.chunked`: one threshold for the slide, labels named by centroid, so
-chunks agree) and writes an NGFF label image beside it::
+chunks agree) and writes an NGFF label image beside it. By tutorship (a model with a segmenter)
+the store holds the enhanced gray instead, and the segmenter labels it unit by unit::
 
     OUT.ome.zarr/
       teacher/0, 1, ...          the stain segmented (as stain writes it)
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from digital_stain.core.arrays import InputError
-from digital_stain.nuclei.chunked import MARGIN, global_threshold, label_dtype, segment_block
+from digital_stain.nuclei.chunked import MARGIN, global_threshold, label_block, label_dtype
 from digital_stain.nuclei.find import choose_method, stain_source
 from digital_stain.nuclei.segment import NucleiSettings
 
@@ -70,9 +71,10 @@ def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str =
     output : path-like
         The store (``*.ome.zarr``).
     method : ``auto|adaptation|tutorship``
-        Slides are labelled by adaptation (``auto`` means it here); ``tutorship`` is refused.
+        As for :func:`~digital_stain.nuclei.find.find_nuclei` (``auto``: tutorship when the model holds
+        a segmenter). Tutorship stores the enhanced gray and segments it with the model's segmenter.
     stain : ``auto|teacher|student``
-        As for :func:`~digital_stain.nuclei.find.find_nuclei`.
+        Adaptation: the stain stored and segmented, as for :func:`~digital_stain.nuclei.find.find_nuclei`.
     nuclei : NucleiSettings, optional
     resume, overwrite, progress, stop, **staining
         As for :func:`~digital_stain.slide.run.stain_to_zarr` (``chunk``, ``overlap``, ``device``,
@@ -84,26 +86,28 @@ def find_nuclei_slide(model, source, output: str | os.PathLike, *, method: str =
     """
     from digital_stain.slide.run import stain_to_zarr
 
-    if choose_method(model, method) == "tutorship" and method == "tutorship":  # auto: adaptation, below
-        raise InputError("whole slides are labelled by adaptation only for now (the tutorship segmenter runs on "
-                         "images and folders); give --method adaptation, or write tiles and label the folder.")
+    chosen = choose_method(model, method)
     nuclei = nuclei or NucleiSettings()
-    source_output = stain_source(model, stain)
+    source_output = stain_source(model, stain) if chosen == "adaptation" else "enhanced"
     stained = stain_to_zarr(model, source, output, [source_output], resume=resume, overwrite=overwrite,
                             progress=progress, stop=stop, **staining)
     result = SlideNuclei(Path(output), None, stained, notes=list(stained.notes))
     if stained.stopped:
         return result
     count, threshold = label_store(Path(output), source_output, nuclei, progress=progress, stop=stop,
-                                   done_before=stained.units_total)
+                                   done_before=stained.units_total,
+                                   segmenter=model.segmenter if chosen == "tutorship" else None)
     result.count, result.threshold = count, threshold
     return result
 
 
 def label_store(path: Path, output: str, nuclei: NucleiSettings, *, progress=None, stop=None,
-                done_before: int = 0) -> tuple[int | None, float | None]:
+                done_before: int = 0, segmenter=None) -> tuple[int | None, float | None]:
     """Write ``labels/nuclei`` for the stored ``output`` of a complete store; returns (count, threshold),
-    (None, None) when stopped (nothing of the labels is left then)."""
+    (None, None) when stopped (nothing of the labels is left then).
+
+    With a ``segmenter`` (tutorship) ``output`` is ``enhanced`` and the segmenter finds the nuclei
+    (no threshold: None); without, the stored stain is segmented with one threshold (adaptation)."""
     from digital_stain.io.images import read_calibration
     from digital_stain.slide.store import SlideStore, ngff_attributes, ngff_version, read_state
 
@@ -112,14 +116,15 @@ def label_store(path: Path, output: str, nuclei: NucleiSettings, *, progress=Non
     store = SlideStore(path)
     state = store.state
     record = state.get("nuclei")
-    if record is not None and (path / "labels" / LABELS).exists():
-        return int(record["count"]), float(record["threshold"])  # labelled before: nothing to do
+    if record is not None and (path / "labels" / LABELS).exists():  # labelled before: nothing to do
+        return int(record["count"]), None if record["threshold"] is None else float(record["threshold"])
     if (path / "labels").exists() and not _our_labels(path / "labels"):
         raise InputError(f"{path / 'labels'} holds labels this tool did not write (another program added them); "
                          "they are not replaced. Move them out of the store, or label into a new store.")
     grid = store.grid
     height, width = grid.levels[0]
-    threshold = global_threshold(_spread_crops(store, output, grid), nuclei)
+    method = "tutorship" if segmenter is not None else "adaptation"
+    threshold = global_threshold(_spread_crops(store, output, grid), nuclei) if method == "adaptation" else None
     version = ngff_version(state)
     staging = path / STAGING  # our own name inside our store: what a stopped or crashed labelling left
     shutil.rmtree(staging, ignore_errors=True)
@@ -136,7 +141,7 @@ def label_store(path: Path, output: str, nuclei: NucleiSettings, *, progress=Non
                 return None, None
             box = grid.box(level, key)
             if level == 0:
-                block, own = _label_unit(store, output, box, (height, width), nuclei, threshold)
+                block, own = _label_unit(store, output, box, (height, width), nuclei, threshold, segmenter)
                 count += own
             else:
                 y0, y1, x0, x1 = box
@@ -150,7 +155,7 @@ def label_store(path: Path, output: str, nuclei: NucleiSettings, *, progress=Non
         **({"version": version} if version == "0.4" else {}), "source": {"image": "../../"}}}))
     group.attrs.update(ngff_attributes(version, {"labels": [LABELS]}))
     os.replace(staging, path / "labels")
-    store.update_state(nuclei={"count": count, "method": "adaptation", "source": output, "threshold": threshold,
+    store.update_state(nuclei={"count": count, "method": method, "source": output, "threshold": threshold,
                                "margin": MARGIN, "settings": dataclasses.asdict(nuclei)})
     return count, threshold
 
@@ -185,13 +190,15 @@ def _label_arrays(store, labels, grid, dtype) -> list:
             for level, shape in enumerate(grid.levels)]
 
 
-def _label_unit(store, output: str, box: tuple, shape: tuple, nuclei: NucleiSettings, threshold: float):
+def _label_unit(store, output: str, box: tuple, shape: tuple, nuclei: NucleiSettings, threshold: float | None,
+                segmenter=None):
     """Labels of one level-0 unit, segmented with :data:`MARGIN` px of its neighbours around it."""
     y0, y1, x0, x1 = box
     top, left = max(y0 - MARGIN, 0), max(x0 - MARGIN, 0)
     bottom, right = min(y1 + MARGIN, shape[0]), min(x1 + MARGIN, shape[1])
-    rgb = store.read(output, 0, (top, bottom, left, right)).astype(np.float32) / 255.0
-    return segment_block(rgb, (top, left), (y0 - top, y1 - top, x0 - left, x1 - left), shape, nuclei, threshold)
+    image = store.read(output, 0, (top, bottom, left, right)).astype(np.float32) / 255.0
+    return label_block("tutorship" if segmenter is not None else "adaptation", image, (top, left),
+                       (y0 - top, y1 - top, x0 - left, x1 - left), shape, nuclei, threshold, segmenter)
 
 
 def _labels_multiscale(calibration, grid, version: str) -> dict:
