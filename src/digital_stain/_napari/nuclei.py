@@ -165,7 +165,6 @@ class FindNuclei:
             show_warning(f"could not redraw the nuclei: {err}")
 
     def _on_nuclei_done(self, outcome, source, used) -> None:
-
         lazy, self._lazy_nuclei = self._lazy_nuclei, None
         try:
             self._nuclei_timer.stop()
@@ -178,7 +177,7 @@ class FindNuclei:
                 self.status.setText("stopped; nothing was added." if lazy is None else
                                     f"stopped: {lazy[1].done} of {lazy[1].total} chunks labelled and shown; "
                                     "not counted.")
-            elif source not in self.viewer.layers:
+            elif lazy is None and source not in self.viewer.layers:
                 self.status.setText(f"{source.name!r} was closed meanwhile; nothing was added.")
             else:
                 model, found = outcome.result
