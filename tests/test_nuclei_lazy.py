@@ -41,6 +41,7 @@ def test_reads_never_segment_and_the_sweep_takes_the_viewed_chunk_first(model, p
     count = found.sweep(progress=progress)
     assert firsts == [(True, False)]  # the viewed chunk was segmented first, the others after
     assert count > 50 and found.count == count and found.done == 4
+    assert found._stain is None and np.asarray(found.levels()[0]).any()  # stained chunks let go; labels kept
 
 
 def test_swept_levels_are_the_labels_and_agree_with_the_chunked_call(model, plane):

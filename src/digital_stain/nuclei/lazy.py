@@ -73,6 +73,7 @@ class LazyNuclei:
         starts_y, starts_x = np.cumsum((0,) + rows), np.cumsum((0,) + cols)
         self.boxes = {(i, j): (int(starts_y[i]), int(starts_y[i + 1]), int(starts_x[j]), int(starts_x[j + 1]))
                       for i in range(len(rows)) for j in range(len(cols))}
+        self._adaptation = self._stain.prep.adaptation
         self.threshold = self._threshold() if self.method == "adaptation" else None
         self._labels: dict[tuple, np.ndarray] = {}
         self._own: dict[tuple, int] = {}
@@ -82,7 +83,7 @@ class LazyNuclei:
     @property
     def adaptation(self):
         """The light adaptation the stain used (:class:`~digital_stain.core.adapt.Adaptation`)."""
-        return self._stain.prep.adaptation
+        return self._adaptation
 
     @property
     def total(self) -> int:
@@ -151,6 +152,9 @@ class LazyNuclei:
             self.segment(key)
             if progress is not None:
                 progress(self.done, self.total)
+        # every chunk is segmented: the stain and its cache of stained chunks (up to 64, 12 MB each at
+        # 1024 px) are no longer needed, though a viewer keeps this object as long as it shows the labels
+        self._stain = self._stained = None
         return self.count
 
     def labels(self) -> np.ndarray:
