@@ -4,10 +4,10 @@ The job runs in a worker thread with the widget's model, device, tile and adapt.
 goes through :func:`digital_stain.nuclei.find.find_nuclei` (stain, then segment the virtual H&E;
 tutorship when the model holds a segmenter) and its layer is added when it is done. A dask plane, a
 large one or a pyramid's level 0 goes through :class:`digital_stain.nuclei.lazy.LazyNuclei` (by
-either method): once the threshold is set (a few chunks stained), its layer is added at once as a pyramid that shows the
-chunks segmented so far, and the job segments the rest, the chunks on screen first, redrawing as it
-goes; the count comes at the end. Only a few stained chunks are in memory; the labels are kept
-(4 bytes a pixel), so planes are limited to :data:`MAX_PIXELS`. The layer lies exactly over the
+either method): once the threshold is set (up to 16 chunks stained), its layer is added at once as a
+pyramid that shows the chunks segmented so far, and the job segments the rest, the chunks on screen
+first, redrawing as it goes; the count comes at the end. Up to 64 stained chunks are kept while it
+runs; the labels are kept (4 bytes a pixel), so planes are limited to :data:`MAX_PIXELS`. The layer lies exactly over the
 input (its scale, translation and units) and its metadata records how it was made.
 """
 

@@ -28,6 +28,21 @@ from digital_stain.nuclei.segment import (NucleiSettings, nuclei_foreground, smo
                                           tissue_density)
 
 MARGIN = 32  # px of neighbours around a chunk: more than a nucleus is wide
+THRESHOLD_CROPS = 16  # chunks spread over an image whose tissue gives its one Otsu threshold
+
+
+def spread(count: int, most: int = THRESHOLD_CROPS) -> np.ndarray:
+    """Indices of up to ``most`` of ``count`` items (chunks in raster order), spread evenly over them."""
+    return np.unique(np.linspace(0, count - 1, min(most, count)).round().astype(int))
+
+
+def with_margin(box: tuple[int, int, int, int], shape: tuple[int, int]):
+    """A chunk ``(y0, y1, x0, x1)`` grown by :data:`MARGIN` px (within ``shape``): ``(region, core)``,
+    the region to read and the chunk's own pixels in the region's coordinates."""
+    y0, y1, x0, x1 = box
+    top, left = max(y0 - MARGIN, 0), max(x0 - MARGIN, 0)
+    bottom, right = min(y1 + MARGIN, shape[0]), min(x1 + MARGIN, shape[1])
+    return (top, bottom, left, right), (y0 - top, y1 - top, x0 - left, x1 - left)
 
 
 def label_dtype(shape: tuple[int, int]) -> np.dtype:

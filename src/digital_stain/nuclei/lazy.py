@@ -26,10 +26,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from digital_stain.nuclei.chunked import MARGIN, global_threshold, label_block, label_dtype
+from digital_stain.nuclei.chunked import global_threshold, label_block, label_dtype, spread, with_margin
 from digital_stain.nuclei.segment import NucleiSettings
-
-THRESHOLD_CROPS = 16  # chunks spread over the plane whose tissue gives the one Otsu threshold
 
 
 class LazyNuclei:
@@ -103,8 +101,7 @@ class LazyNuclei:
 
     def _threshold(self) -> float:
         keys = list(self.boxes)
-        picks = np.unique(np.linspace(0, len(keys) - 1, min(THRESHOLD_CROPS, len(keys))).round().astype(int))
-        return global_threshold([self._read_stain(self.boxes[keys[i]]) for i in picks], self.nuclei)
+        return global_threshold([self._read_stain(self.boxes[keys[i]]) for i in spread(len(keys))], self.nuclei)
 
     def _read_stain(self, box) -> np.ndarray:
         y0, y1, x0, x1 = box
@@ -115,13 +112,9 @@ class LazyNuclei:
         with self._lock:
             if key in self._labels:
                 return self._labels[key]
-        height, width = self.shape
-        y0, y1, x0, x1 = self.boxes[key]
-        top, left = max(y0 - MARGIN, 0), max(x0 - MARGIN, 0)
-        bottom, right = min(y1 + MARGIN, height), min(x1 + MARGIN, width)
-        block, own = label_block(self.method, self._read_stain((top, bottom, left, right)), (top, left),
-                                 (y0 - top, y1 - top, x0 - left, x1 - left), self.shape, self.nuclei,
-                                 self.threshold, self._segmenter)
+        region, core = with_margin(self.boxes[key], self.shape)
+        block, own = label_block(self.method, self._read_stain(region), (region[0], region[2]), core, self.shape,
+                                 self.nuclei, self.threshold, self._segmenter)
         with self._lock:  # the same chunk segmented twice gives the same labels: keep the first
             self._labels.setdefault(key, block)
             self._own.setdefault(key, own)

@@ -32,14 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from digital_stain.core.arrays import InputError
-from digital_stain.nuclei.chunked import MARGIN, global_threshold, label_block, label_dtype
+from digital_stain.nuclei.chunked import MARGIN, global_threshold, label_block, label_dtype, spread, with_margin
 from digital_stain.nuclei.find import choose_method, stain_source
 from digital_stain.nuclei.segment import NucleiSettings
 
 LABELS = "nuclei"
 STAGING = ".labels.partial"
 METHOD = "digital_stain.nuclei.slide.label_store"  # recorded in our labels' metadata: how we know them
-THRESHOLD_CROPS = 16  # crops spread over the slide for its one threshold
 
 
 @dataclass
@@ -176,10 +175,10 @@ def _our_labels(folder: Path) -> bool:
 
 
 def _spread_crops(store, output: str, grid) -> list:
-    """Up to :data:`THRESHOLD_CROPS` level-0 units spread evenly over the slide, as float RGB."""
+    """Up to 16 level-0 units (:data:`~digital_stain.nuclei.chunked.THRESHOLD_CROPS`) spread evenly over the
+    slide, as float RGB."""
     units = grid.units(0)
-    picks = np.unique(np.linspace(0, len(units) - 1, min(THRESHOLD_CROPS, len(units))).round().astype(int))
-    return [store.read(output, 0, grid.box(0, units[i])).astype(np.float32) / 255.0 for i in picks]
+    return [store.read(output, 0, grid.box(0, units[i])).astype(np.float32) / 255.0 for i in spread(len(units))]
 
 
 def _label_arrays(store, labels, grid, dtype) -> list:
@@ -193,12 +192,10 @@ def _label_arrays(store, labels, grid, dtype) -> list:
 def _label_unit(store, output: str, box: tuple, shape: tuple, nuclei: NucleiSettings, threshold: float | None,
                 segmenter=None):
     """Labels of one level-0 unit, segmented with :data:`MARGIN` px of its neighbours around it."""
-    y0, y1, x0, x1 = box
-    top, left = max(y0 - MARGIN, 0), max(x0 - MARGIN, 0)
-    bottom, right = min(y1 + MARGIN, shape[0]), min(x1 + MARGIN, shape[1])
-    image = store.read(output, 0, (top, bottom, left, right)).astype(np.float32) / 255.0
-    return label_block("tutorship" if segmenter is not None else "adaptation", image, (top, left),
-                       (y0 - top, y1 - top, x0 - left, x1 - left), shape, nuclei, threshold, segmenter)
+    region, core = with_margin(box, shape)
+    image = store.read(output, 0, region).astype(np.float32) / 255.0
+    return label_block("tutorship" if segmenter is not None else "adaptation", image, (region[0], region[2]), core,
+                       shape, nuclei, threshold, segmenter)
 
 
 def _labels_multiscale(calibration, grid, version: str) -> dict:
