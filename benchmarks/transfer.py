@@ -120,12 +120,13 @@ def zero_shot(models: list[str], test, paired_model: str) -> list[str]:
     return rows
 
 
-def fine_tuned(models: list[str], test, dark_dir: Path, hne_dir: Path, workdir: Path, steps, teacher_steps) -> list[str]:
+def fine_tuned(models: list[str], test, dark_dir: Path, hne_dir: Path, workdir: Path, steps, teacher_steps,
+               pairings=("defaults", "unpaired")) -> list[str]:
     from digital_stain.train.finetune import fine_tune
 
     images, references = [t[1] for t in test], [t[2] for t in test]
     rows = ["| method | PSNR ↑ | SSIM ↑ | nuclei Dice ↑ | minutes | check |", "|---|---|---|---|---|---|"]
-    for name, (label, paired) in itertools.product(models, PAIRINGS):
+    for name, (label, paired) in itertools.product(models, [p for p in PAIRINGS if p[0] in pairings]):
         tag = f"{name}-dsdp-{label.split()[0]}"
         t0 = time.time()
         result = fine_tune(name, dark_dir, hne_dir, device="cpu", steps=steps, teacher_steps=teacher_steps,
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="student steps of the fine-tune (default: fine_tune's)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: fine_tune's)")
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--pairings", default="defaults,unpaired",
+                        help="which fine-tunes: defaults (pairing detected), unpaired (forced), or both")
     parser.add_argument("--only", choices=("zero-shot", "fine-tune", "shift", "calibration"), default=None)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images (smoke runs)")
     args = parser.parse_args(argv)
@@ -248,7 +251,8 @@ def main(argv=None) -> int:
         print("\n".join(zero_shot(models, test, args.paired_model)) + "\n")
     if args.only in (None, "fine-tune") and not args.skip_finetune:
         print("### After `fine_tune` on the rest of DSD_P/train: defaults (pairing detected) and forced unpaired\n")
-        print("\n".join(fine_tuned(models, test, dark_dir, hne_dir, args.workdir, args.steps, args.teacher_steps)) + "\n")
+        print("\n".join(fine_tuned(models, test, dark_dir, hne_dir, args.workdir, args.steps, args.teacher_steps,
+                                   args.pairings.split(","))) + "\n")
     if args.only in (None, "shift"):
         print("### Synthetic shift of DSD_U/val, against the stain of the unshifted images\n")
         print("\n".join(synthetic_shift(models, args.data, args.limit)) + "\n")

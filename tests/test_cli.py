@@ -427,7 +427,7 @@ def test_train_paired_end_to_end(capsys, tiny_model_file, paired_dirs, tmp_path)
     output = tmp_path / "paired.safetensors"
     argv = ["train", "--paired", "--darkfield", str(darkfield), "--stained", str(sections), "--output", str(output),
             "--init", str(tiny_model_file), "--from-scratch", "--size", "tiny", "--steps", "2", "--crop", "64", *FAST,
-            "--reg-warmup", "3", "--lambda-smooth", "1", "--reg-lr-scale", "10"]
+            "--teacher-steps", "2", "--reg-warmup", "3", "--lambda-smooth", "1", "--reg-lr-scale", "10"]
     # the registration network's settings are for paired training only: refused before any work without --paired
     assert main([a for a in argv if a != "--paired"]) == 2
     assert ("--reg-warmup, --lambda-smooth, --reg-lr-scale set the registration network of paired training"

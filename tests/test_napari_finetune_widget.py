@@ -170,6 +170,21 @@ def test_the_stages_show_their_own_progress_in_order(viewer_and_widgets, qtbot):
     assert record["teacher"]["steps"] == 6 and record["check"]["passed"]
 
 
+def test_teacher_steps_default_leaves_the_length_to_the_pairing(viewer_and_widgets, qtbot, monkeypatch):
+    from digital_stain.train import finetune
+
+    viewer, stain, tune = viewer_and_widgets
+    tune.teacher_steps.setValue(tune.teacher_steps.minimum())
+    assert tune.teacher_steps.text() == "default" and "1000 on adjacent sections" in tune.teacher_steps.toolTip()
+    monkeypatch.setattr(finetune, "TEACHER_STEPS", 2)  # what fine_tune takes for unpaired layers (the real one: 300)
+    tune.steps.setValue(2)
+    tune.val_every = 2
+    assert tune.start()
+    qtbot.waitUntil(lambda: not tune.running, timeout=120_000)
+    record = StainModel.load(tune.last_output, device="cpu").metadata["provenance"]["fine_tune"]
+    assert record["teacher"]["steps"] == 2 and record["teacher"]["learnt_from"] == "the H&E's own gray"
+
+
 @pytest.mark.parametrize("stage", ["teacher", "student"])
 def test_stop_works_in_every_stage(viewer_and_widgets, qtbot, stage):
     viewer, stain, tune = viewer_and_widgets

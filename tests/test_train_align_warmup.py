@@ -80,7 +80,7 @@ def test_warm_up_is_repeatable_and_stops(sample_dir):
 def test_paired_training_warms_r_up_once_and_resume_checks_it(tiny_model, darkfield_dir, sections_dir, tmp_path):
     from digital_stain.core.arrays import InputError
 
-    common = dict(paired=True, size="tiny", from_scratch=True, crop=64, device="cpu", precision="fp32")
+    common = dict(paired=True, size="tiny", from_scratch=True, crop=64, device="cpu", precision="fp32", teacher_steps=0)
     fast = dict(disc_width=8, report_every=1, val_every=1)
     plain, warmed = tmp_path / "plain.ckpt.safetensors", tmp_path / "warmed.ckpt.safetensors"
     messages = []

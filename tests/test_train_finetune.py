@@ -391,6 +391,22 @@ def test_teacher_steps_are_checked(tiny_model, darkfield_dir, hne_dir):
         fine_tune(tiny_model, darkfield_dir, hne_dir, steps=1, crop=64, device="cpu", teacher_steps=-1)
 
 
+@pytest.mark.parametrize("paired", [True, False])
+def test_the_teacher_learns_from_the_sections_when_trained_paired_and_from_the_h_and_e_alone_otherwise(
+        tiny_model, darkfield_dir, sections_dir, monkeypatch, paired):
+    from digital_stain.train import finetune
+
+    # the defaults' lengths (1000 and 300 steps) stand for themselves; four and three show which one is taken
+    monkeypatch.setattr(finetune, "PAIRED_TEACHER_STEPS", 4)
+    monkeypatch.setattr(finetune, "TEACHER_STEPS", 3)
+    tuned = fine_tune(tiny_model, darkfield_dir, sections_dir, paired=paired, steps=1, crop=64, device="cpu",
+                      precision="fp32", config_overrides=dict(FAST, val_every=1), check=False)
+    record = tuned.model.metadata["provenance"]["fine_tune"]["teacher"]
+    assert tuned.teacher_result.steps_done == record["steps"] == (4 if paired else 3)
+    assert record["learnt_from"] == ("the enhanced dark-field and its adjacent section" if paired else
+                                     "the H&E's own gray")
+
+
 def test_the_enhancer_is_refitted_only_where_the_lab_differs(tiny_model, darkfield_tile, hne_dir, tmp_path):
     from digital_stain.train.data import load_rgb_folder
     from digital_stain.train.finetune import _fit_enhancer

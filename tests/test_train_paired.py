@@ -180,7 +180,7 @@ def test_paired_steps_train_registration_and_write_a_model_without_it(tiny_model
     ckpt = tmp_path / "p.ckpt.safetensors"
     events, steps = [], []
     tuned = fine_tune(tiny_model, darkfield_dir, sections_dir, paired=True, size="tiny", from_scratch=True, steps=3,
-                      crop=64, device="cpu", precision="fp32", checkpoint=ckpt, progress=events.append,
+                      crop=64, device="cpu", precision="fp32", checkpoint=ckpt, progress=events.append, teacher_steps=2,
                       callback=lambda step, student: steps.append(step), config_overrides=dict(FAST, val_every=1))
     result = tuned.result
     assert steps == [1, 2, 3] and result.steps_done == 3 and not result.cancelled
@@ -204,6 +204,8 @@ def test_paired_steps_train_registration_and_write_a_model_without_it(tiny_model
     assert (student["config"]["lambda_kd"], student["config"]["lambda_cyc"],
             student["config"]["lambda_con"], student["config"]["lambda_smooth"]) == (2.0, 10.0, 20.0, 10.0)
     assert "paired" in loaded.metadata["description"]
+    teacher = loaded.metadata["provenance"]["fine_tune"]["teacher"]
+    assert teacher["steps"] == 2 and teacher["learnt_from"] == "the enhanced dark-field and its adjacent section"
     assert loaded.stain(np.zeros((64, 64, 3), np.uint8), ["student"], precision="fp32")["student"].shape == (64, 64, 3)
 
 
@@ -277,7 +279,7 @@ def test_pix2pix_baseline_is_lta_with_the_field_held_at_identity(tiny_model, dar
 def test_registration_learning_rate_scale_is_recorded_and_checked_on_resume(tiny_model, darkfield_dir, sections_dir,
                                                                             tmp_path):
     ckpt = tmp_path / "r.ckpt.safetensors"
-    common = dict(paired=True, size="tiny", from_scratch=True, crop=64, device="cpu", precision="fp32",
+    common = dict(paired=True, size="tiny", from_scratch=True, crop=64, device="cpu", precision="fp32", teacher_steps=0,
                   checkpoint=ckpt)
     fine_tune(tiny_model, darkfield_dir, sections_dir, steps=2, config_overrides=dict(FAST, reg_lr_scale=10.0),
               **common)

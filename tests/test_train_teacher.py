@@ -292,3 +292,44 @@ def test_cli_train_teacher_bad_stained_folder(capsys, darkfield_dir, tmp_path):
     err = capsys.readouterr().err
     assert "digital-stain: error:" in err and str(tmp_path / "none") in err
     assert not output.exists()
+
+
+def _sections_coloured_by(gray: np.ndarray) -> np.ndarray:
+    """RGB sections of one lightness whose redness follows ``gray``: their own gray cannot tell where to colour."""
+    from digital_stain.core.color import lab_to_rgb
+
+    lab = torch.zeros(1, 3, *gray.shape)
+    lab[0, 0] = 60.0
+    lab[0, 1] = torch.from_numpy(60.0 * (0.5 - gray))  # red where the gray is dark, green where it is bright
+    return (lab_to_rgb(lab)[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def test_paired_teacher_learns_the_colour_the_dark_field_shows_and_the_h_and_e_gray_does_not():
+    from scipy import ndimage
+
+    from digital_stain.core.color import rgb_to_lab
+    from digital_stain.core.nets.unet import AB_SCALE, lightness_input
+
+    rng = np.random.default_rng(0)
+    grays = [ndimage.gaussian_filter(rng.random((96, 96)), 4).astype(np.float32) for _ in range(6)]
+    grays = [(g - g.min()) / np.ptp(g) for g in grays]
+    sections = [_sections_coloured_by(g) for g in grays]
+    names = [f"pair {i}" for i in range(6)]
+    settings = config(steps=60, batch=4, lr=3e-3, val_every=30, report_every=10)
+    paired, result = train_teacher(sections, settings, names=names, enhanced=grays)
+    unpaired, _ = train_teacher(sections, settings, names=names)  # each section's own, nearly flat, gray
+    assert result.steps_done == 60 and result.best_score == min(h["val_l1_ab"] for h in result.history)
+
+    def chroma_error(net) -> float:  # mean L1 in Lab units of the chroma it gives each gray against its section's
+        errors = []
+        with torch.no_grad():
+            for gray, section in zip(grays, sections):
+                ab = net(lightness_input(torch.from_numpy(gray)[None, None]))[0] * AB_SCALE
+                target = rgb_to_lab(torch.from_numpy(section).permute(2, 0, 1)[None].float() / 255)[0, 1:]
+                errors.append(float((ab - target).abs().mean()))
+        return float(np.mean(errors))
+
+    learnt, not_learnt = chroma_error(paired), chroma_error(unpaired)
+    assert learnt < 15 and learnt < 0.3 * not_learnt, (learnt, not_learnt)  # measured: 10 against 65
+    with pytest.raises(ValueError, match="got 2 for 6 sections"):
+        train_teacher(sections, settings, names=names, enhanced=grays[:2])

@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight of a structure loss: the stain's gray keeps the enhanced gray's gradients "
                             "(default 0, the paper's losses; docs/models.md)")
     train.add_argument("--teacher-steps", type=options.integer(0, what="a number of steps"), default=None, metavar="N",
-                       help="first fine-tune the teacher on --stained for N steps (default 300 when --init has a "
-                            "teacher; 0 keeps its teacher as it is)")
+                       help="first fine-tune the teacher for N steps: on --stained alone (default 300) or, trained "
+                            "paired, on the adjacent sections (default 1000); 0 keeps --init's teacher as it is")
     train.add_argument("--refit", choices=ADAPT_MODES, default="auto",
                        help="refit the enhancer's CDFs: auto (default) the dark-field one on --darkfield when it is "
                             "far from --init's (as staining adapts), the bright-field one on --stained when the "

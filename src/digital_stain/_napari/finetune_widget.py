@@ -29,7 +29,8 @@ from digital_stain._napari import settings
 from digital_stain.core.arrays import InputError
 from digital_stain.core.devices import DEVICES
 from digital_stain.io.images import list_images
-from digital_stain.train.finetune import FINE_TUNE_STEPS, STAGES, TEACHER_STEPS, rejected_path
+from digital_stain.train.finetune import (FINE_TUNE_STEPS, PAIRED_TEACHER_STEPS, STAGES, TEACHER_STEPS,
+                                          rejected_path)
 from digital_stain._napari import layers as L
 from digital_stain._napari.lossplot import LossPlot
 from digital_stain._napari.models import ModelPicker, load_model, registry
@@ -79,9 +80,12 @@ class FineTuneWidget(QWidget):
                               value=_as_int(saved.get("steps"), FINE_TUNE_STEPS))
         self.steps.setToolTip("Student steps (default 500; with every stage, minutes on a 2-core CPU: see the "
                               "user guide).")
-        self.teacher_steps = QSpinBox(minimum=0, maximum=100_000, singleStep=100,
-                                      value=_as_int(saved.get("teacher_steps"), TEACHER_STEPS))
-        self.teacher_steps.setToolTip("Steps fine-tuning the teacher on your H&E first (0 keeps the starting "
+        # -1 shows as "default": 300 steps on H&E alone, 1000 on adjacent sections (fine_tune decides once it knows)
+        self.teacher_steps = QSpinBox(minimum=-1, maximum=100_000, singleStep=100,
+                                      value=_as_int(saved.get("teacher_steps"), -1))
+        self.teacher_steps.setSpecialValueText("default")
+        self.teacher_steps.setToolTip(f"Steps fine-tuning the teacher first (default: {TEACHER_STEPS} on your H&E "
+                                      f"alone, {PAIRED_TEACHER_STEPS} on adjacent sections; 0 keeps the starting "
                                       "model's teacher).")
         self.scratch = QCheckBox("new student of size")
         self.scratch.setToolTip("Start a new student instead of fine-tuning the starting model's one.")
@@ -183,7 +187,7 @@ class FineTuneWidget(QWidget):
         # fine_tune validates about six times per run, as the command line does; tests may ask for more
         overrides = {} if self.val_every is None else {"val_every": self.val_every}
         options = dict(steps=steps, device=self.device.currentText(), config_overrides=overrides,
-                       teacher_steps=self.teacher_steps.value(),
+                       teacher_steps=None if self.teacher_steps.value() < 0 else self.teacher_steps.value(),
                        paired=_PAIRED[self.pairing.currentText()],
                        from_scratch=self.scratch.isChecked(),
                        size=None if not self.scratch.isChecked() or self.size.currentText() == "auto"

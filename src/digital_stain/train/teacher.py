@@ -4,6 +4,13 @@ The pairs are made as in the paper: each H&E crop's gray (Rec.601 luma, the
 same quantity the enhancer produces) is the input, its Lab chroma the target.
 A validation split carved from the folder (by a hash of the file names)
 chooses the best state; that state is what is returned, also on cancel.
+
+Given adjacent sections (``enhanced``, a paired fine-tune), the input is instead the enhanced
+gray of each dark-field image and the target the chroma of its stained section: the teacher then
+learns where the lab's H&E puts hematoxylin given what the dark-field shows, which an H&E image's
+own gray does not teach it (nuclei Dice on the DSD_P dev split 0.34 against 0.45,
+``docs/benchmarks.md``). The sections are not shifted onto the images first: on DSD_P, whose
+sections are misaligned by 1 to 3 px, a phase-correlation shift bought nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from digital_stain.core.arrays import to_uint8
 from digital_stain.core.color import luma_torch, rgb_to_lab
 from digital_stain.core.devices import autocast, resolve_device, resolve_training_precision
 from digital_stain.core.nets.unet import AB_SCALE, ColorizationUNet, lightness_input
@@ -59,6 +67,13 @@ def _to_tensor(batch_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(batch_uint8).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
+def _examples(batch: torch.Tensor, noise, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of crops in [0, 1] -> (input, target): an H&E crop and its own gray (3 channels), or a pair (4)."""
+    if batch.shape[1] == 4:  # enhanced gray of the dark-field, then its section's RGB: real inputs, no noise added
+        return lightness_input(batch[:, :1]), rgb_to_lab(batch[:, 1:])[:, 1:] / AB_SCALE
+    return pairs(batch, noise, generator)
+
+
 def pairs(rgb: torch.Tensor, noise: torch.Tensor | float = 0.0, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """RGB in [0, 1] -> (U-Net input from its gray plus noise of std ``noise``, target chroma / AB_SCALE)."""
     gray = luma_torch(rgb)
@@ -70,7 +85,10 @@ def pairs(rgb: torch.Tensor, noise: torch.Tensor | float = 0.0, generator=None) 
 
 def validation_loss(net: ColorizationUNet, images: list, device: torch.device, crop: int = 256,
                     noise: float = 0.0) -> float:
-    """Mean L1 of the chroma (in Lab units) on centre crops of held-out images (fixed noise, fixed seed)."""
+    """Mean L1 of the chroma (in Lab units) on centre crops of held-out images (fixed noise, fixed seed).
+
+    ``images`` are H&E images, or pairs (``(Y, X, 4)``: enhanced gray, then the section's RGB), which get no noise.
+    """
     net.eval()
     losses = []
     generator = torch.Generator().manual_seed(1234)
@@ -78,9 +96,9 @@ def validation_loss(net: ColorizationUNet, images: list, device: torch.device, c
         for i in range(0, len(images), 8):
             size = min(crop, *(min(im.shape[:2]) for im in images[i : i + 8]))
             size -= size % net.size_multiple
-            rgb = _to_tensor(np.stack([center_crop(im, size) for im in images[i : i + 8]]), device)
-            x, target = pairs(rgb, noise, generator)
-            losses.append(F.l1_loss(net(x).float(), target).item() * AB_SCALE * len(rgb))
+            crops = _to_tensor(np.stack([center_crop(im, size) for im in images[i : i + 8]]), device)
+            x, target = _examples(crops, noise, generator)
+            losses.append(F.l1_loss(net(x).float(), target).item() * AB_SCALE * len(crops))
     net.train()
     return float(np.sum(losses) / len(images))
 
@@ -90,6 +108,7 @@ def train_teacher(
     config: TeacherConfig | None = None,
     *,
     names: list[str] | None = None,
+    enhanced: list | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     init_state: dict | None = None,
@@ -105,6 +124,11 @@ def train_teacher(
     config : TeacherConfig
     names : list of str, optional
         Names of in-memory images (they choose the validation split, as file names do).
+    enhanced : list of ndarray, optional
+        Adjacent sections: the enhanced gray (``(Y, X)`` float in [0, 1]) of the dark-field image
+        beside each stained image, in the same order and of the same size. The teacher then learns
+        to colour that gray as its section is coloured; held-out pairs validate it. Default:
+        each H&E image's own gray, with input noise (the paper's).
     checkpoint : path-like, optional
         Where to save checkpoints (every ``val_every`` steps) and, with
         ``resume``, where to continue from.
@@ -123,12 +147,19 @@ def train_teacher(
     device = resolve_device(cfg.device)
     precision = resolve_training_precision(cfg.precision, device)
     data = load_images(stained_dir, names, min_side=cfg.crop, kind="H&E")
+    items = data.images
+    if enhanced is not None:
+        if [np.shape(g) for g in enhanced] != [im.shape[:2] for im in data.images]:
+            raise ValueError(f"need one enhanced gray of each section's size, got {len(enhanced)} for "
+                             f"{len(data.images)} sections")
+        items = [np.concatenate([to_uint8(np.asarray(gray))[..., None], section], axis=-1)  # crops cut both alike
+                 for gray, section in zip(enhanced, data.images)]
     held_out = validation_split(data.names, cfg.val_fraction)
     if held_out.any() and not held_out.all():
-        train_images = [im for im, h in zip(data.images, held_out) if not h]
-        val_images = [im for im, h in zip(data.images, held_out) if h]
+        train_images = [im for im, h in zip(items, held_out) if not h]
+        val_images = [im for im, h in zip(items, held_out) if h]
     else:  # too few images to hold any out: validate on the last one (reported as such)
-        train_images, val_images = data.images, data.images[-1:]
+        train_images, val_images = items, items[-1:]
 
     torch.manual_seed(cfg.seed)
     net = ColorizationUNet(cfg.width, cfg.depth).to(device)
@@ -147,9 +178,9 @@ def train_teacher(
             cancelled = True
             break
         rng = np.random.default_rng([cfg.seed, step])  # per-step stream: resuming replays exactly
-        rgb = _to_tensor(random_crops(train_images, cfg.batch, cfg.crop, rng), device)
+        crops = _to_tensor(random_crops(train_images, cfg.batch, cfg.crop, rng), device)
         noise = torch.from_numpy(rng.uniform(0.0, cfg.input_noise, cfg.batch)).float()
-        x, target = pairs(rgb, noise, torch.Generator().manual_seed(int(rng.integers(2**31))))
+        x, target = _examples(crops, noise, torch.Generator().manual_seed(int(rng.integers(2**31))))
         set_lr([optimizer], constant_then_linear(cfg.lr, step, cfg.steps))
         with autocast(device, precision):
             pred = net(x)
