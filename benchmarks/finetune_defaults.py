@@ -6,7 +6,7 @@ again by another salted file-name hash: about 18 % of it is the dev split, the r
 ``paired="auto"``, trains them paired; a configuration with ``"paired": false`` trains unpaired). Each configuration (JSON: ``fine_tune`` keyword arguments and a
 ``label``) is fine-tuned and scored on the dev pairs against the adjacent sections (PSNR, SSIM,
 nuclei Dice) for the teacher and the student, with its time, chosen step, validation history and
-the check's verdict. Configurations with the same ``teacher_steps`` share the teacher stage (its
+the check's verdict. Configurations with the same ``teacher_steps`` and pairing share the teacher stage (its
 checkpoint is copied), so only the first pays for it.
 
 Example (from the repository root; minutes per configuration on 2 CPU cores)::
@@ -56,12 +56,14 @@ def dev_split(root: Path, workdir: Path):
 
 
 def run(init: str, config: dict, dark_dir: Path, hne_dir: Path, dev_dark, dev_hne, workdir: Path) -> str:
-    from digital_stain.train.finetune import TEACHER_STEPS, fine_tune, teacher_checkpoint
+    from digital_stain.train.finetune import fine_tune, teacher_checkpoint
 
     config = dict(config)
     label = config.pop("label")
     checkpoint = workdir / f"{init}-{label.replace(' ', '-')}.ckpt.safetensors"
-    shared = workdir / f"{init}-teacher-{config.get('teacher_steps', TEACHER_STEPS)}.safetensors"
+    # a paired teacher learns from other data (and by default for longer) than an unpaired one: not shared
+    pairing = "unpaired" if config.get("paired") is False else "paired"
+    shared = workdir / f"{init}-teacher-{config.get('teacher_steps', 'default')}-{pairing}.safetensors"
     if shared.exists() and not teacher_checkpoint(checkpoint).exists():
         shutil.copy(shared, teacher_checkpoint(checkpoint))
     started = time.time()

@@ -6,12 +6,14 @@ that on the dev split of ``benchmarks/finetune_defaults.py`` (never on ``transfe
 pairs): the starting teacher of ``INIT`` with the fine-tune's refitted enhancer, then each
 configuration (JSON: ``steps``, ``lr``, ``mix`` the weight of the paper's H&E-only pairs added to
 each step, ``align`` whether each section is first shifted onto its image by the phase correlation
-of their edges), scored as ``transfer.py`` scores: PSNR, SSIM and nuclei Dice of the teacher's stain
+of their edges, ``turns`` whether crops are mirrored and turned as the library's are), scored as ``transfer.py`` scores: PSNR, SSIM and nuclei Dice of the teacher's stain
 against the adjacent sections.
 
 The loop is deliberately bare, to compare the ingredients and nothing else: random crops without
 flips, a constant learning rate, the last state. ``--library`` runs ``train_teacher(enhanced=...)``
-instead (flips and turns, the learning-rate decay, the best validated state), as ``fine_tune`` does.
+instead (flips and turns, the learning-rate decay, the best validated state), as ``fine_tune`` does;
+there a configuration's ``val_every`` sets how often a state is validated (``val_every`` = ``steps``:
+the last state is kept).
 
 Example (from the repository root; about 2.5 minutes per 300 steps on 2 CPU cores)::
 
@@ -53,7 +55,7 @@ def section_shift(gray: np.ndarray, section: np.ndarray) -> tuple[int, int]:
     return int(shift[0]), int(shift[1])
 
 
-def _paired_batch(grays, sections, shifts, rng):
+def _paired_batch(grays, sections, shifts, rng, turns: bool = False):
     from digital_stain.core.color import rgb_to_lab
     from digital_stain.core.nets.unet import AB_SCALE, lightness_input
 
@@ -63,8 +65,14 @@ def _paired_batch(grays, sections, shifts, rng):
         (dy, dx), (height, width) = shifts[i], grays[i].shape
         y = rng.integers(max(0, -dy), height - CROP - max(0, dy) + 1)
         x = rng.integers(max(0, -dx), width - CROP - max(0, dx) + 1)
-        inputs.append(grays[i][y: y + CROP, x: x + CROP])
-        targets.append(sections[i][y + dy: y + dy + CROP, x + dx: x + dx + CROP])
+        gray, section = grays[i][y: y + CROP, x: x + CROP], sections[i][y + dy: y + dy + CROP, x + dx: x + dx + CROP]
+        if turns:  # as the library's random_crops: a mirror half the time, then a quarter turn, both alike
+            if rng.random() < 0.5:
+                gray, section = gray[:, ::-1], section[:, ::-1]
+            k = int(rng.integers(4))
+            gray, section = np.rot90(gray, k), np.rot90(section, k)
+        inputs.append(np.ascontiguousarray(gray))
+        targets.append(np.ascontiguousarray(section))
     rgb = torch.from_numpy(np.stack(targets)).permute(0, 3, 1, 2).float() / 255
     return lightness_input(torch.from_numpy(np.stack(inputs))[:, None]), rgb_to_lab(rgb)[:, 1:] / AB_SCALE
 
@@ -79,7 +87,7 @@ def bare_loop(teacher, grays, sections, config: dict) -> None:
     rng = np.random.default_rng(0)
     teacher.train()
     for _ in range(config.get("steps", 300)):
-        x, target = _paired_batch(grays, sections, shifts, rng)
+        x, target = _paired_batch(grays, sections, shifts, rng, config.get("turns", False))
         loss = F.l1_loss(teacher(x), target)
         if config.get("mix"):  # the paper's pairs too: each H&E crop's own gray, with input noise
             rgb = torch.from_numpy(random_crops(sections, BATCH, CROP, rng)).permute(0, 3, 1, 2).float() / 255
@@ -96,7 +104,7 @@ def library(teacher, grays, sections, names, config: dict):
 
     settings = TeacherConfig(width=teacher.config["width"], depth=teacher.config["depth"], device="cpu",
                              steps=config.get("steps", 300), lr=config.get("lr", 2e-4),
-                             val_every=max(50, config.get("steps", 300) // 4))
+                             val_every=config.get("val_every", max(50, config.get("steps", 300) // 4)))
     trained, _ = train_teacher(sections, settings, names=names, enhanced=grays, init_state=teacher.state_dict())
     return trained
 
@@ -129,7 +137,7 @@ def run(init: str, config: dict, dark_dir: Path, hne_dir: Path, dev_dark, dev_hn
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("init", help="the model whose teacher starts")
-    parser.add_argument("configs", help="JSON list of configurations (steps, lr, mix, align)")
+    parser.add_argument("configs", help="JSON list of configurations (steps, lr, mix, align, turns; val_every with --library)")
     parser.add_argument("--library", action="store_true", help="train with train_teacher(enhanced=...)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/dsd")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs/paired-teacher")

@@ -82,10 +82,12 @@ def test_fine_tune_trains_adjacent_sections_paired_by_default_and_says_so(tiny_m
     assert record["student"]["mode"] == "paired" and record["fine_tune"]["pairing"]["paired"]
     config = record["student"]["config"]  # a fine-tune's R learns fast enough to align in a short run
     assert (config["reg_lr_scale"], config["lambda_smooth"]) == (10.0, 1.0) and config["lambda_kd"] == 2.0
+    assert config["turns"] is False  # one microscope's pairs keep their orientation
     assert any(n.startswith("paired sections:") and "Learning to Align" in n for n in said), said
     plain = fine_tune(tiny_model, DSD_P / "darkfield", DSD_P / "stained", steps=2, crop=64, device="cpu",
                       precision="fp32", config_overrides=FAST, teacher_steps=0, paired=False, check=False)
     assert plain.model.metadata["provenance"]["student"]["mode"] == "unpaired"
+    assert plain.model.metadata["provenance"]["student"]["config"]["turns"] is True
     assert "pairing" not in plain.model.metadata["provenance"]["fine_tune"]  # not asked, not recorded
     with pytest.raises(Exception, match="True, False or 'auto'"):
         fine_tune(tiny_model, DSD_P / "darkfield", DSD_P / "stained", paired="yes")

@@ -267,3 +267,20 @@ def test_ema_changes_only_the_judged_weights_and_resumes_exactly(tiny_model, dar
     with pytest.raises(InputError, match="ema_decay 0.9 -> 0.0"):
         train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=6, val_every=1, ema_decay=0.0),
                       checkpoint=ckpt, resume=True)
+
+
+@pytest.mark.slow
+def test_adversarial_from_leaves_the_discriminator_out_of_the_students_first_steps(tiny_model, darkfield_dir, hne_dir):
+    # D trains (and its image pool fills) from the first step either way; before adversarial_from, G does not
+    # learn from D, so a different pool (which changes only what D learns) cannot change G
+    def student(**overrides):
+        net, _ = train_student(tiny_model, darkfield_dir, hne_dir, tiny_config(steps=6, val_every=6, ema_decay=0.0,
+                                                                                 **overrides))
+        return list(net.state_dict().values())
+
+    distilled = [student(adversarial_from=6, pool_size=pool) for pool in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(*distilled))
+    adversarial = [student(adversarial_from=1, pool_size=pool) for pool in (0, 1)]
+    assert any(not torch.equal(a, b) for a, b in zip(*adversarial))
+    with pytest.raises(InputError, match="adversarial_from"):
+        StudentConfig(adversarial_from=-1)

@@ -77,6 +77,7 @@ class BestSoFar:
         self.step: int | None = None  # the chosen state's step (None: nothing validated yet)
         self.history: list = []
         self.state = snapshot(net)
+        self.saved_config: dict = {}  # the settings the resumed checkpoint was made with (after :meth:`resume`)
 
     def resume(self) -> int:
         """Restore the live weights, optimiser and chosen state from the checkpoint; returns the step to go on from."""
@@ -88,7 +89,7 @@ class BestSoFar:
             raise InputError(f"{self.checkpoint} was made with other settings ({meta.get('config')}); resume with "
                              "those, or start again without --resume.")
         self.score, self.step, self.history = meta["best_score"], meta["best_step"], meta["history"]
-        self.state = holder.state_dict()
+        self.state, self.saved_config = holder.state_dict(), dict(meta.get("config") or {})
         return int(meta["step"])
 
     def judge(self, step: int, score: float, entry: dict) -> bool:

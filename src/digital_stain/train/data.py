@@ -174,10 +174,11 @@ def validation_split(names: list[str], fraction: float = 0.1) -> np.ndarray:
     return np.array([(zlib.crc32(n.encode()) % 1000) < fraction * 1000 for n in names], dtype=bool)
 
 
-def random_crops(images: list, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` random ``size``-square crops with random flips and 90-degree rotations.
+def random_crops(images: list, n: int, size: int, rng: np.random.Generator, turns: bool = True) -> np.ndarray:
+    """``n`` random ``size``-square crops, with random flips and 90-degree rotations unless ``turns`` is False.
 
-    Returns uint8 ``(n, size, size, C)``.
+    Returns uint8 ``(n, size, size, C)``. Without turns the crops draw fewer random numbers, so
+    the two settings cut different crops from the same ``rng``.
     """
     out = []
     for _ in range(n):
@@ -185,9 +186,10 @@ def random_crops(images: list, n: int, size: int, rng: np.random.Generator) -> n
         y = rng.integers(image.shape[0] - size + 1)
         x = rng.integers(image.shape[1] - size + 1)
         crop = image[y : y + size, x : x + size]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        crop = np.rot90(crop, k=int(rng.integers(4)))
+        if turns:
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            crop = np.rot90(crop, k=int(rng.integers(4)))
         out.append(crop)
     return np.ascontiguousarray(np.stack(out))
 

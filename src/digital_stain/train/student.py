@@ -120,6 +120,10 @@ class StudentConfig:
     reg_warmup: int = 0  # paired: steps of R's self-supervised warm-up on warped sections first (0 = the paper's)
     # weight of train.losses.structure_loss (the stain's gray keeps the enhanced gray's gradients); 0 = the paper's
     lambda_structure: float = 0.0
+    # steps of distillation before the adversarial loss joins G's loss (D trains throughout); 0 = the paper's
+    adversarial_from: int = 0
+    # crops mirrored and turned at random (the paper's augmentation); False keeps the microscope's orientation
+    turns: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -131,6 +135,8 @@ class StudentConfig:
             raise InputError(f"reg_warmup is a number of steps (0 = none), not {self.reg_warmup}.")
         if self.upsample not in UPSAMPLING:
             raise InputError(f"unknown upsampling {self.upsample!r}; choose from {', '.join(UPSAMPLING)}.")
+        if self.adversarial_from < 0:
+            raise InputError(f"adversarial_from is a number of steps (0 = from the start), not {self.adversarial_from}.")
         if self.lambda_structure < 0:
             raise InputError(f"lambda_structure is a loss weight (0 = off), not {self.lambda_structure}.")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -491,10 +497,10 @@ def train_student(
             break
         rng = np.random.default_rng([cfg.seed, step])
         if not cfg.paired:
-            x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
-            real = _signed(random_crops(stained_train, cfg.batch, cfg.crop, rng), device)
+            x, z, teacher = _split(random_crops(train_items, cfg.batch, cfg.crop, rng, cfg.turns), device)
+            real = _signed(random_crops(stained_train, cfg.batch, cfg.crop, rng, cfg.turns), device)
         else:  # the stained section of the same crop: the reference of L_con and the discriminator's real image
-            crops = _signed(random_crops(train_items, cfg.batch, cfg.crop, rng), device)
+            crops = _signed(random_crops(train_items, cfg.batch, cfg.crop, rng, cfg.turns), device)
             x, z, teacher, real = crops[:, :3], crops[:, 3:4], crops[:, 4:7], crops[:, 7:10]
         lr = constant_then_linear(cfg.lr, step, cfg.steps)
         set_lr([o for name, o in opts.items() if name != "r"], lr)
@@ -506,7 +512,8 @@ def train_student(
             adv = ((_score(disc, fake) - 1.0) ** 2).mean()
             kd = F.l1_loss(fake.float(), teacher)
             cyc = F.l1_loss(reverse(fake).float(), x)
-            loss_g = adv + cfg.lambda_kd * kd + cfg.lambda_cyc * cyc
+            # before adversarial_from, G learns by distillation (and the sections) alone
+            loss_g = (adv if step >= cfg.adversarial_from else 0.0) + cfg.lambda_kd * kd + cfg.lambda_cyc * cyc
             if cfg.lambda_structure:
                 structure = structure_loss(fake, z)
                 loss_g = loss_g + cfg.lambda_structure * structure
@@ -578,9 +585,10 @@ def _check_resumable(checkpoint, cfg: StudentConfig) -> None:
         raise InputError(f"checkpoint {checkpoint} was made by {saved_mode} training and this run is {cfg.mode}; "
                          f"resume it {how}, or start afresh without --resume (or with another --checkpoint).")
     # checkpoints from before these options had none of them
-    saved = {"ema_decay": 0.0, "reg_warmup": 0, "upsample": "transpose", "lambda_structure": 0.0, **saved}
+    saved = {"ema_decay": 0.0, "reg_warmup": 0, "upsample": "transpose", "lambda_structure": 0.0, "adversarial_from": 0,
+             "turns": True, **saved}
     keys = ("width", "blocks", "upsample", "disc_width", "crop", "batch", "steps", "seed", "lambda_kd", "lambda_cyc",
-            "lr", "ema_decay", "lambda_structure")
+            "lr", "ema_decay", "lambda_structure", "adversarial_from", "turns")
     if cfg.paired:
         keys += ("lambda_con", "lambda_smooth", "reg_width", "reg_depth", "registration", "reg_lr_scale", "reg_warmup")
     differ = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in keys if k in saved and saved[k] != getattr(cfg, k)]
