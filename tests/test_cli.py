@@ -446,10 +446,12 @@ def test_train_paired_end_to_end(capsys, tiny_model_file, paired_dirs, tmp_path)
     assert not any("registration" in k for k in tensors)
     checkpoint, _ = load_bundle(output.with_name(output.name + ".ckpt.safetensors"))
     assert any(k.startswith("registration.") for k in checkpoint)
-    # the same checkpoint, resumed without --paired: refused, naming the mode
+    # the same checkpoints, resumed without --paired: refused, naming the pairing (the teacher's stage comes first;
+    # the student's refusal of the other mode is tested in test_train_paired.py)
     unpaired = argv[: argv.index("--reg-warmup")]
     assert main([a for a in unpaired if a != "--paired"] + ["--resume"]) == 2
-    assert "made by paired training and this run is unpaired" in capsys.readouterr().err
+    assert ("learnt from adjacent sections (a paired run), and this run learns from the H&E images alone"
+            in capsys.readouterr().err)
 
 
 def test_train_paired_refuses_folders_that_do_not_pair(capsys, tiny_model_file, paired_dirs, hne_dir, tmp_path):
